@@ -1,0 +1,148 @@
+"""The Celery app: ``celery -A scanqueue worker`` finds it here.
+
+Owns the Celery settings (reliable defaults, each explained, then the
+deployment's ``celeryconfig.py`` on top when one is importable), the worker's
+extra command-line option ``--without-bridge``, the worker bootsteps and the
+process signals.  The task itself is in :mod:`scanqueue.tasks`, the bootsteps
+in :mod:`scanqueue.worker_steps`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from typing import Any
+
+import click
+from celery import Celery, signals
+
+from . import broker_sqlite
+from .config import Settings, mask_url
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "scanqueue.run_scan"
+
+
+def _settings_or_exit() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        # One line and exit 1, not Celery's "Unable to load celery application" traceback.
+        print(f"scanqueue: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+settings = _settings_or_exit()
+QUEUE = settings.queue
+broker_sqlite.register()
+
+
+def celery_defaults(s: Settings) -> dict[str, Any]:
+    """Built-in Celery settings; a deployment's celeryconfig.py may override any."""
+    conf: dict[str, Any] = {
+        "broker_url": s.broker_url,
+        "task_default_queue": QUEUE,
+        # The scans table holds every outcome; Celery results would be a second truth.
+        "task_ignore_result": True,
+        "result_backend": None,
+        "accept_content": ["json"],
+        "task_serializer": "json",
+        # Ack after the run, so a worker that dies mid-scan hands the message back.
+        "task_acks_late": True,
+        # ... also when only its pool process was killed. The redelivery finds the row
+        # no longer 'queued' and does nothing, so this can never loop.
+        "task_reject_on_worker_lost": True,
+        # A worker reserves no more scans than it is about to run; others stay with
+        # the broker for idle workers.
+        "worker_prefetch_multiplier": 1,
+        # A broker blip must not kill running scans: their compare-and-set protects
+        # the row if the message is redelivered meanwhile.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "broker_connection_retry_on_startup": True,
+        # At runtime reconnect for ever (a Redis restart must not stop workers); the
+        # startup wait is bounded by SCANQUEUE_CONNECT_TIMEOUT (worker_steps).
+        "broker_connection_max_retries": None,
+        "broker_channel_error_retry": True,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "worker_hijack_root_logger": True,
+        "broker_transport_options": {},
+    }
+    if s.broker_url.startswith(("redis://", "rediss://")):
+        # Unacked messages come back after this long even while still running; the
+        # compare-and-set absorbs that duplicate, and lost work is found by the
+        # reaper (heartbeats), not by this timeout.
+        conf["broker_transport_options"] = {"visibility_timeout": 3600}
+    if s.broker_url.startswith("rediss://"):
+        from .redisconn import ssl_cert_reqs_constant
+
+        reqs = ssl_cert_reqs_constant(s.broker_url)
+        if reqs is not None:
+            conf["broker_use_ssl"] = {"ssl_cert_reqs": reqs}
+    if s.broker_url.startswith(("sqla+", "sqlalchemy+")):
+        conf["broker_transport_options"] = {"polling_interval": s.broker_poll_every_s}
+    return conf
+
+
+def _deployment_overrides() -> dict[str, Any]:
+    """Settings from a ``celeryconfig`` module on the path (the repo root has one)."""
+    if importlib.util.find_spec("celeryconfig") is None:
+        return {}
+    module = importlib.import_module("celeryconfig")
+    return {k: getattr(module, k) for k in dir(module) if not k.startswith("_") and k.islower()}
+
+
+app = Celery("scanqueue", include=["scanqueue.tasks"])
+app.conf.update(celery_defaults(settings))
+app.conf.update(_deployment_overrides())
+
+
+def _default_autoscale() -> None:
+    """Without ``--autoscale`` the worker autoscales between the configured bounds."""
+    from celery.bin.worker import worker as worker_command
+
+    for param in worker_command.params:
+        if param.name == "autoscale" and param.default is None:
+            param.default = f"{settings.max_concurrency},{settings.concurrency}"
+
+
+_default_autoscale()
+
+app.user_options["worker"].add(
+    click.Option(
+        ["--without-bridge"],
+        is_flag=True,
+        default=False,
+        help="Do not run the embedded bridge (when a separate `scanqueue bridge` runs).",
+    )
+)
+
+
+def _register_steps() -> None:
+    from .worker_steps import BridgeStep, ReadinessStep
+
+    app.steps["worker"].add(ReadinessStep)
+    app.steps["worker"].add(BridgeStep)
+
+
+_register_steps()
+
+
+@signals.worker_process_init.connect  # type: ignore[untyped-decorator]
+def _in_pool_process(**_: Any) -> None:
+    from . import execute
+
+    # A pool process may end itself to terminate a run that ignores its stop signal.
+    execute.terminate_process_when_overdue = True
+
+
+@signals.celeryd_init.connect  # type: ignore[untyped-decorator]
+def _announce(**_: Any) -> None:
+    log.info(
+        "scanqueue worker: database %s, broker %s",
+        mask_url(settings.database_url),
+        mask_url(settings.broker_url),
+    )

@@ -1,0 +1,283 @@
+"""The ``scanqueue`` command (CONTRACT §4).
+
+Exit codes: 0 success; 1 a handled error, printed as exactly one line on
+stderr; 2 usage error (click's own).  ``--json`` prints scans as objects whose
+keys are the contract's column names, never the token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+from sqlalchemy import exc as sa_exc
+
+from .config import Settings, mask_url
+from .errors import ScanqueueError
+from .schema import STATUSES
+from .store import ScanRow, Store, describe_db_error, retry_with_backoff, store_for
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ScanqueueGroup(click.Group):
+    """Turns every expected error into one line on stderr and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ScanqueueError as exc:
+            _fail(str(exc))
+        except sa_exc.SQLAlchemyError as exc:
+            _fail(_describe_sql_error(exc))
+
+
+def _fail(message: str) -> None:
+    click.echo(f"scanqueue: {message}", err=True)
+    sys.exit(1)
+
+
+def _describe_sql_error(exc: sa_exc.SQLAlchemyError) -> str:
+    text = describe_db_error(exc)
+    lowered = text.lower()
+    if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
+        return f"database is not set up ({text}): run `scanqueue db upgrade`"
+    return f"database error: {text}"
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _store(settings: Settings) -> Store:
+    return store_for(settings.database_url)
+
+
+@click.group(cls=ScanqueueGroup)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details to stderr.")
+def cli(verbose: bool) -> None:
+    """Run compliance scans from the `scans` table on Celery workers."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# -- schema ---------------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+def db_upgrade(revision: str) -> None:
+    """Create or migrate the schema (idempotent; safe on every deploy)."""
+    from .migrate import upgrade
+
+    settings = _settings()
+    before, after = upgrade(_store(settings), revision)
+    where = mask_url(settings.database_url)
+    if before == after:
+        click.echo(f"schema of {where} is up to date ({after})")
+    else:
+        click.echo(f"schema of {where} upgraded from {before or 'nothing'} to {after}")
+
+
+# -- scans ----------------------------------------------------------------------------
+
+
+def _json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(func)
+
+
+def _print_scan(row: ScanRow, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(row.to_json()))
+    else:
+        _print_table([row])
+
+
+def _print_table(rows: Sequence[ScanRow]) -> None:
+    headers = ("ID", "STATUS", "ATTEMPTS", "PROVIDERS", "FRAMEWORKS", "CREATED", "ERROR")
+    table = [
+        (
+            r.id,
+            r.status,
+            str(r.attempts),
+            _join(r.providers_scanned),
+            _join(r.frameworks_scanned),
+            r.created_at.strftime("%Y-%m-%d %H:%M:%S") if r.created_at else "",
+            (r.error or "").splitlines()[0][:60] if r.error else "",
+        )
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
+    for line in (headers, *table):
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _join(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+@cli.command()
+@click.option("--provider", "providers", multiple=True, required=True, help="Provider to scan.")
+@click.option("--framework", "frameworks", multiple=True, help="Framework to check against.")
+@click.option("--user", default=None, help="Who triggered the scan.")
+@_json_option
+def enqueue(
+    providers: tuple[str, ...], frameworks: tuple[str, ...], user: str | None, as_json: bool
+) -> None:
+    """Insert a queued scan and print its id."""
+    for value in (*providers, *frameworks):
+        if not value.strip():
+            raise click.BadParameter("must not be empty", param_hint="--provider/--framework")
+    row = _store(_settings()).enqueue(list(providers), list(frameworks), user=user)
+    click.echo(json.dumps(row.to_json()) if as_json else row.id)
+
+
+@cli.command()
+@click.argument("scan_id")
+@_json_option
+def status(scan_id: str, as_json: bool) -> None:
+    """Show one scan."""
+    _print_scan(_store(_settings()).get(scan_id), as_json)
+
+
+@cli.command("list")
+@click.option("--status", "status_filter", type=click.Choice(STATUSES), default=None)
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
+@_json_option
+def list_scans(status_filter: str | None, limit: int, as_json: bool) -> None:
+    """List the newest scans (oldest first)."""
+    rows = _store(_settings()).list_scans(status=status_filter, limit=limit)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in rows]))
+    elif rows:
+        _print_table(rows)
+
+
+@cli.command()
+@click.argument("scan_id")
+@_json_option
+def cancel(scan_id: str, as_json: bool) -> None:
+    """Cancel a queued or running scan (a finished one exits 1, unchanged)."""
+    settings = _settings()
+    row = _store(settings).cancel(scan_id)
+    _emit_canceled(settings, row)
+    _print_scan(row, as_json)
+
+
+def _emit_canceled(settings: Settings, row: ScanRow) -> None:
+    try:
+        from .events import emit_standalone
+    except ImportError:
+        return
+    emit_standalone(settings, "scan.canceled", row.id, {"reason": row.error})
+
+
+# -- long-running processes -------------------------------------------------------------
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+
+    def _handler(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _handler)
+    while not stop.wait(3600):
+        pass
+
+
+def _setup_process_logging(settings: Settings) -> None:
+    from .logs import configure_logging
+
+    configure_logging(settings.log_format)
+
+
+@cli.command()
+def bridge() -> None:
+    """Run the bridge alone (watch `scans`, dispatch to the broker, reap orphans)."""
+    settings = _settings()
+    _setup_process_logging(settings)
+    store = _store(settings)
+
+    def ready() -> None:
+        store.ping()
+        if not store.has_schema():
+            from .errors import UnavailableError
+
+            raise UnavailableError(
+                f"database {store.masked_url} has no scans table yet (run `scanqueue db upgrade`)"
+            )
+
+    try:
+        retry_with_backoff(ready, timeout_s=settings.connect_timeout_s, what="the database")
+    except ScanqueueError as exc:
+        raise ScanqueueError(f"giving up after {settings.connect_timeout_s:g}s: {exc}") from None
+    from .celery import app
+    from .service import build_bridge_service
+
+    service = build_bridge_service(settings, app)
+    _start_metrics_server(settings)
+    service.start()
+    logging.getLogger("scanqueue.bridge").info(
+        "bridge running (%s) on %s", service.leadership.identity, store.masked_url
+    )
+    try:
+        _wait_for_signal()
+    finally:
+        service.stop()
+
+
+def _start_metrics_server(settings: Settings) -> None:
+    if not settings.metrics_port:
+        return
+    try:
+        from .metrics import serve_metrics
+    except ImportError:
+        return
+    serve_metrics(settings.metrics_port)
+
+
+def _register_optional_commands() -> None:
+    """Commands whose modules other capabilities add (serve, providers, checks, findings)."""
+    import importlib
+
+    for module_name, attr in (
+        ("scanqueue.web", "serve_command"),
+        ("scanqueue.runner_cli", "register"),
+    ):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        target = getattr(module, attr)
+        if isinstance(target, click.Command):
+            cli.add_command(target)
+        else:
+            target(cli)
+
+
+_register_optional_commands()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="scanqueue")
+    except ScanqueueError as exc:  # raised while building settings before a command ran
+        _fail(str(exc))

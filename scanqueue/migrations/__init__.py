@@ -1,0 +1,1 @@
+"""Alembic migrations for scanqueue's tables (run by ``scanqueue db upgrade``)."""

@@ -1,0 +1,19 @@
+"""Alembic environment: always online, on the connection scanqueue hands over."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from scanqueue.schema import metadata
+
+VERSION_TABLE = "scanqueue_alembic_version"  # a host program may have its own alembic_version
+
+connection = context.config.attributes["connection"]
+context.configure(
+    connection=connection,
+    target_metadata=metadata,
+    version_table=VERSION_TABLE,
+    render_as_batch=connection.dialect.name == "sqlite",
+)
+with context.begin_transaction():
+    context.run_migrations()

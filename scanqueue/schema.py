@@ -1,0 +1,261 @@
+"""The tables, as SQLAlchemy Core metadata: the one source for Alembic and the store.
+
+``scans`` is shared with other programs (CONTRACT §2): its contract columns are
+fixed, and every column scanqueue adds is nullable or has a database default so
+that a plain ``INSERT (id, status, providers_scanned, frameworks_scanned)``
+keeps working.  Timestamps are written by the database clock, in UTC, with at
+least millisecond precision also on SQLite (see :func:`db_now`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    literal_column,
+    text,
+    true,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+metadata = MetaData()
+
+STATUS_QUEUED = "queued"
+STATUS_RUNNING = "running"
+STATUS_COMPLETED = "completed"
+STATUS_FAILED = "failed"
+STATUS_CANCELED = "canceled"
+STATUSES = (STATUS_QUEUED, STATUS_RUNNING, STATUS_COMPLETED, STATUS_FAILED, STATUS_CANCELED)
+FINISHED_STATUSES = (STATUS_COMPLETED, STATUS_FAILED, STATUS_CANCELED)
+
+NOTIFY_CHANNEL = "scanqueue_scans"
+
+# SQLite's CURRENT_TIMESTAMP has whole seconds only; %f gives milliseconds.
+SQLITE_NOW_SQL = "strftime('%Y-%m-%d %H:%M:%f','now')"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """timestamptz on PostgreSQL; naive-UTC text on SQLite; always aware UTC in Python."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.TIMESTAMP(timezone=True, precision=6))
+        return dialect.type_descriptor(DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # a row written by another program in its own format
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if not isinstance(value, datetime):
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class JSONList(TypeDecorator[Any]):
+    """jsonb on PostgreSQL, text holding JSON on SQLite.
+
+    Results are returned as stored (a parsed value on PostgreSQL, the raw text
+    on SQLite): other programs write these columns, so validation belongs to
+    the code that turns a row into a job and can fail just that scan.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.JSONB())
+        return dialect.type_descriptor(Text())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None or dialect.name == "postgresql":
+            return value
+        return json.dumps(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return value
+
+
+class utcnow_default(FunctionElement[datetime]):
+    """DDL default 'now' in UTC: ``now()`` on PostgreSQL, millisecond strftime on SQLite."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "utcnow_default"
+
+
+@compiles(utcnow_default, "postgresql")
+def _utcnow_pg(element: utcnow_default, compiler: Any, **kw: Any) -> str:
+    return "now()"
+
+
+@compiles(utcnow_default)
+def _utcnow_sqlite(element: utcnow_default, compiler: Any, **kw: Any) -> str:
+    return f"({SQLITE_NOW_SQL})"
+
+
+scans = Table(
+    "scans",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("status", Text, nullable=False, server_default=text("'queued'")),
+    Column("providers_scanned", JSONList, nullable=True),
+    Column("frameworks_scanned", JSONList, nullable=True),
+    Column("triggered_by_user", Text, nullable=True),
+    Column("triggered_by_token", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False, server_default=utcnow_default()),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("findings_count", Integer, nullable=False, server_default=text("0")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    # scanqueue's own columns: nullable or defaulted, so foreign INSERTs still work.
+    Column("dispatched_at", UTCDateTime, nullable=True),
+    Column("dispatch_count", Integer, nullable=False, server_default=text("0")),
+    Column("heartbeat_at", UTCDateTime, nullable=True),
+    Column("worker_id", Text, nullable=True),
+)
+
+# The bridge's hot path: the oldest queued rows not yet handed to the broker.
+# Partial, so finished (and already dispatched) rows never slow it down.
+Index(
+    "scans_undispatched_idx",
+    scans.c.created_at,
+    postgresql_where=(scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_(None),
+    sqlite_where=(scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_(None),
+)
+# Queue depth and re-dispatch of messages the broker lost.
+Index(
+    "scans_queued_dispatched_idx",
+    scans.c.dispatched_at,
+    postgresql_where=scans.c.status == STATUS_QUEUED,
+    sqlite_where=scans.c.status == STATUS_QUEUED,
+)
+# The reaper: running rows by heartbeat.
+Index(
+    "scans_running_heartbeat_idx",
+    scans.c.heartbeat_at,
+    postgresql_where=scans.c.status == STATUS_RUNNING,
+    sqlite_where=scans.c.status == STATUS_RUNNING,
+)
+Index("scans_status_created_idx", scans.c.status, scans.c.created_at)
+
+# Leadership without Redis: one lease row per election name.
+leader_lease = Table(
+    "scanqueue_leader",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("holder", Text, nullable=True),
+    Column("epoch", BigInteger, nullable=False, server_default=text("0")),
+    Column("expires_at", UTCDateTime, nullable=True),
+)
+
+# Events without Redis (CONTRACT §5): an append-only log a subscriber resumes by id.
+events = Table(
+    "scanqueue_events",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("scan_id", Text, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("at", UTCDateTime, nullable=False, server_default=utcnow_default()),
+    Column("payload", JSONList, nullable=True),
+)
+Index("scanqueue_events_scan_idx", events.c.scan_id, events.c.id)
+
+# The real runner (CONTRACT §3): what to scan, which checks are off, what was found.
+providers = Table(
+    "providers",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("config", JSONList, nullable=True),
+    Column("enabled", Boolean, nullable=False, server_default=true()),
+    Column("created_at", UTCDateTime, nullable=True, server_default=utcnow_default()),
+)
+
+checks_state = Table(
+    "checks_state",
+    metadata,
+    Column("check_id", Text, primary_key=True),
+    Column("enabled", Boolean, nullable=False, server_default=true()),
+    Column("updated_at", UTCDateTime, nullable=True, server_default=utcnow_default()),
+)
+
+findings = Table(
+    "findings",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("scan_id", Text, nullable=False),
+    Column("check_id", Text, nullable=False),
+    Column("provider", Text, nullable=False),
+    Column("frameworks", JSONList, nullable=True),
+    Column("resource", Text, nullable=True),
+    Column("severity", Text, nullable=True),
+    Column("status", Text, nullable=True),
+    Column("title", Text, nullable=True),
+    Column("message", Text, nullable=True),
+    Column("location", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=True, server_default=utcnow_default()),
+)
+Index("findings_scan_idx", findings.c.scan_id, findings.c.id)
+Index("findings_check_created_idx", findings.c.check_id, findings.c.created_at)
+
+
+def db_now(dialect_name: str) -> ColumnElement[Any]:
+    """The database clock as a SQL expression (UTC; milliseconds or better on SQLite)."""
+    if dialect_name == "postgresql":
+        # clock_timestamp(), not now(): now() is frozen at transaction start.
+        return _pg_now
+    return _sqlite_now
+
+
+def db_now_minus(dialect_name: str, seconds: float) -> ColumnElement[Any]:
+    """The database clock minus a number of seconds, as a SQL expression."""
+    if dialect_name == "postgresql":
+        return _literal(f"(clock_timestamp() - make_interval(secs => {float(seconds)!r}))")
+    return _literal(f"strftime('%Y-%m-%d %H:%M:%f','now','-{float(seconds)!r} seconds')")
+
+
+def db_now_plus(dialect_name: str, seconds: float) -> ColumnElement[Any]:
+    """The database clock plus a number of seconds, as a SQL expression."""
+    if dialect_name == "postgresql":
+        return _literal(f"(clock_timestamp() + make_interval(secs => {float(seconds)!r}))")
+    return _literal(f"strftime('%Y-%m-%d %H:%M:%f','now','+{float(seconds)!r} seconds')")
+
+
+def _literal(sql: str) -> ColumnElement[Any]:
+    return literal_column(sql, type_=UTCDateTime())
+
+
+_pg_now = _literal("clock_timestamp()")
+_sqlite_now = _literal(SQLITE_NOW_SQL)

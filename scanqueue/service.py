@@ -1,0 +1,72 @@
+"""Assembles a BridgeService wired to the Celery app (publish, broker depth).
+
+Kept apart from :mod:`scanqueue.bridge` so the bridge never imports Celery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .bridge import BridgeHooks, BridgeService, PublishError
+from .config import Settings
+from .store import store_for
+from .watch import watcher_for
+from .wiring import build_leadership
+
+
+def make_publisher(app: Any) -> Any:
+    from .celery import QUEUE, TASK_NAME
+
+    def publish(scan_ids: Sequence[str]) -> None:
+        task = app.tasks[TASK_NAME]
+        sent = 0
+        try:
+            with app.producer_or_acquire() as producer:
+                for scan_id in scan_ids:
+                    task.apply_async((scan_id,), producer=producer, queue=QUEUE)
+                    sent += 1
+        except Exception as exc:
+            raise PublishError(sent, exc) from exc
+
+    return publish
+
+
+def make_broker_depth(app: Any) -> Any:
+    from .celery import QUEUE
+
+    def broker_depth() -> int | None:
+        with app.connection_for_write() as conn:
+            try:
+                _, count, _ = conn.default_channel.queue_declare(queue=QUEUE, passive=True)
+            except Exception as exc:
+                # Redis deletes empty lists and AMQP has no such queue yet: both 404.
+                if getattr(exc, "code", None) == 404 or "NOT_FOUND" in str(exc):
+                    return 0
+                raise
+            return int(count)
+
+    return broker_depth
+
+
+def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
+    store = store_for(settings.database_url)
+    hooks = BridgeHooks()
+    try:
+        from .metrics import bridge_hooks
+    except ImportError:
+        pass
+    else:
+        hooks = bridge_hooks()
+    return BridgeService(
+        store,
+        make_publisher(app),
+        build_leadership(settings, store),
+        watcher_for(settings.database_url, settings.poll_every_s),
+        batch=settings.dispatch_batch,
+        lease_s=settings.lease_s,
+        max_attempts=settings.max_attempts,
+        reap_every_s=settings.reap_every_s,
+        broker_depth=make_broker_depth(app),
+        hooks=hooks,
+    )

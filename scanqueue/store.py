@@ -1,0 +1,649 @@
+"""Every SQL statement scanqueue runs against ``scans``, and the engine that runs them.
+
+Each state change is one compare-and-set statement keyed on
+``(id, status[, attempts])``, so a duplicate message, a zombie run, the reaper
+and a cancel can race freely: exactly one of them wins each transition.
+
+    queued ──start_run──▶ running ──finish_run──▶ completed | failed
+      ▲  │                  │ │
+      │  └────cancel────────┼─┴──cancel──▶ canceled
+      └──reap (attempts < max)   reap (attempts ≥ max) ──▶ failed
+
+Driver errors that mean "the database is not there" become
+:class:`UnavailableError` here and nowhere else.  Engines are per process
+(:func:`store_for`), because Celery's prefork pool forks after start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    and_,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.pool import NullPool
+
+from .config import mask_url
+from .errors import ConflictError, NotFoundError, UnavailableError
+from .schema import (
+    FINISHED_STATUSES,
+    STATUS_CANCELED,
+    STATUS_FAILED,
+    STATUS_QUEUED,
+    STATUS_RUNNING,
+    db_now,
+    db_now_minus,
+    db_now_plus,
+    leader_lease,
+    scans,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+PG_CONNECT_TIMEOUT_S = 5
+MAX_ERROR_CHARS = 4000
+
+# The columns other programs and users may see: never the token.
+PUBLIC_COLUMNS = (
+    scans.c.id,
+    scans.c.status,
+    scans.c.providers_scanned,
+    scans.c.frameworks_scanned,
+    scans.c.triggered_by_user,
+    scans.c.created_at,
+    scans.c.started_at,
+    scans.c.finished_at,
+    scans.c.error,
+    scans.c.findings_count,
+    scans.c.attempts,
+)
+
+
+@dataclass(frozen=True)
+class ScanRow:
+    """A scan as users see it (CONTRACT §4): the contract columns, never the token."""
+
+    id: str
+    status: str
+    providers_scanned: Any
+    frameworks_scanned: Any
+    triggered_by_user: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    findings_count: int
+    attempts: int
+
+    @classmethod
+    def from_row(cls, row: Row[Any] | Any) -> ScanRow:
+        m = row._mapping
+        return cls(
+            id=m["id"],
+            status=m["status"],
+            providers_scanned=_decode_json(m["providers_scanned"]),
+            frameworks_scanned=_decode_json(m["frameworks_scanned"]),
+            triggered_by_user=m["triggered_by_user"],
+            created_at=m["created_at"],
+            started_at=m["started_at"],
+            finished_at=m["finished_at"],
+            error=m["error"],
+            findings_count=m["findings_count"] or 0,
+            attempts=m["attempts"] or 0,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "providers_scanned": self.providers_scanned,
+            "frameworks_scanned": self.frameworks_scanned,
+            "triggered_by_user": self.triggered_by_user,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "error": self.error,
+            "findings_count": self.findings_count,
+            "attempts": self.attempts,
+        }
+
+
+@dataclass(frozen=True)
+class StartedRun:
+    """What a worker gets when its compare-and-set ``queued → running`` wins."""
+
+    scan_id: str
+    attempt: int
+    providers_raw: Any
+    frameworks_raw: Any
+    triggered_by_user: str | None
+    triggered_by_token: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+
+    def __repr__(self) -> str:  # the token must never reach a log line
+        return f"StartedRun(scan_id={self.scan_id!r}, attempt={self.attempt})"
+
+
+@dataclass(frozen=True)
+class ReapedScan:
+    scan_id: str
+    attempt: int
+    requeued: bool
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="microseconds")
+
+
+def _decode_json(value: Any) -> Any:
+    if isinstance(value, str):
+        import json
+
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def new_scan_id() -> str:
+    return uuid.uuid4().hex
+
+
+def make_engine(database_url: str, *, pool: bool = True) -> Engine:
+    """An engine with the connection settings scanqueue relies on."""
+    if database_url.startswith("sqlite"):
+        engine = create_engine(
+            database_url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S},
+            poolclass=None if pool else NullPool,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            # WAL lets the bridge, workers and the CLI read while one of them writes.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return create_engine(
+        database_url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=5,
+        poolclass=None if pool else NullPool,
+        connect_args={
+            "connect_timeout": PG_CONNECT_TIMEOUT_S,
+            "application_name": "scanqueue",
+            # A half-open connection would otherwise hang a statement for the kernel's
+            # two-hour default.
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        },
+    )
+
+
+def describe_db_error(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    first = str(orig).strip().splitlines()
+    return first[0] if first else type(orig).__name__
+
+
+class Store:
+    """All statements against ``scans``; one instance per process and database."""
+
+    def __init__(self, database_url: str, engine: Engine | None = None) -> None:
+        self.database_url = database_url
+        self.engine = engine or make_engine(database_url)
+        self.dialect = self.engine.dialect.name
+        self._now = db_now(self.dialect)
+
+    @property
+    def masked_url(self) -> str:
+        return mask_url(self.database_url)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            if getattr(exc, "connection_invalidated", False) or _is_connect_error(exc):
+                raise UnavailableError(
+                    f"cannot reach database {self.masked_url}: {describe_db_error(exc)}"
+                ) from exc
+            raise
+
+    # -- health -----------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Raise UnavailableError unless a trivial query succeeds."""
+        with self._tx() as conn:
+            conn.execute(select(1))
+
+    def wait_until_reachable(self, timeout_s: float, what: str = "database") -> None:
+        """Retry :meth:`ping` with backoff for up to ``timeout_s``, logging each attempt."""
+        retry_with_backoff(self.ping, timeout_s=timeout_s, what=f"{what} {self.masked_url}")
+
+    def has_schema(self) -> bool:
+        from sqlalchemy import inspect
+
+        with self._tx() as conn:
+            return inspect(conn).has_table("scans")
+
+    # -- producers and users ------------------------------------------------------
+
+    def enqueue(
+        self,
+        providers: Sequence[str],
+        frameworks: Sequence[str],
+        user: str | None = None,
+        token: str | None = None,
+        scan_id: str | None = None,
+    ) -> ScanRow:
+        scan_id = scan_id or new_scan_id()
+        with self._tx() as conn:
+            row = conn.execute(
+                insert(scans)
+                .values(
+                    id=scan_id,
+                    status=STATUS_QUEUED,
+                    providers_scanned=list(providers),
+                    frameworks_scanned=list(frameworks),
+                    triggered_by_user=user,
+                    triggered_by_token=token,
+                )
+                .returning(*PUBLIC_COLUMNS)
+            ).one()
+        return ScanRow.from_row(row)
+
+    def get(self, scan_id: str) -> ScanRow:
+        with self._tx() as conn:
+            row = conn.execute(select(*PUBLIC_COLUMNS).where(scans.c.id == scan_id)).first()
+        if row is None:
+            raise NotFoundError(f"no scan with id {scan_id!r}")
+        return ScanRow.from_row(row)
+
+    def list_scans(
+        self, status: str | None = None, limit: int = 1000, offset: int = 0
+    ) -> list[ScanRow]:
+        """The newest ``limit`` scans (after ``offset``), returned oldest first."""
+        stmt = select(*PUBLIC_COLUMNS)
+        if status is not None:
+            stmt = stmt.where(scans.c.status == status)
+        stmt = (
+            stmt.order_by(scans.c.created_at.desc(), scans.c.id.desc()).limit(limit).offset(offset)
+        )
+        with self._tx() as conn:
+            rows = conn.execute(stmt).all()
+        return [ScanRow.from_row(r) for r in reversed(rows)]
+
+    def cancel(self, scan_id: str, reason: str = "canceled by request") -> ScanRow:
+        """queued|running → canceled; NotFoundError or ConflictError otherwise."""
+        with self._tx() as conn:
+            row = conn.execute(
+                update(scans)
+                .where(scans.c.id == scan_id, scans.c.status.in_((STATUS_QUEUED, STATUS_RUNNING)))
+                .values(status=STATUS_CANCELED, finished_at=self._now, error=reason)
+                .returning(*PUBLIC_COLUMNS)
+            ).first()
+        if row is not None:
+            return ScanRow.from_row(row)
+        current = self.get(scan_id)  # raises NotFoundError
+        raise ConflictError(f"scan {scan_id} is already {current.status}")
+
+    def queue_depth(self) -> int:
+        with self._tx() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).select_from(scans).where(scans.c.status == STATUS_QUEUED)
+                ).scalar_one()
+            )
+
+    # -- the bridge -----------------------------------------------------------------
+
+    def claim_for_dispatch(self, limit: int) -> list[str]:
+        """Mark up to ``limit`` undispatched queued scans as dispatched, oldest first.
+
+        One statement; on PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets two bridges
+        claim side by side without waiting on or double-claiming each other.
+        """
+        oldest = (
+            select(scans.c.id)
+            .where(scans.c.status == STATUS_QUEUED, scans.c.dispatched_at.is_(None))
+            .order_by(scans.c.created_at, scans.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        with self._tx() as conn:
+            rows = conn.execute(
+                update(scans)
+                .where(scans.c.id.in_(oldest.scalar_subquery()), scans.c.status == STATUS_QUEUED)
+                .values(dispatched_at=self._now, dispatch_count=scans.c.dispatch_count + 1)
+                .returning(scans.c.id, scans.c.created_at)
+            ).all()
+        ordered = sorted(rows, key=lambda r: (r.created_at is None, r.created_at, r.id))
+        return [r.id for r in ordered]
+
+    def release_dispatch(self, scan_ids: Sequence[str]) -> None:
+        """Undo a claim whose publish failed, so the next pass retries it."""
+        if not scan_ids:
+            return
+        with self._tx() as conn:
+            conn.execute(
+                update(scans)
+                .where(scans.c.id.in_(list(scan_ids)), scans.c.status == STATUS_QUEUED)
+                .values(dispatched_at=None)
+            )
+
+    def claim_for_redispatch(self, older_than_s: float, limit: int) -> list[str]:
+        """Queued scans dispatched long ago and never started: the broker lost them.
+
+        Each scan waits ``older_than_s × 2^(dispatches-1)`` (capped at 64×) before
+        it is sent again, so a scan that merely waits in a long backlog is re-sent
+        a handful of times at most.
+        """
+        cutoff = db_now_minus(self.dialect, older_than_s)
+        with self._tx() as conn:
+            candidates = conn.execute(
+                select(scans.c.id, scans.c.dispatched_at, scans.c.dispatch_count, self._now)
+                .where(scans.c.status == STATUS_QUEUED, scans.c.dispatched_at < cutoff)
+                .order_by(scans.c.dispatched_at)
+                .limit(limit)
+            ).all()
+            due: list[tuple[str, datetime]] = []
+            for scan_id, dispatched_at, count, now in candidates:
+                backoff = older_than_s * (2 ** min(max(count - 1, 0), 6))
+                if dispatched_at is not None and (now - dispatched_at).total_seconds() >= backoff:
+                    due.append((scan_id, dispatched_at))
+            claimed: list[str] = []
+            for scan_id, dispatched_at in due:
+                result = conn.execute(
+                    update(scans)
+                    .where(
+                        scans.c.id == scan_id,
+                        scans.c.status == STATUS_QUEUED,
+                        scans.c.dispatched_at == dispatched_at,
+                    )
+                    .values(dispatched_at=self._now, dispatch_count=scans.c.dispatch_count + 1)
+                )
+                if result.rowcount == 1:
+                    claimed.append(scan_id)
+        return claimed
+
+    # -- the worker -------------------------------------------------------------------
+
+    def start_run(self, scan_id: str, worker_id: str) -> StartedRun | None:
+        """CAS ``queued → running``; None when the scan is not queued (a duplicate)."""
+        with self._tx() as conn:
+            row = conn.execute(
+                update(scans)
+                .where(scans.c.id == scan_id, scans.c.status == STATUS_QUEUED)
+                .values(
+                    status=STATUS_RUNNING,
+                    attempts=scans.c.attempts + 1,
+                    started_at=self._now,
+                    heartbeat_at=self._now,
+                    finished_at=None,
+                    error=None,
+                    worker_id=worker_id,
+                )
+                .returning(
+                    scans.c.id,
+                    scans.c.attempts,
+                    scans.c.providers_scanned,
+                    scans.c.frameworks_scanned,
+                    scans.c.triggered_by_user,
+                    scans.c.triggered_by_token,
+                    scans.c.created_at,
+                    scans.c.started_at,
+                )
+            ).first()
+        if row is None:
+            return None
+        return StartedRun(
+            scan_id=row.id,
+            attempt=row.attempts,
+            providers_raw=row.providers_scanned,
+            frameworks_raw=row.frameworks_scanned,
+            triggered_by_user=row.triggered_by_user,
+            triggered_by_token=row.triggered_by_token,
+            created_at=row.created_at,
+            started_at=row.started_at,
+        )
+
+    def heartbeat(self, scan_id: str, attempt: int) -> bool:
+        """Renew the lease of run ``attempt``; False once it is no longer ours."""
+        with self._tx() as conn:
+            result = conn.execute(
+                update(scans)
+                .where(
+                    scans.c.id == scan_id,
+                    scans.c.status == STATUS_RUNNING,
+                    scans.c.attempts == attempt,
+                )
+                .values(heartbeat_at=self._now)
+            )
+        return result.rowcount == 1
+
+    def status_of(self, scan_id: str) -> tuple[str, int] | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                select(scans.c.status, scans.c.attempts).where(scans.c.id == scan_id)
+            ).first()
+        return None if row is None else (row.status, row.attempts)
+
+    def finish_run(
+        self,
+        scan_id: str,
+        attempt: int,
+        status: str,
+        *,
+        error: str | None = None,
+        findings_count: int | None = None,
+    ) -> ScanRow | None:
+        """CAS ``running(attempt) → status``; None if the run no longer owns the scan."""
+        assert status in FINISHED_STATUSES, status
+        values: dict[str, Any] = {
+            "status": status,
+            "finished_at": self._now,
+            "error": None if error is None else error[:MAX_ERROR_CHARS],
+        }
+        if findings_count is not None:
+            values["findings_count"] = findings_count
+        with self._tx() as conn:
+            row = conn.execute(
+                update(scans)
+                .where(
+                    scans.c.id == scan_id,
+                    scans.c.status == STATUS_RUNNING,
+                    scans.c.attempts == attempt,
+                )
+                .values(**values)
+                .returning(*PUBLIC_COLUMNS)
+            ).first()
+        return None if row is None else ScanRow.from_row(row)
+
+    # -- the reaper ------------------------------------------------------------------
+
+    def reap_orphans(self, lease_s: float, max_attempts: int) -> list[ReapedScan]:
+        """Running scans whose heartbeat is older than the lease: re-queue or fail them."""
+        stale = and_(
+            scans.c.status == STATUS_RUNNING,
+            or_(
+                scans.c.heartbeat_at < db_now_minus(self.dialect, lease_s),
+                and_(
+                    scans.c.heartbeat_at.is_(None),
+                    func.coalesce(scans.c.started_at, scans.c.created_at)
+                    < db_now_minus(self.dialect, lease_s),
+                ),
+            ),
+        )
+        reaped: list[ReapedScan] = []
+        with self._tx() as conn:
+            for row in conn.execute(
+                update(scans)
+                .where(stale, scans.c.attempts < max_attempts)
+                .values(
+                    status=STATUS_QUEUED,
+                    dispatched_at=None,
+                    heartbeat_at=None,
+                    worker_id=None,
+                )
+                .returning(scans.c.id, scans.c.attempts)
+            ).all():
+                reaped.append(ReapedScan(row.id, row.attempts, requeued=True))
+            for row in conn.execute(
+                update(scans)
+                .where(stale, scans.c.attempts >= max_attempts)
+                .values(
+                    status=STATUS_FAILED,
+                    finished_at=self._now,
+                    error=(
+                        f"worker lost: no heartbeat for {lease_s:g}s on the last of"
+                        f" {max_attempts} attempts"
+                    ),
+                )
+                .returning(scans.c.id, scans.c.attempts)
+            ).all():
+                reaped.append(ReapedScan(row.id, row.attempts, requeued=False))
+        return reaped
+
+    # -- leadership without Redis ------------------------------------------------------
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease ``name`` for ``holder``; False if someone else holds it."""
+        with self._tx() as conn:
+            if self.dialect == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as dialect_insert
+            else:
+                from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
+            conn.execute(dialect_insert(leader_lease).values(name=name).on_conflict_do_nothing())
+            result = conn.execute(
+                update(leader_lease)
+                .where(
+                    leader_lease.c.name == name,
+                    or_(
+                        leader_lease.c.holder == holder,
+                        leader_lease.c.holder.is_(None),
+                        leader_lease.c.expires_at < self._now,
+                    ),
+                )
+                .values(
+                    holder=holder,
+                    expires_at=db_now_plus(self.dialect, ttl_s),
+                    epoch=leader_lease.c.epoch + 1,
+                )
+            )
+        return result.rowcount == 1
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                update(leader_lease)
+                .where(leader_lease.c.name == name, leader_lease.c.holder == holder)
+                .values(holder=None, expires_at=None)
+            )
+
+
+def _is_connect_error(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", exc)).lower()
+    return any(
+        marker in text
+        for marker in (
+            "could not connect",
+            "connection refused",
+            "server closed the connection",
+            "terminating connection",
+            "connection already closed",
+            "could not translate host",
+            "timeout expired",
+            "no connection to the server",
+            "connection to server",
+            "unable to open database",
+            "ssl connection has been closed",
+            "the database system is",
+        )
+    )
+
+
+def retry_with_backoff(
+    attempt: Callable[[], T],
+    *,
+    timeout_s: float,
+    what: str,
+    first_delay_s: float = 0.5,
+    max_delay_s: float = 5.0,
+    stop: threading.Event | None = None,
+) -> T:
+    """Call ``attempt`` until it stops raising UnavailableError or ``timeout_s`` passes.
+
+    Each failed attempt is logged (the message already masks passwords); the
+    last error is re-raised when time is up.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = first_delay_s
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return attempt()
+        except UnavailableError as exc:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (stop is not None and stop.is_set()):
+                raise
+            wait = min(delay, remaining)
+            log.warning("waiting for %s (attempt %d, retry in %.1fs): %s", what, tries, wait, exc)
+            if stop is not None:
+                if stop.wait(wait):
+                    raise
+            else:
+                time.sleep(wait)
+            delay = min(delay * 2, max_delay_s)
+
+
+_stores: dict[tuple[int, str], Store] = {}
+_stores_lock = threading.Lock()
+
+
+def store_for(database_url: str) -> Store:
+    """This process's Store for ``database_url`` (rebuilt after a fork)."""
+    key = (os.getpid(), database_url)
+    with _stores_lock:
+        found = _stores.get(key)
+        if found is None:
+            for stale in [k for k in _stores if k[0] != key[0]]:
+                # Inherited from the parent: drop the pool without closing its sockets,
+                # which still belong to the parent.
+                _stores.pop(stale).engine.dispose(close=False)
+            found = _stores[key] = Store(database_url)
+        return found

@@ -1,0 +1,388 @@
+"""Fixtures against real services: the machine's PostgreSQL, throwaway Redis servers,
+and real `celery -A scanqueue worker` / `scanqueue bridge` processes.
+
+A service that is missing skips its tests locally, but fails them when CI is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get(
+    "SCANQUEUE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+MACHINE_REDIS_URL = os.environ.get("SCANQUEUE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RABBITMQ_URL = os.environ.get("SCANQUEUE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+IN_CI = bool(os.environ.get("CI"))
+BIN = Path(sys.executable).parent
+
+
+def service_missing(what: str) -> None:
+    """Skip locally; fail loudly in CI, where every service must be there."""
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI but is not reachable", pytrace=False)
+    pytest.skip(f"{what} not reachable")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- PostgreSQL ----------------------------------------------------------------------
+
+
+def _pg_admin() -> Any:
+    import psycopg2
+
+    try:
+        conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=3)
+    except psycopg2.OperationalError:
+        service_missing(f"PostgreSQL at {PG_ADMIN_URL}")
+    conn.autocommit = True
+    return conn
+
+
+def create_pg_database(base_url: str = PG_ADMIN_URL) -> str:
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    name = f"sq_test_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(base_url, connect_timeout=3)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    return make_url(base_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_pg_database(url: str, base_url: str = PG_ADMIN_URL) -> None:
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    name = make_url(url).database
+    with contextlib.suppress(Exception):
+        conn = psycopg2.connect(base_url, connect_timeout=3)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (postgresql:// URL as platforms hand out)."""
+    _pg_admin().close()
+    url = create_pg_database()
+    yield url
+    from scanqueue.store import _stores
+
+    for key in [k for k in _stores if k[1].endswith("/" + url.rsplit("/", 1)[1])]:
+        _stores.pop(key).engine.dispose()
+    drop_pg_database(url)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'scans.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each test runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'scans.db'}"
+    else:
+        yield request.getfixturevalue("pg_url")
+
+
+def upgrade(url: str) -> None:
+    from scanqueue.config import normalize_database_url
+    from scanqueue.migrate import upgrade as run_upgrade
+    from scanqueue.store import store_for
+
+    run_upgrade(store_for(normalize_database_url(url)))
+
+
+@pytest.fixture
+def store(db_url: str) -> Any:
+    """A migrated Store on each database."""
+    from scanqueue.config import normalize_database_url
+    from scanqueue.store import store_for
+
+    upgrade(db_url)
+    return store_for(normalize_database_url(db_url))
+
+
+# -- Redis ---------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port (FLUSHALL/restart tests use it)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            service_missing("redis-server")
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        wait_for(lambda: _ping(client), 10, what="redis-server")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
+def _ping(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def machine_redis_url() -> str:
+    import redis
+
+    if not _ping(redis.Redis.from_url(MACHINE_REDIS_URL, socket_timeout=2)):
+        service_missing(f"Redis at {MACHINE_REDIS_URL}")
+    return MACHINE_REDIS_URL
+
+
+@pytest.fixture
+def rabbitmq_url() -> str:
+    with socket.socket() as s:
+        s.settimeout(2)
+        try:
+            s.connect(("127.0.0.1", 5672))
+        except OSError:
+            service_missing("RabbitMQ at 127.0.0.1:5672")
+    return RABBITMQ_URL
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+class Proc:
+    """A scanqueue process in its own process group, with its output in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, name: str) -> None:
+        self.args = args
+        self.env = env
+        self.cwd = cwd
+        self.log_path = cwd / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            args,
+            env=env,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_output(self, text: str, timeout: float = 30) -> None:
+        wait_for(
+            lambda: text in self.output() or self.proc.poll() is not None, timeout, what=repr(text)
+        )
+        if text not in self.output():
+            raise AssertionError(
+                f"process exited ({self.proc.returncode}) before {text!r}:\n{self.output()[-4000:]}"
+            )
+
+    def signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 20) -> int | None:
+        if self.proc.poll() is None:
+            self.signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGKILL)
+                self.proc.wait(10)
+        # Pool children may linger a moment after their parent.
+        self.signal_group(signal.SIGKILL)
+        self._log.close()
+        return self.proc.returncode
+
+
+def base_env(database_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SCANQUEUE_", "CELERY_", "REDIS_URL", "DATABASE_URL", "OPENLINEAGE"))
+    }
+    env.update(
+        DATABASE_URL=database_url,
+        SCANQUEUE_QUEUE=f"sq-test-{uuid.uuid4().hex[:8]}",
+        SCANQUEUE_CONNECT_TIMEOUT="15",
+        SCANQUEUE_TEST_JOURNAL=str(tmp_path / "journal.jsonl"),
+        PYTHONPATH=str(REPO),
+        PATH=f"{BIN}:{env.get('PATH', '')}",
+        AUTOSCALE_KEEPALIVE=env.get("AUTOSCALE_KEEPALIVE", "5"),
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+def start_worker(
+    procs: list[Proc], env: dict[str, str], cwd: Path, *extra: str, ready: bool = True
+) -> Proc:
+    args = [
+        str(BIN / "celery"),
+        "-A",
+        "scanqueue",
+        "worker",
+        "-l",
+        "info",
+        "--without-heartbeat",
+        "--without-gossip",
+        "--without-mingle",
+        "-n",
+        f"w{uuid.uuid4().hex[:6]}@%h",
+        *extra,
+    ]
+    proc = Proc(args, env, cwd, "worker")
+    procs.append(proc)
+    if ready:
+        proc.wait_for_output("ready.", timeout=60)
+    return proc
+
+
+def start_bridge(procs: list[Proc], env: dict[str, str], cwd: Path) -> Proc:
+    proc = Proc([str(BIN / "scanqueue"), "bridge"], env, cwd, "bridge")
+    procs.append(proc)
+    proc.wait_for_output("bridge running", timeout=60)
+    return proc
+
+
+def run_cli(
+    env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "scanqueue"), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_journal(tmp_path: Path) -> list[dict[str, Any]]:
+    import json
+
+    path = tmp_path / "journal.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def assert_no_overlaps(journal: list[dict[str, Any]]) -> None:
+    """No scan has two runs whose [start, end] intervals overlap."""
+    runs: dict[str, list[tuple[float, float]]] = {}
+    open_runs: dict[tuple[str, int, int], float] = {}
+    for e in journal:
+        key = (e["scan_id"], e["attempt"], e["pid"])
+        if e["kind"] == "start":
+            open_runs[key] = e["t"]
+        elif e["kind"] == "end" and key in open_runs:
+            runs.setdefault(e["scan_id"], []).append((open_runs.pop(key), e["t"]))
+    for key, start in open_runs.items():  # killed runs: open-ended up to their start
+        runs.setdefault(key[0], []).append((start, start))
+    for scan_id, intervals in runs.items():
+        intervals.sort()
+        for (s1, e1), (s2, _e2) in zip(intervals, intervals[1:]):
+            assert s2 >= e1, f"scan {scan_id} ran twice at once: {intervals}"
