@@ -1,0 +1,320 @@
+"""The built-in provider kind ``sarif-command``: run a scanner, read the SARIF it prints.
+
+Config (the provider row's JSON)::
+
+    {"command": ["ruff", "check", "--output-format", "sarif", "--exit-zero", "."],
+     "cwd": "/srv/checkout",          # optional; default: the worker's directory
+     "timeout": 600,                  # optional seconds; default 600
+     "env": {"NAME": "value"},        # optional; added to the cleaned environment
+     "max_output_bytes": 268435456}   # optional; default 256 MiB
+
+The command is an argument list, never a shell line.  It runs in a session
+(and so a process group) of its own, with stdin closed and an environment
+stripped of scanqueue's URLs and of anything that looks like a secret.  Its
+stdout is pumped into a temporary file as it comes (never held in memory) and
+capped at ``max_output_bytes``; stderr keeps only its tail, for error
+messages.  A timeout, a cancel or an oversized output kills the whole process
+group; so does the leader's exit, so nothing it left behind keeps running.
+
+A non-zero exit with valid SARIF is a scanner that found problems: its
+results count.  Every failure raises :class:`ProviderError` naming the provider.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import re
+import selectors
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from ..runner import ScanContext
+from .base import Finding, ProviderConfigError, ProviderError
+from .sarif import SarifError, iter_findings
+
+log = logging.getLogger(__name__)
+
+KIND = "sarif-command"
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_MAX_OUTPUT_BYTES = 256 * 1024 * 1024
+POLL_INTERVAL_S = 0.1
+PIPE_READ_BYTES = 1 << 16
+STDERR_TAIL_BYTES = 4096
+CONFIG_KEYS = frozenset({"command", "cwd", "timeout", "env", "max_output_bytes"})
+
+# Never handed to a scanner: scanqueue's own connection strings and settings,
+# and anything whose name says it is a secret.
+SCRUBBED_NAMES = frozenset(
+    {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "PGPASSFILE"}
+)
+SCRUBBED_PREFIXES = ("SCANQUEUE_", "CELERY_", "FLOWER_", "OPENLINEAGE")
+SECRET_MARKERS = (
+    "PASSWORD",
+    "PASSWD",
+    "SECRET",
+    "TOKEN",
+    "CREDENTIAL",
+    "API_KEY",
+    "APIKEY",
+    "PRIVATE_KEY",
+)
+_URL_WITH_PASSWORD = re.compile(r"://[^/\s:@]*:[^/\s@]+@")
+
+
+def scrubbed_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without scanqueue's URLs and settings and without secret-looking names."""
+    clean: dict[str, str] = {}
+    for name, value in environ.items():
+        upper = name.upper()
+        if upper in SCRUBBED_NAMES or upper.startswith(SCRUBBED_PREFIXES):
+            continue
+        if any(marker in upper for marker in SECRET_MARKERS):
+            continue
+        if _URL_WITH_PASSWORD.search(value):
+            continue
+        clean[name] = value
+    return clean
+
+
+@dataclass(frozen=True)
+class SarifCommandConfig:
+    """A validated ``sarif-command`` config."""
+
+    command: tuple[str, ...]
+    cwd: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    env: Mapping[str, str] = field(default_factory=dict)
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+
+    @classmethod
+    def parse(cls, name: str, config: Mapping[str, Any]) -> SarifCommandConfig:
+        def bad(problem: str) -> ProviderConfigError:
+            return ProviderConfigError(f"provider {name!r} ({KIND}): {problem}")
+
+        if not isinstance(config, Mapping):
+            raise bad("config must be a JSON object")
+        unknown = sorted(set(config) - CONFIG_KEYS)
+        if unknown:
+            raise bad(f"unknown config key(s) {', '.join(unknown)}")
+        command = config.get("command")
+        if (
+            not isinstance(command, list)
+            or not command
+            or not all(isinstance(a, str) for a in command)
+            or not command[0]
+        ):
+            raise bad("config.command must be a non-empty array of strings")
+        cwd = config.get("cwd")
+        if cwd is not None and (not isinstance(cwd, str) or not cwd):
+            raise bad("config.cwd must be a non-empty string")
+        timeout = config.get("timeout", DEFAULT_TIMEOUT_S)
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            raise bad("config.timeout must be a positive number of seconds")
+        env = config.get("env", {})
+        if not isinstance(env, Mapping) or not all(
+            isinstance(k, str) and k and isinstance(v, str) for k, v in env.items()
+        ):
+            raise bad("config.env must be an object of strings")
+        limit = config.get("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise bad("config.max_output_bytes must be a positive integer")
+        return cls(tuple(command), cwd, float(timeout), dict(env), limit)
+
+
+class SarifCommandProvider:
+    """A provider of kind ``sarif-command``; built as ``SarifCommandProvider(name, config)``."""
+
+    kind = KIND
+
+    def __init__(self, name: str, config: Mapping[str, Any]) -> None:
+        self.name = name
+        self.config = SarifCommandConfig.parse(name, config)
+
+    def __repr__(self) -> str:
+        return f"SarifCommandProvider({self.name!r})"
+
+    def collect(self, ctx: ScanContext) -> Iterator[Finding]:
+        """Run the command, then yield its findings; nothing if the scan was cancelled."""
+        with tempfile.TemporaryFile("w+b") as stdout:
+            outcome = _CommandRun(self.name, self.config, stdout).run(ctx)
+            if outcome is None:
+                return
+            stdout.seek(0, os.SEEK_END)
+            if stdout.tell() == 0:
+                raise ProviderError(
+                    f"provider {self.name!r}: {outcome.describe_exit()} and printed no SARIF"
+                    f"{outcome.stderr_hint()}"
+                )
+            stdout.seek(0)
+            text = io.TextIOWrapper(stdout, encoding="utf-8", errors="strict")
+            try:
+                yield from iter_findings(text, base_dir=self._base_dir())
+            except (SarifError, UnicodeDecodeError) as exc:
+                raise ProviderError(
+                    f"provider {self.name!r}: invalid SARIF output ({outcome.describe_exit()}): "
+                    f"{exc}{outcome.stderr_hint()}"
+                ) from None
+            finally:
+                text.detach()
+
+    def _base_dir(self) -> str:
+        return self.config.cwd if self.config.cwd is not None else os.getcwd()
+
+
+@dataclass(frozen=True)
+class _Exited:
+    returncode: int
+    stderr_tail: bytes
+
+    def describe_exit(self) -> str:
+        return f"command exited with code {self.returncode}"
+
+    def stderr_hint(self) -> str:
+        lines = self.stderr_tail.decode("utf-8", "replace").strip().splitlines()
+        return f"; stderr: {lines[-1][:300]}" if lines else ""
+
+
+class _CommandRun:
+    """One run of the command: start, pump, watch the clock and the cancel flag, reap."""
+
+    def __init__(self, name: str, config: SarifCommandConfig, stdout: IO[bytes]) -> None:
+        self.name = name
+        self.config = config
+        self.stdout = stdout
+        self.written = 0
+        self.stderr_tail = bytearray()
+
+    def run(self, ctx: ScanContext) -> _Exited | None:
+        config = self.config
+        if config.cwd is not None and not os.path.isdir(config.cwd):
+            raise ProviderError(
+                f"provider {self.name!r}: working directory {config.cwd!r} does not exist"
+            )
+        env = scrubbed_environ(os.environ)
+        env.update(config.env)
+        try:
+            proc = subprocess.Popen(
+                list(config.command),
+                cwd=config.cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise ProviderError(
+                f"provider {self.name!r}: cannot run {config.command[0]!r}: "
+                f"{exc.strerror or type(exc).__name__}"
+            ) from None
+        log.info("provider %s: started %s (pid %d)", self.name, config.command[0], proc.pid)
+        try:
+            return self._supervise(proc, ctx)
+        finally:
+            # Whatever happened (including an exception or a closed generator), the
+            # command's whole process group ends here and the leader is reaped.
+            _kill_group(proc)
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+            proc.wait()
+
+    def _supervise(self, proc: subprocess.Popen[bytes], ctx: ScanContext) -> _Exited | None:
+        assert proc.stdout is not None and proc.stderr is not None
+        deadline = time.monotonic() + self.config.timeout_s
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ, "out")
+            sel.register(proc.stderr, selectors.EVENT_READ, "err")
+            while True:
+                if ctx.cancelled:
+                    _kill_group(proc)
+                    log.info("provider %s: killed the command, the scan was stopped", self.name)
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    _kill_group(proc)
+                    raise ProviderError(
+                        f"provider {self.name!r}: command timed out after "
+                        f"{self.config.timeout_s:g}s (killed with its child processes)"
+                    )
+                if not sel.get_map():
+                    if _leader_exited(proc):
+                        _kill_group(proc)  # anything it left running in the background
+                        break
+                    time.sleep(min(POLL_INTERVAL_S, remaining))
+                    continue
+                for key, _ in sel.select(timeout=min(POLL_INTERVAL_S, remaining)):
+                    self._pump(sel, key)
+                if _leader_exited(proc):
+                    # Its output is complete; children it left behind would only hold
+                    # the pipes open until the timeout.
+                    _kill_group(proc)
+        returncode = proc.wait()
+        if returncode < 0:
+            raise ProviderError(
+                f"provider {self.name!r}: command was killed by {_signal_name(-returncode)}"
+                f"{_Exited(returncode, bytes(self.stderr_tail)).stderr_hint()}"
+            )
+        return _Exited(returncode, bytes(self.stderr_tail))
+
+    def _pump(self, sel: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
+        fd = key.fd
+        data = os.read(fd, PIPE_READ_BYTES)
+        if not data:
+            sel.unregister(key.fileobj)
+            return
+        if key.data == "err":
+            self.stderr_tail += data
+            del self.stderr_tail[:-STDERR_TAIL_BYTES]
+            return
+        self.written += len(data)
+        if self.written > self.config.max_output_bytes:
+            raise ProviderError(
+                f"provider {self.name!r}: command printed more than "
+                f"{self.config.max_output_bytes} bytes on stdout (max_output_bytes); killed it"
+            )
+        self.stdout.write(data)
+
+
+def _leader_exited(proc: subprocess.Popen[bytes]) -> bool:
+    """True once the command itself has exited, without reaping it.
+
+    Not reaping keeps its pid (and so its process group id) from being reused
+    while the group may still be signalled.
+    """
+    if proc.returncode is not None:
+        return True
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    if proc.returncode is not None:
+        return  # reaped: its pid may belong to someone else by now
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
