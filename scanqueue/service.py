@@ -19,12 +19,12 @@ def make_publisher(app: Any) -> Any:
     from .celery import QUEUE, TASK_NAME
 
     def publish(scan_ids: Sequence[str]) -> None:
-        task = app.tasks[TASK_NAME]
         sent = 0
         try:
             with app.producer_or_acquire() as producer:
                 for scan_id in scan_ids:
-                    task.apply_async((scan_id,), producer=producer, queue=QUEUE)
+                    # send_task: the publishing process need not import the task.
+                    app.send_task(TASK_NAME, args=(scan_id,), producer=producer, queue=QUEUE)
                     sent += 1
         except Exception as exc:
             raise PublishError(sent, exc) from exc

@@ -337,17 +337,21 @@ class Store:
         One statement; on PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets two bridges
         claim side by side without waiting on or double-claiming each other.
         """
+        # A materialized CTE, not ``IN (subquery)``: PostgreSQL may re-run a LIMIT
+        # subquery per outer row and so claim more than ``limit`` rows.
         oldest = (
             select(scans.c.id)
             .where(scans.c.status == STATUS_QUEUED, scans.c.dispatched_at.is_(None))
             .order_by(scans.c.created_at, scans.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
+            .cte("oldest")
+            .prefix_with("MATERIALIZED", dialect="postgresql")
         )
         with self._tx() as conn:
             rows = conn.execute(
                 update(scans)
-                .where(scans.c.id.in_(oldest.scalar_subquery()), scans.c.status == STATUS_QUEUED)
+                .where(scans.c.id == oldest.c.id, scans.c.status == STATUS_QUEUED)
                 .values(dispatched_at=self._now, dispatch_count=scans.c.dispatch_count + 1)
                 .returning(scans.c.id, scans.c.created_at)
             ).all()
@@ -380,19 +384,21 @@ class Store:
                 .order_by(scans.c.dispatched_at)
                 .limit(limit)
             ).all()
-            due: list[tuple[str, datetime]] = []
+            due: list[tuple[str, int]] = []
             for scan_id, dispatched_at, count, now in candidates:
                 backoff = older_than_s * (2 ** min(max(count - 1, 0), 6))
                 if dispatched_at is not None and (now - dispatched_at).total_seconds() >= backoff:
-                    due.append((scan_id, dispatched_at))
+                    due.append((scan_id, count))
             claimed: list[str] = []
-            for scan_id, dispatched_at in due:
+            for scan_id, count in due:
                 result = conn.execute(
                     update(scans)
                     .where(
                         scans.c.id == scan_id,
                         scans.c.status == STATUS_QUEUED,
-                        scans.c.dispatched_at == dispatched_at,
+                        # The count moves on every claim: a CAS token that, unlike a
+                        # timestamp, compares exactly on SQLite too.
+                        scans.c.dispatch_count == count,
                     )
                     .values(dispatched_at=self._now, dispatch_count=scans.c.dispatch_count + 1)
                 )

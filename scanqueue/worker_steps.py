@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import bootsteps
 
-from .errors import ConfigError, ScanqueueError, UnavailableError
+from .errors import ScanqueueError, UnavailableError
 from .store import retry_with_backoff, store_for
 
 log = logging.getLogger(__name__)
@@ -26,22 +26,10 @@ def _exit(message: str) -> None:
 
 
 class ReadinessStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Refuse to start on a bad runner; wait (bounded) for database, schema and broker."""
+    """Wait (bounded) for the database, its schema and the broker before consuming."""
 
     label = "scanqueue readiness"
     requires = ("celery.worker.components:Hub",)
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        from .celery import settings
-        from .runner import load_runner
-
-        try:
-            load_runner(settings.runner)
-        except ConfigError as exc:
-            import sys
-
-            print(f"scanqueue: {exc}", file=sys.stderr)
-            raise SystemExit(1) from None
 
     def start(self, worker: Any) -> None:
         from .celery import app, settings

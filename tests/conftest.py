@@ -7,6 +7,7 @@ A service that is missing skips its tests locally, but fails them when CI is set
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -384,5 +385,5 @@ def assert_no_overlaps(journal: list[dict[str, Any]]) -> None:
         runs.setdefault(key[0], []).append((start, start))
     for scan_id, intervals in runs.items():
         intervals.sort()
-        for (s1, e1), (s2, _e2) in zip(intervals, intervals[1:]):
+        for (s1, e1), (s2, _e2) in itertools.pairwise(intervals):
             assert s2 >= e1, f"scan {scan_id} ran twice at once: {intervals}"

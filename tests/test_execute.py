@@ -1,0 +1,161 @@
+"""execute_scan against a real database: outcomes, bad rows, cancel and lease loss."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from scanqueue import Job, ScanContext, ScanResult
+from scanqueue.errors import ConfigError
+from scanqueue.execute import ExecutionSettings, LeaseKeeper, Outcome, execute_scan
+from scanqueue.runner import RunnerFunc, StubRunner, load_runner
+from scanqueue.store import Store
+from tests.test_store import insert_raw
+
+FAST = ExecutionSettings(heartbeat_every_s=0.1, lease_s=5, cancel_grace_s=0.5)
+
+
+def run(store: Store, scan_id: str, fn: Any, settings: ExecutionSettings = FAST) -> Outcome:
+    return execute_scan(scan_id, store=store, runner=RunnerFunc(fn), settings=settings)
+
+
+def test_completed_with_findings_count(store: Store) -> None:
+    insert_raw(store, "ok")
+    assert run(store, "ok", lambda job, ctx: ScanResult(findings_count=4)) is Outcome.COMPLETED
+    row = store.get("ok")
+    assert (row.status, row.findings_count, row.attempts) == ("completed", 4, 1)
+    assert row.finished_at is not None and row.error is None
+
+
+def test_runner_exception_fails_the_scan_with_its_text(store: Store) -> None:
+    insert_raw(store, "boom")
+
+    def explode(job: Job, ctx: ScanContext) -> None:
+        raise ValueError("provider aws: credentials expired")
+
+    assert run(store, "boom", explode) is Outcome.FAILED
+    row = store.get("boom")
+    assert row.status == "failed" and row.error == "provider aws: credentials expired"
+
+
+def test_duplicate_message_does_nothing(store: Store) -> None:
+    insert_raw(store, "dup")
+    calls: list[str] = []
+    fn = lambda job, ctx: calls.append(job.scan_id)  # noqa: E731
+    assert run(store, "dup", fn) is Outcome.COMPLETED
+    assert run(store, "dup", fn) is Outcome.SKIPPED
+    assert calls == ["dup"] and store.get("dup").attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("providers", "frameworks", "reason"),
+    [
+        ("not json", "[]", "providers_scanned is not valid JSON"),
+        ('{"a": 1}', "[]", "providers_scanned must be a JSON array of strings"),
+        ('["aws"]', "[1, 2]", "frameworks_scanned must be a JSON array of strings"),
+    ],
+)
+def test_malformed_row_fails_with_a_reason(
+    store: Store, providers: str, frameworks: str, reason: str
+) -> None:
+    if store.dialect == "postgresql" and providers == "not json":
+        pytest.skip("jsonb rejects malformed JSON at INSERT")
+    insert_raw(store, "bad", providers=providers, frameworks=frameworks)
+    assert run(store, "bad", lambda job, ctx: None) is Outcome.FAILED
+    row = store.get("bad")
+    assert row.status == "failed" and reason in (row.error or "")
+    insert_raw(store, "good")
+    assert run(store, "good", lambda job, ctx: None) is Outcome.COMPLETED
+
+
+def test_the_runner_sees_the_token_but_the_row_json_never_does(store: Store) -> None:
+    insert_raw(store, "tok", triggered_by_user="bob", triggered_by_token="tkn-123")
+    seen: dict[str, Any] = {}
+
+    def grab(job: Job, ctx: ScanContext) -> None:
+        seen.update(token=job.triggered_by_token, user=job.triggered_by_user, repr=repr(job))
+
+    run(store, "tok", grab)
+    assert seen["token"] == "tkn-123" and seen["user"] == "bob"
+    assert "tkn-123" not in seen["repr"] and "tkn-123" not in str(store.get("tok").to_json())
+
+
+def test_cancel_tells_a_cooperative_runner_to_stop(store: Store) -> None:
+    insert_raw(store, "c")
+    stopped = threading.Event()
+
+    def patient(job: Job, ctx: ScanContext) -> ScanResult:
+        if ctx.wait(30):
+            stopped.set()
+        return ScanResult(findings_count=9)
+
+    result: list[Outcome] = []
+    t = threading.Thread(target=lambda: result.append(run(store, "c", patient)))
+    t.start()
+    time.sleep(0.3)
+    store.cancel("c")
+    t.join(10)
+    assert stopped.is_set() and result == [Outcome.CANCELED]
+    row = store.get("c")
+    assert row.status == "canceled" and row.findings_count == 0
+
+
+def test_lease_loss_stops_the_run_and_voids_its_outcome(store: Store) -> None:
+    insert_raw(store, "lost")
+    t0 = time.monotonic()
+
+    def patient(job: Job, ctx: ScanContext) -> ScanResult:
+        ctx.wait(30)
+        return ScanResult(findings_count=1)
+
+    result: list[Outcome] = []
+    t = threading.Thread(target=lambda: result.append(run(store, "lost", patient)))
+    t.start()
+    time.sleep(0.3)
+    store.reap_orphans(lease_s=0, max_attempts=3)  # as if the heartbeat went stale
+    t.join(10)
+    assert result == [Outcome.LOST] and time.monotonic() - t0 < 5
+    assert store.get("lost").status == "queued"
+
+
+def test_overdue_run_is_terminated_after_the_grace_period(store: Store) -> None:
+    insert_raw(store, "stuck")
+    started = store.start_run("stuck", "w")
+    assert started is not None
+    ctx = ScanContext("stuck", started.attempt)
+    overdue: list[float] = []
+    keeper = LeaseKeeper(store, ctx, FAST, on_overdue=lambda c: overdue.append(time.monotonic()))
+    t0 = time.monotonic()
+    keeper.start()
+    store.cancel("stuck")
+    deadline = time.monotonic() + 5
+    while not overdue and time.monotonic() < deadline:
+        time.sleep(0.05)
+    keeper.stop()
+    assert ctx.cancelled and ctx.stop_reason == "canceled"
+    assert overdue and FAST.cancel_grace_s <= overdue[0] - t0 < FAST.cancel_grace_s + 1.5
+
+
+def test_load_runner_accepts_objects_classes_and_functions() -> None:
+    assert isinstance(load_runner("scanqueue.runner:StubRunner"), StubRunner)
+    assert isinstance(load_runner("tests.runners:journal_runner"), RunnerFunc)
+    assert load_runner("tests.runners:TokenEchoRunner").run  # class built with no arguments
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("no_such_module_xyz:run", "cannot import module 'no_such_module_xyz'"),
+        ("tests.runners:missing", "has no 'missing'"),
+        ("tests.runners:not_a_runner", "neither a runner"),
+        ("tests.runners", "expected 'module:attribute'"),
+    ],
+)
+def test_load_runner_errors_are_one_line_naming_the_variable(path: str, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_runner(path)
+    assert str(err.value).startswith("SCANQUEUE_RUNNER: ") and says in str(err.value)
+    assert "\n" not in str(err.value)
