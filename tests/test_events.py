@@ -1,0 +1,308 @@
+"""The event log: Redis stream and table sinks, the observer, and failure isolation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scanqueue import events as events_mod
+from scanqueue.config import Settings, normalize_database_url
+from scanqueue.events import (
+    EventObserver,
+    EventSink,
+    RedisEventSink,
+    TableEventSink,
+    build_event_sink,
+    emit_standalone,
+    event_sink_for,
+)
+from scanqueue.execute import ExecutionSettings, Outcome, execute_scan
+from scanqueue.observe import RunInfo, SafeObservers
+from scanqueue.redisconn import redis_client
+from scanqueue.runner import RunnerFunc
+from scanqueue.store import ScanRow, store_for
+from tests.conftest import base_env, free_port, run_cli, upgrade
+from tests.runners import progress_runner
+
+
+def _settings(db_url: str, redis_url: str | None = None) -> Settings:
+    env = {"DATABASE_URL": db_url, "SCANQUEUE_QUEUE": f"q{time.monotonic_ns()}"}
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    return Settings.from_env(env)
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "redis"])
+def sink(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EventSink]:
+    """A fresh sink of each kind."""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        yield build_event_sink(_settings(f"sqlite:///{tmp_path / 'x.db'}", url), maxlen=1000)
+        return
+    db_url = (
+        f"sqlite:///{tmp_path / 'scans.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    upgrade(db_url)
+    yield build_event_sink(_settings(normalize_database_url(db_url)), maxlen=1000)
+
+
+def test_events_are_ordered_resumable_and_carry_the_contract_fields(sink: EventSink) -> None:
+    assert sink.last_id() == sink.zero_id
+    assert sink.read_after(None, 10) == []
+    ids = [
+        sink.emit("scan.started", "s1", {"attempt": 1, "providers": ["aws"]}),
+        sink.emit("scan.progress", "s1", {"attempt": 1, "percent": 50, "message": "half"}),
+        sink.emit("scan.finding", "s1", {"attempt": 1, "check_id": "c1", "type": "misconfig"}),
+        sink.emit("scan.completed", "s1", {"attempt": 1, "findings_count": 1}),
+    ]
+    keys = [sink.sort_key(i) for i in ids]
+    assert keys == sorted(keys) and len(set(keys)) == 4
+    assert sink.last_id() == ids[-1]
+
+    everything = sink.read_after(None, 100)
+    assert [e.id for e in everything] == ids
+    assert [e.type for e in everything] == [
+        "scan.started",
+        "scan.progress",
+        "scan.finding",
+        "scan.completed",
+    ]
+    first = everything[0].data
+    assert first["id"] == ids[0] and first["scan_id"] == "s1" and first["attempt"] == 1
+    assert first["providers"] == ["aws"]
+    at = datetime.fromisoformat(first["at"])
+    assert at.utcoffset() is not None and at.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+    assert everything[1].data["percent"] == 50
+    # A payload field named like a reserved key is kept, not allowed to overwrite it.
+    assert everything[2].data["type"] == "scan.finding"
+    assert everything[2].data["payload_type"] == "misconfig"
+
+    assert [e.id for e in sink.read_after(ids[1], 100)] == ids[2:]  # strictly after
+    assert [e.id for e in sink.read_after(ids[0], 2)] == ids[1:3]
+    assert sink.read_after(ids[-1], 100) == []
+    with pytest.raises(ValueError):
+        sink.sort_key("not-an-id")
+
+
+def test_the_token_never_reaches_an_event(sink: EventSink) -> None:
+    sink.emit("scan.progress", "s1", {"triggered_by_token": "sekrit", "token": "sekrit", "x": 1})
+    (event,) = sink.read_after(None, 10)
+    assert "sekrit" not in event.to_json()
+    assert event.data["x"] == 1
+
+
+def test_values_that_are_not_json_are_stored_as_text(sink: EventSink) -> None:
+    sink.emit("scan.finding", "s1", {"path": Path("/etc/passwd"), "when": datetime(2026, 1, 1)})
+    (event,) = sink.read_after(None, 10)
+    assert event.data["path"] == "/etc/passwd"
+    assert event.data["when"].startswith("2026-01-01")
+
+
+def test_wait_after_wakes_up_when_an_event_arrives(sink: EventSink) -> None:
+    start = sink.last_id()
+    assert sink.wait_after(start, 10, 0.3) == []  # times out empty
+    emitted_at: list[float] = []
+
+    def later() -> None:
+        time.sleep(0.3)
+        emitted_at.append(time.monotonic())
+        sink.emit("scan.progress", "s1", {"n": 1})
+
+    t = threading.Thread(target=later)
+    t.start()
+    found = sink.wait_after(start, 10, 5.0)
+    latency = time.monotonic() - emitted_at[0]
+    t.join()
+    assert [e.data["n"] for e in found] == [1]
+    assert latency < 0.5, f"woke {latency:.3f}s after the event"
+
+
+def test_concurrent_writers_never_leave_a_reader_behind(sink: EventSink) -> None:
+    """A reader that follows the log by id sees every event exactly once, even while
+    several writers commit concurrently (on PostgreSQL, ids are taken in commit order)."""
+    writers, per_writer = 6, 40
+    total = writers * per_writer
+    seen: list[str] = []
+    done = threading.Event()
+
+    def write(w: int) -> None:
+        for i in range(per_writer):
+            sink.emit("scan.progress", f"s{w}", {"i": i})
+
+    def read() -> None:
+        cursor: str | None = sink.last_id()
+        deadline = time.monotonic() + 60
+        while len(seen) < total and time.monotonic() < deadline:
+            batch = sink.read_after(cursor, 50)
+            if batch:
+                seen.extend(e.id for e in batch)
+                cursor = batch[-1].id
+        done.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reader.join(70)
+    assert done.is_set()
+    assert len(seen) == total and len(set(seen)) == total
+    assert [e.id for e in sink.read_after(None, total + 10)] == seen
+    # Each writer's events are in its own order.
+    per_scan: dict[str, list[int]] = {}
+    for e in sink.read_after(None, total + 10):
+        per_scan.setdefault(e.scan_id, []).append(e.data["i"])
+    assert all(v == list(range(per_writer)) for v in per_scan.values())
+
+
+def test_table_retention_prunes_the_oldest(db_url: str) -> None:
+    upgrade(db_url)
+    sink = TableEventSink(store_for(normalize_database_url(db_url)), maxlen=20)
+    ids = [sink.emit("scan.progress", "s", {"i": i}) for i in range(65)]
+    kept = sink.read_after(None, 1000)
+    assert 20 <= len(kept) <= 22
+    assert kept[-1].id == ids[-1]
+    assert [e.data["i"] for e in kept] == list(range(65 - len(kept), 65))
+
+
+def test_redis_stream_is_capped_and_keyed_by_queue(redis_url: str, tmp_path: Path) -> None:
+    settings = _settings(f"sqlite:///{tmp_path / 'x.db'}", redis_url)
+    sink = build_event_sink(settings, maxlen=50)
+    assert isinstance(sink, RedisEventSink)
+    assert sink.key == f"scanqueue:{settings.queue}:events"
+    for i in range(1000):
+        sink.emit("scan.progress", "s", {"i": i})
+    length = int(redis_client(redis_url).xlen(sink.key))
+    assert 50 <= length < 250  # MAXLEN ~ trims whole nodes
+    assert sink.read_after(None, 1000)[-1].data["i"] == 999
+
+
+def test_maxlen_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scanqueue.errors import ConfigError
+
+    assert events_mod.events_maxlen({}) == events_mod.DEFAULT_MAXLEN
+    assert events_mod.events_maxlen({"SCANQUEUE_EVENTS_MAXLEN": "500"}) == 500
+    for bad in ("0", "lots"):
+        with pytest.raises(ConfigError, match="SCANQUEUE_EVENTS_MAXLEN"):
+            events_mod.events_maxlen({"SCANQUEUE_EVENTS_MAXLEN": bad})
+
+
+def test_sink_choice_and_per_process_cache(redis_url: str, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'scans.db'}"
+    upgrade(db)
+    with_redis, without = _settings(db, redis_url), _settings(db)
+    assert isinstance(event_sink_for(with_redis), RedisEventSink)
+    assert isinstance(event_sink_for(without), TableEventSink)
+    assert event_sink_for(without) is event_sink_for(without)
+
+
+# -- the observer ----------------------------------------------------------------------------
+
+
+def _row(status: str, error: str | None = None) -> ScanRow:
+    return ScanRow("s1", status, ["aws"], ["soc2"], None, None, None, None, error, 2, 1)
+
+
+def test_observer_turns_a_run_into_events(sink: EventSink) -> None:
+    observer = EventObserver(sink)
+    run = RunInfo("s1", 1, ["aws"], ["soc2"])
+    observer.started(run)
+    observer.event(run, "scan.progress", {"percent": 10})
+    observer.event(run, "scan.finding", {"check_id": "c1", "attempt": 99})
+    observer.finished(run, _row("completed"), 1.5)
+    observer.finished(run, _row("failed", "boom"), 1.5)
+    observer.finished(run, _row("canceled", "canceled by request"), 1.5)
+    observer.discarded(run, 1.5)  # the canceler emits scan.canceled, not the worker
+    got = [e.data for e in sink.read_after(None, 100)]
+    assert [e["type"] for e in got] == [
+        "scan.started",
+        "scan.progress",
+        "scan.finding",
+        "scan.completed",
+        "scan.failed",
+        "scan.canceled",
+    ]
+    assert all(e["attempt"] == 1 and e["scan_id"] == "s1" for e in got)
+    assert got[0]["providers"] == ["aws"] and got[0]["frameworks"] == ["soc2"]
+    assert got[3]["findings_count"] == 2 and got[3]["duration_s"] == 1.5
+    assert got[4]["error"] == "boom"
+    assert got[5]["reason"] == "canceled by request"
+
+
+def _dead_redis_sink(tmp_path: Path) -> EventSink:
+    return build_event_sink(
+        _settings(f"sqlite:///{tmp_path / 'x.db'}", f"redis://127.0.0.1:{free_port()}/0")
+    )
+
+
+def test_a_broken_sink_never_fails_a_scan(store: Any, tmp_path: Path) -> None:
+    observer = SafeObservers([EventObserver(_dead_redis_sink(tmp_path))])
+    row = store.enqueue(["aws", "gcp"], ["soc2"])
+    before = events_mod.emit_failures
+    started = time.monotonic()
+    outcome = execute_scan(
+        row.id,
+        store=store,
+        runner=RunnerFunc(progress_runner),
+        settings=ExecutionSettings(heartbeat_every_s=1, lease_s=30, cancel_grace_s=5),
+        observer=observer,
+    )
+    elapsed = time.monotonic() - started
+    assert outcome is Outcome.COMPLETED
+    assert store.get(row.id).status == "completed"
+    # started, progress ×2, finding ×2, completed: every one dropped and counted.
+    assert events_mod.emit_failures - before == 6
+    assert elapsed < 5
+
+
+def test_emit_standalone_never_raises(tmp_path: Path) -> None:
+    settings = _settings(f"sqlite:///{tmp_path / 'x.db'}", f"redis://127.0.0.1:{free_port()}/0")
+    assert emit_standalone(settings, "scan.canceled", "s1", {"reason": "x"}) is None
+    no_table = _settings(f"sqlite:///{tmp_path / 'empty.db'}")  # no schema: the insert fails
+    assert emit_standalone(no_table, "scan.canceled", "s1", {"reason": "x"}) is None
+
+
+def test_a_real_run_emits_its_events_in_order(store: Any) -> None:
+    sink = TableEventSink(store, maxlen=1000)
+    row = store.enqueue(["aws", "gcp"], ["soc2"])
+    execute_scan(
+        row.id,
+        store=store,
+        runner=RunnerFunc(progress_runner),
+        settings=ExecutionSettings(heartbeat_every_s=1, lease_s=30, cancel_grace_s=5),
+        observer=SafeObservers([EventObserver(sink)]),
+    )
+    got = [e.data for e in sink.read_after(None, 100)]
+    assert [e["type"] for e in got] == [
+        "scan.started",
+        "scan.progress",
+        "scan.finding",
+        "scan.finding",
+        "scan.progress",
+        "scan.completed",
+    ]
+    assert [e["resource"] for e in got if e["type"] == "scan.finding"] == ["aws", "gcp"]
+    assert got[-1]["findings_count"] == 2
+
+
+def test_cli_cancel_emits_scan_canceled(sqlite_url: str, tmp_path: Path) -> None:
+    upgrade(sqlite_url)
+    store = store_for(normalize_database_url(sqlite_url))
+    row = store.enqueue(["aws"], [])
+    env = base_env(sqlite_url, tmp_path)
+    result = run_cli(env, "cancel", row.id, "--json")
+    assert result.returncode == 0, result.stderr
+    sink = TableEventSink(store, maxlen=1000)
+    (event,) = sink.read_after(None, 10)
+    assert event.type == "scan.canceled" and event.scan_id == row.id
+    assert event.data["reason"] == "canceled by request"
