@@ -427,11 +427,14 @@ async def stream_events(request: Request) -> Response:
     hub = state.hub()
     if not await hub.wait_ready(10.0):
         return _error(503, f"the event stream is not readable yet ({sink.description})")
-    if cursor is None:
-        try:
-            cursor = await run_in_threadpool(sink.last_id)
-        except Exception:
-            cursor = hub.head or sink.zero_id
+    try:
+        newest = await run_in_threadpool(sink.last_id)
+    except Exception:
+        newest = hub.head or sink.zero_id
+    if cursor is None or sink.sort_key(cursor) > sink.sort_key(newest):
+        # Ids only grow, so an id newer than the newest event belongs to another
+        # stream (a reset database, another queue): start from now, not from never.
+        cursor = newest
 
     async def body() -> AsyncIterator[str]:
         nonlocal cursor

@@ -27,6 +27,7 @@ from tests.conftest import (
     Proc,
     base_env,
     free_port,
+    run_cli,
     start_worker,
     upgrade,
     wait_for,
@@ -407,6 +408,13 @@ def test_reconnect_with_last_event_id_resumes_exactly(live: tuple[LiveServer, Ev
     assert latest.events == []
     latest.close()
 
+    # An id from another stream (newer than anything here) means "from now", not "never".
+    future = "99999999999999-0" if "-" in later else "99999999"
+    stranger = _subscribe(server, headers={"Last-Event-ID": future})
+    newest = sink.emit("scan.progress", "s", {"n": 21})
+    assert stranger.wait(1)[0]["id"] == newest
+    stranger.close()
+
 
 def test_filter_heartbeat_and_bad_ids(live: tuple[LiveServer, EventSink]) -> None:
     server, sink = live
@@ -538,3 +546,36 @@ def test_cancel_through_the_api_is_streamed(
     assert event["type"] == "scan.canceled" and event["scan_id"] == scan_id
     assert event["reason"] == "canceled by request"
     watcher.close()
+
+
+def test_serve_gives_up_on_an_unreachable_database(tmp_path: Path) -> None:
+    env = base_env(
+        f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/x",
+        tmp_path,
+        SCANQUEUE_CONNECT_TIMEOUT="1",
+    )
+    result = run_cli(env, "serve", "--port", str(free_port()), timeout=30)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("scanqueue: giving up after 1s: cannot reach database")
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_serve_takes_port_from_the_environment(
+    sqlite_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    upgrade(sqlite_url)
+    bad = run_cli(base_env(sqlite_url, tmp_path, PORT="eighty"), "serve")
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "scanqueue: PORT: expected a port number, got 'eighty'"
+    port = free_port()
+    proc = Proc(
+        [str(BIN / "scanqueue"), "serve"],
+        base_env(sqlite_url, tmp_path, PORT=str(port)),
+        tmp_path,
+        "serve",
+    )
+    procs.append(proc)
+    # Platforms that hand out $PORT route to the container's interface, not loopback.
+    proc.wait_for_output(f"Uvicorn running on http://0.0.0.0:{port}", timeout=30)
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
