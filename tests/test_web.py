@@ -579,3 +579,76 @@ def test_serve_takes_port_from_the_environment(
     # Platforms that hand out $PORT route to the container's interface, not loopback.
     proc.wait_for_output(f"Uvicorn running on http://0.0.0.0:{port}", timeout=30)
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+
+
+# -- the page in a real browser ------------------------------------------------------------------
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def _chromium() -> str:
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api", reason="playwright not installed")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_token", [False, True], ids=["eventsource", "token"])
+def test_page_shows_a_new_scan_turn_completed_without_reload(
+    with_token: bool, pg_url: str, redis_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    chromium = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    upgrade(pg_url)
+    extra = {"SCANQUEUE_API_TOKEN": TOKEN} if with_token else {}
+    env = base_env(
+        pg_url,
+        tmp_path,
+        REDIS_URL=redis_url,
+        SCANQUEUE_RUNNER="tests.runners:journal_runner",
+        SCANQUEUE_TEST_RUN_SECONDS="1.5",
+        **extra,
+    )
+    start_worker(procs, env, tmp_path)
+    url = _start_serve(env, tmp_path, procs)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(url + "/")
+            if with_token:
+                page.wait_for_selector("#auth", state="visible")
+                page.fill("#token", TOKEN)
+                page.click("#auth button")
+            page.wait_for_function("document.getElementById('conn').textContent === 'live'")
+            page.evaluate("window.__notReloaded = true")
+
+            if with_token:  # through the page's own form, which posts to the API
+                page.fill("#providers", "aws, gcp")
+                page.fill("#frameworks", "soc2")
+                page.click("#enqueue-button")
+                page.wait_for_selector("#scans tr")
+                scan_id = page.get_attribute("#scans tr td.id", "title")
+            else:
+                created = httpx.post(
+                    f"{url}/api/v1/scans", json={"providers": ["aws", "gcp"]}, timeout=10
+                )
+                assert created.status_code == 201
+                scan_id = created.json()["id"]
+            assert scan_id
+            row = f"#scan-{scan_id}"
+            page.wait_for_selector(row)
+            page.wait_for_selector(f"{row}[data-status='running']")
+            page.wait_for_selector(f"{row}[data-status='completed']")
+            assert page.inner_text(f"{row} td.status") == "completed"
+            assert page.inner_text(f"{row} td.findings") == "2"
+            assert "scan.completed" in page.inner_text("#events")
+            assert page.evaluate("window.__notReloaded") is True
+        finally:
+            browser.close()
