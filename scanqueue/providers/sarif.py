@@ -25,7 +25,6 @@ import json
 import re
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
@@ -184,9 +183,12 @@ def iter_findings(fh: IO[str], base_dir: str | Path | None = None) -> Iterator[F
         _map_document(_PullParser(fh), mapped, base)
         mapped.seek(0)
         for line in mapped:
-            data = json.loads(line)
-            data["frameworks"] = tuple(data["frameworks"])
-            yield Finding(**data)
+            check_id, message, severity, resource, location, title, status, frameworks = json.loads(
+                line
+            )
+            yield Finding(
+                check_id, message, severity, resource, location, title, status, tuple(frameworks)
+            )
 
 
 def _map_document(parser: _PullParser, out: IO[str], base: Path | None) -> None:
@@ -250,7 +252,17 @@ def _map_run(
         if i >= count:
             break
         finding = _map_result(json.loads(line), rules, base, f"runs[{run_index}].results[{i}]")
-        out.write(json.dumps(asdict(finding), separators=(",", ":")))
+        row = [
+            finding.check_id,
+            finding.message,
+            finding.severity,
+            finding.resource,
+            finding.location,
+            finding.title,
+            finding.status,
+            finding.frameworks,
+        ]
+        out.write(json.dumps(row, separators=(",", ":")))
         out.write("\n")
 
 
