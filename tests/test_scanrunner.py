@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -569,3 +570,19 @@ def test_scanrunner_is_exported_lazily() -> None:
     import scanqueue
 
     assert scanqueue.ScanRunner is ScanRunner
+
+
+def test_sarif_reader_stops_when_told() -> None:
+    doc = subprocess.run(
+        [PY, str(FIXTURES / "many.py"), "2000"], capture_output=True, text=True, check=True
+    ).stdout
+    assert len(list(iter_findings(io.StringIO(doc)))) == 2000
+    assert list(iter_findings(io.StringIO(doc), stop=lambda: True)) == []
+    calls: list[int] = []
+
+    def stop_on_third_look() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    assert list(iter_findings(io.StringIO(doc), stop=stop_on_third_look)) == []
+    assert len(calls) == 3

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
@@ -36,6 +36,7 @@ READ_CHUNK_CHARS = 1 << 16
 LEVEL_TO_SEVERITY = {"error": "high", "warning": "medium", "note": "low", "none": "info"}
 DEFAULT_LEVEL = "warning"  # SARIF §3.27.10: a result without a level is a warning
 FRAMEWORK_TAG_PREFIX = "framework:"
+STOP_CHECK_EVERY = 500  # results between two looks at the stop flag
 
 _NON_WS = re.compile(r"[^ \t\n\r]")
 _DECODER = json.JSONDecoder()
@@ -176,11 +177,22 @@ class _Rules:
         return {}
 
 
-def iter_findings(fh: IO[str], base_dir: str | Path | None = None) -> Iterator[Finding]:
-    """Findings of a SARIF 2.1.0 document; SarifError (before the first one) if invalid."""
+def iter_findings(
+    fh: IO[str],
+    base_dir: str | Path | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> Iterator[Finding]:
+    """Findings of a SARIF 2.1.0 document; SarifError (before the first one) if invalid.
+
+    ``stop`` is polled while the document is read; once it returns True nothing
+    more is read and nothing is yielded.
+    """
     base = Path(base_dir).resolve() if base_dir is not None else None
     with tempfile.TemporaryFile("w+", encoding="utf-8") as mapped:
-        _map_document(_PullParser(fh), mapped, base)
+        try:
+            _map_document(_PullParser(fh), mapped, base, stop or _never)
+        except _Stopped:
+            return
         mapped.seek(0)
         for line in mapped:
             check_id, message, severity, resource, location, title, status, frameworks = json.loads(
@@ -191,7 +203,22 @@ def iter_findings(fh: IO[str], base_dir: str | Path | None = None) -> Iterator[F
             )
 
 
-def _map_document(parser: _PullParser, out: IO[str], base: Path | None) -> None:
+class _Stopped(Exception):
+    pass
+
+
+def _never() -> bool:
+    return False
+
+
+def _check_stop(stop: Callable[[], bool], index: int) -> None:
+    if index % STOP_CHECK_EVERY == 0 and stop():
+        raise _Stopped
+
+
+def _map_document(
+    parser: _PullParser, out: IO[str], base: Path | None, stop: Callable[[], bool]
+) -> None:
     if parser.peek() != "{":
         raise SarifError("the document is not a JSON object")
     version: Any = None
@@ -207,7 +234,7 @@ def _map_document(parser: _PullParser, out: IO[str], base: Path | None) -> None:
                     raise SarifError("runs must be an array")
                 saw_runs = True
                 for run_index in parser.items():
-                    _map_run(parser, run_index, raw, out, base)
+                    _map_run(parser, run_index, raw, out, base, stop)
             else:
                 parser.value()
         parser.end()
@@ -218,7 +245,12 @@ def _map_document(parser: _PullParser, out: IO[str], base: Path | None) -> None:
 
 
 def _map_run(
-    parser: _PullParser, run_index: int, raw: IO[str], out: IO[str], base: Path | None
+    parser: _PullParser,
+    run_index: int,
+    raw: IO[str],
+    out: IO[str],
+    base: Path | None,
+    stop: Callable[[], bool],
 ) -> None:
     if parser.peek() != "{":
         raise SarifError(f"runs[{run_index}] is not an object")
@@ -236,6 +268,7 @@ def _map_run(
             if parser.peek() != "[":
                 raise SarifError(f"runs[{run_index}].results must be an array")
             for i in parser.items():
+                _check_stop(stop, i)
                 result = parser.value()
                 if not isinstance(result, dict):
                     raise SarifError(f"runs[{run_index}].results[{i}] is not an object")
@@ -251,6 +284,7 @@ def _map_run(
     for i, line in enumerate(raw):
         if i >= count:
             break
+        _check_stop(stop, i)
         finding = _map_result(json.loads(line), rules, base, f"runs[{run_index}].results[{i}]")
         row = [
             finding.check_id,

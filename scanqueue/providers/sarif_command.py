@@ -162,7 +162,9 @@ class SarifCommandProvider:
             stdout.seek(0)
             text = io.TextIOWrapper(stdout, encoding="utf-8", errors="strict")
             try:
-                yield from iter_findings(text, base_dir=self._base_dir())
+                yield from iter_findings(
+                    text, base_dir=self._base_dir(), stop=lambda: ctx.cancelled
+                )
             except (SarifError, UnicodeDecodeError) as exc:
                 raise ProviderError(
                     f"provider {self.name!r}: invalid SARIF output ({outcome.describe_exit()}): "
