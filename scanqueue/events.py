@@ -356,7 +356,14 @@ def stream_key(settings: Settings) -> str:
 
 def build_event_sink(settings: Settings, maxlen: int | None = None) -> EventSink:
     """A new sink for ``settings`` (Redis stream when REDIS_URL is set, else the table)."""
-    retention = events_maxlen() if maxlen is None else maxlen
+    if maxlen is None:
+        try:
+            maxlen = events_maxlen()
+        except ConfigError as exc:
+            # Built lazily inside pool processes, where raising would fail scans instead.
+            log.error("%s; keeping %d events", exc, DEFAULT_MAXLEN)
+            maxlen = DEFAULT_MAXLEN
+    retention = maxlen
     if settings.redis_url:
         from .redisconn import redis_client
 

@@ -447,7 +447,12 @@ async def stream_events(request: Request) -> Response:
             if hub.covers(key):
                 batch = hub.after(key, REPLAY_PAGE)
             else:
-                batch = await run_in_threadpool(sink.read_after, cursor, REPLAY_PAGE)
+                try:
+                    batch = await run_in_threadpool(sink.read_after, cursor, REPLAY_PAGE)
+                except Exception as exc:
+                    log.warning("replay from %s failed: %s", sink.description, exc)
+                    await asyncio.sleep(1.0)
+                    continue
                 if not batch:
                     # Older than anything retained and nothing newer stored yet.
                     cursor = hub.head or cursor

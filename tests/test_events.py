@@ -306,3 +306,11 @@ def test_cli_cancel_emits_scan_canceled(sqlite_url: str, tmp_path: Path) -> None
     (event,) = sink.read_after(None, 10)
     assert event.type == "scan.canceled" and event.scan_id == row.id
     assert event.data["reason"] == "canceled by request"
+
+
+def test_a_bad_maxlen_inside_a_pool_process_falls_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SCANQUEUE_EVENTS_MAXLEN", "many")
+    sink = build_event_sink(_settings(f"sqlite:///{tmp_path / 'x.db'}"))
+    assert isinstance(sink, TableEventSink) and sink.maxlen == events_mod.DEFAULT_MAXLEN

@@ -652,3 +652,21 @@ def test_page_shows_a_new_scan_turn_completed_without_reload(
             assert page.evaluate("window.__notReloaded") is True
         finally:
             browser.close()
+
+
+def test_a_stream_survives_a_redis_restart(redis_server: Any, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'scans.db'}"
+    upgrade(db)
+    settings = _settings(db, REDIS_URL=redis_server.url)
+    sink = event_sink_for(settings)
+    with LiveServer(settings, heartbeat_s=0.5) as server:
+        watcher = _subscribe(server)
+        sink.emit("scan.progress", "s", {"n": 1})
+        watcher.wait(1)
+        redis_server.stop()
+        time.sleep(1.5)
+        redis_server.start()
+        wait_for(lambda: sink.emit("scan.progress", "s", {"n": 2}), 10, what="an emit")
+        assert [e["n"] for e in watcher.wait(2)] == [1, 2]
+        assert watcher.error is None
+        watcher.close()
