@@ -338,9 +338,15 @@ def _validate_create(body: Any) -> tuple[list[str], list[str], str | None]:
 
 async def create_scan(request: Request) -> Response:
     state = _state(request)
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        return _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    too_large = _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return too_large
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            return too_large
     try:
         body = json.loads(raw) if raw.strip() else None
     except ValueError as exc:
