@@ -111,7 +111,12 @@ class ScanRunner:
     ) -> int:
         stored = 0
         batch: list[Finding] = []
-        iterator = iter(collector.collect(ctx))
+        try:
+            iterator = iter(collector.collect(ctx))
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise _failure(name, exc) from exc
         try:
             while True:
                 try:
@@ -121,9 +126,7 @@ class ScanRunner:
                 except ProviderError:
                     raise
                 except Exception as exc:
-                    raise ProviderError(
-                        f"provider {name!r} failed: {type(exc).__name__}: {exc}"
-                    ) from exc
+                    raise _failure(name, exc) from exc
                 if not _keep(finding, disabled, wanted):
                     continue
                 batch.append(finding)
@@ -147,6 +150,10 @@ class ScanRunner:
         for finding in batch:
             ctx.finding(**_event_payload(name, finding))
         return count
+
+
+def _failure(provider: str, exc: Exception) -> ProviderError:
+    return ProviderError(f"provider {provider!r} failed: {type(exc).__name__}: {exc}")
 
 
 def _keep(finding: Finding, disabled: set[str], wanted: set[str]) -> bool:

@@ -228,4 +228,26 @@ def test_register_enqueue_and_read_real_findings(
     assert failed.status == "failed"
     assert failed.error == "unknown provider 'ghost'"
     assert RunnerStore(store).count_findings(failing.id) == 0
+
+    # Canceling a running scan kills its scanner, children included.
+    pidfile = tmp_path / "hang.pids"
+    hang = [sys.executable, str(FIXTURES / "hang.py"), str(pidfile)]
+    RunnerStore(store).add_provider("hang", "sarif-command", {"command": hang, "timeout": 90})
+    hanging = store.enqueue(["hang"], [])
+    wait_for(pidfile.exists, 30, what="the hanging scanner to start")
+    pids = [int(p) for p in pidfile.read_text().split()]
+    canceled = run_cli(env, "cancel", hanging.id)
+    assert canceled.returncode == 0, canceled.stderr
+    wait_for(lambda: not any(alive(p) for p in pids), 15, what="the scanner to be killed")
+    assert store.get(hanging.id).status == "canceled"
+    assert "killed the command, the scan was stopped" in worker.output()
+
     assert TOKEN not in worker.output()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False

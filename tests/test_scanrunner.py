@@ -540,7 +540,8 @@ def test_sarif_mapping_details() -> None:
             "/elsewhere/my file.py:2:5",
             None,
         ),
-        Finding("T1", "third run", "high"),
+        Finding("R3", None, "medium"),  # no message, and no rule to describe it
+        Finding("T1", "third run", "high"),  # a run without a tool
     ]
 
 

@@ -277,9 +277,8 @@ def _map_run(
                 count += 1
         else:
             parser.value()
-    if tool is None:
-        raise SarifError(f"runs[{run_index}] has no tool")
-    rules = _Rules(tool)
+    # SARIF requires a tool, but a run without one only lacks rule metadata.
+    rules = _Rules(tool if tool is not None else {"driver": {}})
     raw.seek(0)
     for i, line in enumerate(raw):
         if i >= count:
@@ -301,8 +300,8 @@ def _map_run(
 
 
 def _map_result(result: dict[str, Any], rules: _Rules, base: Path | None, where: str) -> Finding:
-    ref = result.get("rule") if isinstance(result.get("rule"), dict) else {}
-    assert isinstance(ref, dict)
+    raw_ref = result.get("rule")
+    ref: dict[str, Any] = raw_ref if isinstance(raw_ref, dict) else {}
     index = result.get("ruleIndex", ref.get("index"))
     rule_id = _str(result.get("ruleId")) or _str(ref.get("id"))
     rule = rules.find(index, rule_id)
@@ -319,8 +318,10 @@ def _map_result(result: dict[str, Any], rules: _Rules, base: Path | None, where:
         raise SarifError(f"{where}.level is {level!r}, not one of {', '.join(LEVEL_TO_SEVERITY)}")
 
     message = _message(result.get("message"), rule)
-    if message is None:
+    if message is None and "message" in result:
         raise SarifError(f"{where}.message has no text")
+    if message is None:  # required by SARIF, but the rule may still say what is wrong
+        message = _text(rule.get("shortDescription")) or _text(rule.get("fullDescription"))
 
     resource, location = _location(result, base)
     status = _str(result.get("kind")) or "fail"
