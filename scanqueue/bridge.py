@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .config import DEFAULT_REDISPATCH_AFTER_S
 from .errors import ScanqueueError
 from .leader import Leadership
 from .store import Store
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 MAX_BATCHES_PER_DRAIN = 1000  # bounds one drain; the next wake-up continues
 MAINTENANCE_EVERY_S = 1.0
-DEFAULT_REDISPATCH_AFTER_S = 30.0
 REDISPATCH_CHECK_EVERY_S = 5.0
 
 
@@ -168,7 +168,8 @@ class BridgeService:
         if leader and now - self._last_reap >= self.reap_every_s:
             self._last_reap = now
             self.reap_step()
-        if leader and now - self._last_redispatch_check >= REDISPATCH_CHECK_EVERY_S:
+        check_every = min(REDISPATCH_CHECK_EVERY_S, self.redispatch_after_s)
+        if leader and now - self._last_redispatch_check >= check_every:
             self._last_redispatch_check = now
             self.redispatch_step()
         if self.hooks.queue_depth:

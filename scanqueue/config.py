@@ -33,6 +33,8 @@ DEFAULT_BROKER_POLL_EVERY_S = 0.1  # kombu's SQL transport polls; 1 s (its defau
 DEFAULT_DISPATCH_BATCH = 100
 DEFAULT_LOG_FORMAT = "text"
 DEFAULT_QUEUE = "scanqueue"
+DEFAULT_LEADER_TTL_S = 15.0  # a standby takes over within one TTL of the leader's death
+DEFAULT_REDISPATCH_AFTER_S = 30.0
 MIN_LEASE_S = 2.0
 
 _POSTGRES_SCHEMES = {"postgres", "postgresql", "postgresql+psycopg2"}
@@ -59,6 +61,8 @@ class Settings:
     dispatch_batch: int = DEFAULT_DISPATCH_BATCH
     log_format: str = DEFAULT_LOG_FORMAT
     queue: str = DEFAULT_QUEUE
+    leader_ttl_s: float = DEFAULT_LEADER_TTL_S
+    redispatch_after_s: float = DEFAULT_REDISPATCH_AFTER_S
     api_token: str | None = field(default=None, repr=False)
 
     @classmethod
@@ -101,6 +105,10 @@ class Settings:
             raise ConfigError("SCANQUEUE_QUEUE", f"letters, digits and -_.: only, got {queue!r}")
         return cls(
             queue=queue,
+            leader_ttl_s=_float(env, "SCANQUEUE_LEADER_TTL", DEFAULT_LEADER_TTL_S, minimum=1.0),
+            redispatch_after_s=_float(
+                env, "SCANQUEUE_REDISPATCH_AFTER", DEFAULT_REDISPATCH_AFTER_S, minimum=0.5
+            ),
             database_url=database_url,
             redis_url=redis_url,
             broker_url=broker_url,

@@ -26,12 +26,12 @@ from typing import Protocol
 import redis
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
 
+from .config import DEFAULT_LEADER_TTL_S
 from .errors import ScanqueueError
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-LEADER_TTL_S = 15.0  # a standby takes over within one TTL of the leader's death
 TRUST_SHARE = 0.75
 LOCK_NAME = "scanqueue:bridge-leader"
 LEASE_NAME = "bridge"
@@ -75,7 +75,7 @@ class RedisLeadership:
         self,
         client: redis.Redis,
         identity: str,
-        ttl_s: float = LEADER_TTL_S,
+        ttl_s: float = DEFAULT_LEADER_TTL_S,
         name: str = LOCK_NAME,
     ) -> None:
         self.identity = identity
@@ -126,7 +126,11 @@ class LeaseLeadership:
     """The same rules on a lease row in the database (the embedded default)."""
 
     def __init__(
-        self, store: Store, identity: str, ttl_s: float = LEADER_TTL_S, name: str = LEASE_NAME
+        self,
+        store: Store,
+        identity: str,
+        ttl_s: float = DEFAULT_LEADER_TTL_S,
+        name: str = LEASE_NAME,
     ) -> None:
         self.identity = identity
         self.ttl_s = ttl_s

@@ -34,6 +34,10 @@ def upgrade(store: Store, revision: str = "head") -> tuple[str | None, str | Non
     cfg = alembic_config()
     with store.engine.begin() as conn:
         if conn.dialect.name == "postgresql":
+            # Index builds on a large adopted table may take longer than the
+            # runtime statement timeout.
+            conn.execute(text("SET LOCAL statement_timeout = 0"))
+            conn.execute(text("SET LOCAL lock_timeout = 0"))
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
         before = MigrationContext.configure(
             conn, opts={"version_table": VERSION_TABLE}

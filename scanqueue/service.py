@@ -68,5 +68,6 @@ def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
         max_attempts=settings.max_attempts,
         reap_every_s=settings.reap_every_s,
         broker_depth=make_broker_depth(app),
+        redispatch_after_s=settings.redispatch_after_s,
         hooks=hooks,
     )

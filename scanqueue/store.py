@@ -64,6 +64,8 @@ T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 PG_CONNECT_TIMEOUT_S = 5
+PG_STATEMENT_TIMEOUT_MS = 60_000
+PG_LOCK_TIMEOUT_MS = 10_000
 MAX_ERROR_CHARS = 4000
 
 # The columns other programs and users may see: never the token.
@@ -208,6 +210,10 @@ def make_engine(database_url: str, *, pool: bool = True) -> Engine:
             "keepalives_idle": 10,
             "keepalives_interval": 5,
             "keepalives_count": 3,
+            # No statement waits for ever: a row locked by someone's forgotten
+            # transaction costs a retry, not a stuck worker or bridge.
+            "options": f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}"
+            f" -c lock_timeout={PG_LOCK_TIMEOUT_MS}",
         },
     )
 

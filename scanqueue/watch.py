@@ -8,10 +8,13 @@ poll is followed by a full look.
   the time the bridge spent working.
 * :class:`ListenWatcher` (PostgreSQL): ``LISTEN`` on the channel the
   migration's trigger notifies, on a dedicated autocommit connection, plus a
-  safety poll.  A self-``NOTIFY`` every ``liveness_every_s`` must come back
-  within ``liveness_timeout_s``, or the connection is taken for half-open and
-  replaced; after any reconnect the watcher reports a wake-up so the bridge
-  catches up on rows inserted meanwhile.
+  safety poll.  Every ``liveness_every_s`` a ping ``NOTIFY`` is sent from a
+  second connection and must arrive on the listening one within
+  ``liveness_timeout_s``, or that connection is taken for half-open (or its
+  backend for stuck) and replaced.  The ping goes through another connection
+  because a query on a stalled one would block without end.  After any
+  reconnect the watcher reports a wake-up so the bridge catches up on rows
+  inserted meanwhile.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import select
 import threading
 import time
+import uuid
 from typing import Any, Protocol
 
 from .config import mask_url
@@ -78,12 +82,14 @@ class ListenWatcher:
         self.liveness_timeout_s = liveness_timeout_s
         self.reconnects = 0
         self._conn: Any = None
+        self._ping_conn: Any = None
+        self._ping_payload = ""
         self._last_poll = time.monotonic()
         self._ping_sent_at: float | None = None
         self._last_ping = time.monotonic()
         self._reconnect_delay = 0.5
 
-    def _connect(self) -> None:
+    def _raw_connection(self, application_name: str, **options: Any) -> Any:
         import psycopg2
         from sqlalchemy.engine import make_url
 
@@ -92,13 +98,27 @@ class ListenWatcher:
         conn = psycopg2.connect(
             dsn.render_as_string(hide_password=False),
             connect_timeout=5,
-            application_name="scanqueue-listen",
+            application_name=application_name,
             keepalives=1,
             keepalives_idle=10,
             keepalives_interval=5,
             keepalives_count=3,
+            **options,
         )
         conn.autocommit = True
+        return conn
+
+    def _send_ping(self) -> None:
+        if self._ping_conn is None or self._ping_conn.closed:
+            self._ping_conn = self._raw_connection(
+                "scanqueue-listen-ping", options="-c statement_timeout=5000"
+            )
+        self._ping_payload = f"{PING_PAYLOAD}:{uuid.uuid4().hex[:12]}"
+        with self._ping_conn.cursor() as cur:
+            cur.execute("SELECT pg_notify(%s, %s)", (self.channel, self._ping_payload))
+
+    def _connect(self) -> None:
+        conn = self._raw_connection("scanqueue-listen")
         with conn.cursor() as cur:
             cur.execute(f'LISTEN "{self.channel}"')
         self._conn = conn
@@ -139,8 +159,12 @@ class ListenWatcher:
             now = time.monotonic()
             try:
                 if self._ping_sent_at is None and now - self._last_ping >= self.liveness_every_s:
-                    with self._conn.cursor() as cur:
-                        cur.execute("SELECT pg_notify(%s, %s)", (self.channel, PING_PAYLOAD))
+                    try:
+                        self._send_ping()
+                    except psycopg2.Error as exc:
+                        # Cannot ping at all: the listening side is suspect too.
+                        self._close_ping()
+                        raise exc
                     self._ping_sent_at = now
                 if (
                     self._ping_sent_at is not None
@@ -175,14 +199,23 @@ class ListenWatcher:
         woke = False
         while self._conn.notifies:
             note = self._conn.notifies.pop(0)
-            if note.payload == PING_PAYLOAD and note.pid == self._conn.get_backend_pid():
+            if self._ping_payload and note.payload == self._ping_payload:
                 self._ping_sent_at = None
                 self._last_ping = time.monotonic()
-            else:
+            elif not note.payload.startswith(PING_PAYLOAD):
                 woke = True
         return woke
 
+    def _close_ping(self) -> None:
+        if self._ping_conn is not None:
+            try:
+                self._ping_conn.close()
+            except Exception:  # already broken
+                log.debug("closing the ping connection failed", exc_info=True)
+            self._ping_conn = None
+
     def close(self) -> None:
+        self._close_ping()
         if self._conn is not None:
             try:
                 self._conn.close()

@@ -86,6 +86,11 @@ def build_leadership(settings: Settings, store: Store) -> Leadership:
         from .redisconn import redis_client
 
         return RedisLeadership(
-            redis_client(settings.redis_url), identity, name=f"scanqueue:{settings.queue}:leader"
+            redis_client(settings.redis_url),
+            identity,
+            ttl_s=settings.leader_ttl_s,
+            name=f"scanqueue:{settings.queue}:leader",
         )
-    return LeaseLeadership(store, identity, name=f"bridge:{settings.queue}")
+    return LeaseLeadership(
+        store, identity, ttl_s=settings.leader_ttl_s, name=f"bridge:{settings.queue}"
+    )

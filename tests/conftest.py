@@ -247,7 +247,7 @@ class Proc:
         self.env = env
         self.cwd = cwd
         self.log_path = cwd / f"{name}-{uuid.uuid4().hex[:6]}.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             args,
             env=env,
@@ -387,3 +387,117 @@ def assert_no_overlaps(journal: list[dict[str, Any]]) -> None:
         intervals.sort()
         for (s1, e1), (s2, _e2) in itertools.pairwise(intervals):
             assert s2 >= e1, f"scan {scan_id} ran twice at once: {intervals}"
+
+
+# -- a throwaway PostgreSQL server (for restart tests) ------------------------------------
+
+
+class PgServer:
+    """initdb + pg_ctl as user postgres, on a free loopback port."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.port = free_port()
+        # Not under pytest's tmp_path: that is private to root, and postgres must enter it.
+        self.base = Path(tempfile.mkdtemp(prefix="scanqueue-pg-"))
+        os.chmod(self.base, 0o755)
+        self.datadir = self.base / "pgdata"
+        self.sockdir = self.base / "pgsock"
+        self.logfile = self.base / "pg.log"
+
+    def _as_postgres(self, *args: str) -> None:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True, timeout=120
+        )
+
+    def init(self) -> None:
+        if shutil.which("initdb") is None or shutil.which("runuser") is None:
+            service_missing("initdb/pg_ctl (PostgreSQL server binaries)")
+        for d in (self.datadir, self.sockdir):
+            d.mkdir(parents=True, exist_ok=True)
+            shutil.chown(d, "postgres", "postgres")
+        self.logfile.touch()
+        shutil.chown(self.logfile, "postgres", "postgres")
+        self._as_postgres(
+            "initdb", "-D", str(self.datadir), "-A", "trust", "-U", "postgres", "--no-sync"
+        )
+
+    def start(self) -> None:
+        self._as_postgres(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.logfile),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {self.port} -k {self.sockdir} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._as_postgres(
+                "pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop"
+            )
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+
+@pytest.fixture
+def pg_server() -> Iterator[PgServer]:
+    server = PgServer()
+    server.init()
+    server.start()
+    yield server
+    server.stop("immediate")
+    shutil.rmtree(server.base, ignore_errors=True)
+
+
+def insert_rows(url: str, ids: list[str]) -> None:
+    """INSERT queued rows the way another program does."""
+    from sqlalchemy import create_engine, text
+
+    from scanqueue.config import normalize_database_url
+
+    engine = create_engine(normalize_database_url(url))
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned)"
+                " VALUES (:id, 'queued', '[\"aws\"]', '[\"soc2\"]')"
+            ),
+            [{"id": i} for i in ids],
+        )
+    engine.dispose()
+
+
+def scan_rows(url: str) -> dict[str, dict[str, Any]]:
+    from sqlalchemy import create_engine, text
+
+    from scanqueue.config import normalize_database_url
+
+    engine = create_engine(normalize_database_url(url))
+    with engine.begin() as conn:
+        result = {
+            r.id: dict(r._mapping)
+            for r in conn.execute(
+                text(
+                    "SELECT id, status, attempts, created_at, started_at, finished_at, error FROM scans"
+                )
+            )
+        }
+    engine.dispose()
+    return result
+
+
+def all_finished(url: str, n: int) -> bool:
+    found = scan_rows(url)
+    return len(found) == n and all(
+        r["status"] in ("completed", "failed", "canceled") for r in found.values()
+    )

@@ -12,54 +12,22 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from scanqueue.config import normalize_database_url
 from tests.conftest import (
     Proc,
+    all_finished,
     assert_no_overlaps,
     base_env,
+    insert_rows,
     read_journal,
     run_cli,
+    scan_rows,
     start_worker,
     upgrade,
     wait_for,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def insert_rows(url: str, ids: list[str]) -> None:
-    engine = create_engine(normalize_database_url(url))
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned)"
-                " VALUES (:id, 'queued', '[\"aws\"]', '[\"soc2\"]')"
-            ),
-            [{"id": i} for i in ids],
-        )
-    engine.dispose()
-
-
-def rows(url: str) -> dict[str, dict[str, object]]:
-    engine = create_engine(normalize_database_url(url))
-    with engine.begin() as conn:
-        result = {
-            r.id: dict(r._mapping)
-            for r in conn.execute(
-                text("SELECT id, status, attempts, created_at, started_at, error FROM scans")
-            )
-        }
-    engine.dispose()
-    return result
-
-
-def all_done(url: str, n: int) -> bool:
-    found = rows(url)
-    return len(found) == n and all(
-        r["status"] in ("completed", "failed", "canceled") for r in found.values()
-    )
 
 
 def pickup_seconds(row: dict[str, object]) -> float:
@@ -101,13 +69,13 @@ def test_sqlite_rows_start_within_a_poll_interval(tmp_path: Path, procs: list[Pr
     )
     start_worker(procs, env, tmp_path, "--autoscale=2,2")
     insert_rows(url, ["warm-up"])  # pool processes finish their start-up first
-    wait_for(lambda: all_done(url, 1), 30, interval=0.1, what="warm-up scan")
+    wait_for(lambda: all_finished(url, 1), 30, interval=0.1, what="warm-up scan")
     ids = [f"p{i}" for i in range(10)]
     for scan_id in ids:
         insert_rows(url, [scan_id])
         time.sleep(0.13)  # spread inserts over the poll phase
-    wait_for(lambda: all_done(url, len(ids) + 1), 30, interval=0.2, what="10 scans done")
-    latencies = sorted(pickup_seconds(r) for k, r in rows(url).items() if k != "warm-up")
+    wait_for(lambda: all_finished(url, len(ids) + 1), 30, interval=0.2, what="10 scans done")
+    latencies = sorted(pickup_seconds(r) for k, r in scan_rows(url).items() if k != "warm-up")
     print(f"sqlite pickup p50={statistics.median(latencies):.3f}s max={latencies[-1]:.3f}s")
     # One bridge poll (0.5 s) plus the embedded broker's own 0.1 s poll, with slack
     # for this shared 2-core machine.
@@ -136,9 +104,9 @@ def test_postgres_redis_200_plain_sql_rows_each_run_exactly_once(
     t0 = time.monotonic()
     insert_rows(pg_url, ids[:100])
     insert_rows(pg_url, ids[100:])
-    wait_for(lambda: all_done(pg_url, 200), 90, interval=0.25, what="200 scans done")
+    wait_for(lambda: all_finished(pg_url, 200), 90, interval=0.25, what="200 scans done")
     elapsed = time.monotonic() - t0
-    found = rows(pg_url)
+    found = scan_rows(pg_url)
     assert all(r["status"] == "completed" and r["attempts"] == 1 for r in found.values())
     journal = read_journal(tmp_path)
     starts = [e["scan_id"] for e in journal if e["kind"] == "start"]
@@ -160,12 +128,12 @@ def test_listen_notify_starts_a_row_well_under_a_second_with_a_30s_safety_poll(
     for i in range(5):
         insert_rows(pg_url, [f"n{i}"])
         wait_for(
-            lambda i=i: rows(pg_url)[f"n{i}"]["started_at"] is not None,
+            lambda i=i: scan_rows(pg_url)[f"n{i}"]["started_at"] is not None,
             5,
             interval=0.02,
             what="start",
         )
-        latencies.append(pickup_seconds(rows(pg_url)[f"n{i}"]))
+        latencies.append(pickup_seconds(scan_rows(pg_url)[f"n{i}"]))
         time.sleep(0.2)
     print(
         f"PostgreSQL LISTEN pickup: p50={statistics.median(latencies) * 1000:.1f}ms max={max(latencies) * 1000:.1f}ms"
@@ -182,8 +150,8 @@ def test_rabbitmq_broker_end_to_end(
     start_worker(procs, env, tmp_path, "--autoscale=2,1")
     ids = [f"amqp-{i}" for i in range(20)]
     insert_rows(pg_url, ids)
-    wait_for(lambda: all_done(pg_url, 20), 60, interval=0.25, what="20 scans over RabbitMQ")
-    assert {r["status"] for r in rows(pg_url).values()} == {"completed"}
+    wait_for(lambda: all_finished(pg_url, 20), 60, interval=0.25, what="20 scans over RabbitMQ")
+    assert {r["status"] for r in scan_rows(pg_url).values()} == {"completed"}
 
 
 def test_failing_runner_marks_failed_and_the_worker_goes_on(
@@ -194,8 +162,8 @@ def test_failing_runner_marks_failed_and_the_worker_goes_on(
     env = base_env(url, tmp_path, SCANQUEUE_RUNNER="tests.runners:failing_runner")
     start_worker(procs, env, tmp_path, "--autoscale=2,1")
     insert_rows(url, ["f1", "f2"])
-    wait_for(lambda: all_done(url, 2), 30, interval=0.2, what="failed scans")
-    assert {r["error"] for r in rows(url).values()} == {"scanner exploded on aws"}
+    wait_for(lambda: all_finished(url, 2), 30, interval=0.2, what="failed scans")
+    assert {r["error"] for r in scan_rows(url).values()} == {"scanner exploded on aws"}
 
 
 @pytest.mark.parametrize(
@@ -251,6 +219,8 @@ def test_bridge_command_alone_dispatches_to_a_worker_without_bridge(
     start_worker(procs, env, tmp_path, "--without-bridge", "--autoscale=2,1")
     insert_rows(url, ["early"])
     time.sleep(1.5)
-    assert rows(url)["early"]["status"] == "queued"  # no bridge yet
+    assert scan_rows(url)["early"]["status"] == "queued"  # no bridge yet
     start_bridge(procs, env, tmp_path)
-    wait_for(lambda: all_done(url, 1), 30, interval=0.2, what="scan dispatched by scanqueue bridge")
+    wait_for(
+        lambda: all_finished(url, 1), 30, interval=0.2, what="scan dispatched by scanqueue bridge"
+    )
