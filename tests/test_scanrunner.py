@@ -385,13 +385,13 @@ def test_crash_by_signal_is_an_error() -> None:
 
 def test_timeout_kills_the_command_and_its_children(tmp_path: Path) -> None:
     pidfile = tmp_path / "pids"
-    config = {"command": [PY, str(FIXTURES / "hang.py"), str(pidfile)], "timeout": 1.5}
+    config = {"command": [PY, str(FIXTURES / "hang.py"), str(pidfile)], "timeout": 3}
     started = time.monotonic()
 
-    with pytest.raises(ProviderError, match=r"provider 'probe': command timed out after 1.5s"):
+    with pytest.raises(ProviderError, match=r"provider 'probe': command timed out after 3s"):
         collect(config)
 
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 8
     pids = read_pids(pidfile)
     assert len(pids) == 2
     wait_dead(pids)
