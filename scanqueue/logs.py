@@ -38,3 +38,10 @@ def configure_logging(log_format: str, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def use_json_in_celery(logger: logging.Logger) -> None:
+    """Give the handlers Celery just set up on ``logger`` the JSON formatter."""
+    formatter = JsonFormatter()
+    for handler in logger.handlers:
+        handler.setFormatter(formatter)

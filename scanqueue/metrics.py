@@ -1,0 +1,392 @@
+"""Prometheus metrics: every metric scanqueue exports, defined once, and how they are served.
+
+Owns the metric definitions (fixed label sets; never a scan id, token or other
+unbounded value as a label), the observer that records runs, the bridge's
+hooks, the multiprocess directory of a prefork worker, and the HTTP endpoint.
+
+Under Celery's prefork pool the scans run in pool processes while ``/metrics``
+is served by the worker's main process, so a worker uses prometheus_client's
+multiprocess mode: every process writes its values to mmap files in
+``PROMETHEUS_MULTIPROC_DIR`` and the main process serves their aggregate
+through a ``MultiProcessCollector``.  prometheus_client picks the mode when a
+metric value is created, so the directory must be in the environment before
+the first metric exists in the main process and before the pool forks —
+:func:`prepare_multiprocess_dir` (called by the worker bootstep's constructor)
+does that.  Gauges that only the main process sets use ``livemax``: forked
+children write ``0`` for every metric they inherit, and ``max`` over live
+processes ignores those (``mark_process_dead`` removes a child's gauge files).
+
+Which process exports what:
+
+==========================================  ======================================
+``scanqueue_scans_*``, durations, latency   processes that run scans (pool processes)
+``scanqueue_queue_depth``                   processes that run a bridge, and ``serve``
+``scanqueue_bridge_leader``, dispatch/reap  processes that run a bridge
+``scanqueue_worker_*``                      a worker's main process
+==========================================  ======================================
+
+The bridge and pool groups are created on first use, so a worker started with
+``--without-bridge`` exports no queue depth of ``0`` that would read as fact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
+
+from .bridge import BridgeHooks
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from .observe import RunInfo
+    from .store import ScanRow, Store
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# All interfaces by default: Prometheus scrapes from another container or host, and
+# nothing here is secret.  SCANQUEUE_METRICS_ADDR=127.0.0.1 keeps it on the host.
+METRICS_ADDR_ENV = "SCANQUEUE_METRICS_ADDR"
+DEFAULT_METRICS_ADDR = "0.0.0.0"  # noqa: S104 - see above
+
+FINISHED_STATUSES = ("completed", "failed", "discarded")
+REAP_OUTCOMES = ("requeued", "failed")
+# Scans take seconds to hours; pickup is usually sub-second but a backlog stretches it.
+DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, float("inf"))
+PICKUP_BUCKETS_S = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+    900,
+    3600,
+    float("inf"),
+)
+
+# A fork while another thread of the main process is inside a metric write would
+# leave prometheus_client's per-process lock held in the child for ever (the pool
+# forks at every autoscale grow while the bridge thread writes gauges).  Main-process
+# writes take this lock, and fork waits for it.
+_fork_lock = threading.Lock()
+os.register_at_fork(
+    before=_fork_lock.acquire,
+    after_in_parent=_fork_lock.release,
+    after_in_child=_fork_lock.release,
+)
+
+
+@contextmanager
+def _writing() -> Iterator[None]:
+    with _fork_lock:
+        yield
+
+
+# -- the multiprocess directory -----------------------------------------------------------
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory in effect for this process, if any."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def prepare_multiprocess_dir() -> str:
+    """Put this process (and the pool it will fork) in multiprocess mode; return the dir.
+
+    Uses ``PROMETHEUS_MULTIPROC_DIR`` when the deployment sets it (its ``*.db`` files
+    from a previous run are removed: they would add a dead worker's counts), else a
+    fresh temporary directory removed when this process exits.
+    """
+    given = multiprocess_dir()
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink(missing_ok=True)
+    else:
+        path = Path(tempfile.mkdtemp(prefix="scanqueue-metrics-"))
+        os.environ[MULTIPROC_ENV] = str(path)
+        _remove_at_exit(path, os.getpid())
+    _use_multiprocess_values()
+    return str(path)
+
+
+def _remove_at_exit(path: Path, owner_pid: int) -> None:
+    import atexit
+
+    def remove() -> None:
+        if os.getpid() == owner_pid:  # not in a forked child that happens to run atexit
+            shutil.rmtree(path, ignore_errors=True)
+
+    atexit.register(remove)
+
+
+def _use_multiprocess_values() -> None:
+    # prometheus_client chose its value class when it was first imported; if that
+    # happened before the directory was set, choose again (only metrics created after
+    # this call are affected, hence the lazily created groups below).
+    from prometheus_client import values
+
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+def mark_process_dead(pid: int) -> None:
+    """A pool process ended: drop its live gauges (counters stay: they are history)."""
+    path = multiprocess_dir()
+    if path is None:
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+# -- the metrics --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScanMetrics:
+    started: Counter
+    finished: Counter
+    duration: Histogram
+    pickup_latency: Histogram
+
+
+@dataclass(frozen=True)
+class BridgeMetrics:
+    queue_depth: Gauge
+    leader: Gauge
+    dispatched: Counter
+    reaped: Counter
+
+
+@dataclass(frozen=True)
+class PoolMetrics:
+    processes: Gauge
+    active: Gauge
+
+
+@cache
+def scan_metrics() -> ScanMetrics:
+    from prometheus_client import Counter, Histogram
+
+    finished = Counter(
+        "scanqueue_scans_finished",
+        "Runs that ended, by outcome (discarded: the run no longer owned its scan, "
+        "because it was canceled or its lease was lost).",
+        ["status"],
+    )
+    for status in FINISHED_STATUSES:
+        finished.labels(status)
+    return ScanMetrics(
+        started=Counter("scanqueue_scans_started", "Runs started (attempts included)."),
+        finished=finished,
+        duration=Histogram(
+            "scanqueue_scan_duration_seconds",
+            "Wall time of a run, from start to its recorded outcome.",
+            buckets=DURATION_BUCKETS_S,
+        ),
+        pickup_latency=Histogram(
+            "scanqueue_pickup_latency_seconds",
+            "From a scan's created_at to the start of its run.",
+            buckets=PICKUP_BUCKETS_S,
+        ),
+    )
+
+
+@cache
+def queue_depth_gauge() -> Gauge:
+    # Apart from the bridge group: a web process exports the depth, but no leader flag.
+    from prometheus_client import Gauge
+
+    return Gauge(
+        "scanqueue_queue_depth",
+        "Scans with status 'queued', as this process last counted them.",
+        multiprocess_mode="livemax",
+    )
+
+
+@cache
+def bridge_metrics() -> BridgeMetrics:
+    from prometheus_client import Counter, Gauge
+
+    reaped = Counter(
+        "scanqueue_scans_reaped",
+        "Runs found orphaned (no heartbeat) by the leader, by what became of the scan.",
+        ["outcome"],
+    )
+    for outcome in REAP_OUTCOMES:
+        reaped.labels(outcome)
+    return BridgeMetrics(
+        queue_depth=queue_depth_gauge(),
+        leader=Gauge(
+            "scanqueue_bridge_leader",
+            "1 while this bridge holds the leader lock, else 0.",
+            multiprocess_mode="livemax",
+        ),
+        dispatched=Counter("scanqueue_scans_dispatched", "Scans published to the broker."),
+        reaped=reaped,
+    )
+
+
+@cache
+def pool_metrics() -> PoolMetrics:
+    from prometheus_client import Gauge
+
+    return PoolMetrics(
+        processes=Gauge(
+            "scanqueue_worker_pool_processes",
+            "Pool processes this worker currently runs (moves with autoscale).",
+            multiprocess_mode="livemax",
+        ),
+        active=Gauge(
+            "scanqueue_worker_active_scans",
+            "Scans this worker's pool processes are running now.",
+            multiprocess_mode="livemax",
+        ),
+    )
+
+
+# -- recording ----------------------------------------------------------------------------
+
+
+def _finished_label(status: str) -> str:
+    return status if status in FINISHED_STATUSES else "failed"
+
+
+class MetricsObserver:
+    """A ScanObserver that counts runs; used in the processes that run scans."""
+
+    def __init__(self) -> None:
+        self.metrics = scan_metrics()
+
+    def started(self, run: RunInfo) -> None:
+        with _writing():
+            self.metrics.started.inc()
+            latency = run.pickup_latency_s
+            if latency is not None:
+                self.metrics.pickup_latency.observe(latency)
+
+    def event(self, run: RunInfo, event_type: str, payload: dict[str, object]) -> None:
+        pass
+
+    def finished(self, run: RunInfo, row: ScanRow, duration_s: float) -> None:
+        with _writing():
+            self.metrics.finished.labels(_finished_label(row.status)).inc()
+            self.metrics.duration.observe(duration_s)
+
+    def discarded(self, run: RunInfo, duration_s: float) -> None:
+        with _writing():
+            self.metrics.finished.labels("discarded").inc()
+            self.metrics.duration.observe(duration_s)
+
+
+def bridge_hooks() -> BridgeHooks:
+    """Hooks through which a bridge reports depth, leadership, dispatches and reaps."""
+    m = bridge_metrics()
+
+    def queue_depth(depth: int) -> None:
+        with _writing():
+            m.queue_depth.set(depth)
+
+    def leader(is_leader: bool) -> None:
+        with _writing():
+            m.leader.set(1 if is_leader else 0)
+
+    def dispatched(count: int) -> None:
+        with _writing():
+            m.dispatched.inc(count)
+
+    def reaped(requeued: int, failed: int) -> None:
+        with _writing():
+            if requeued:
+                m.reaped.labels("requeued").inc(requeued)
+            if failed:
+                m.reaped.labels("failed").inc(failed)
+
+    with _writing():
+        m.leader.set(0)
+    return BridgeHooks(queue_depth=queue_depth, leader=leader, dispatched=dispatched, reaped=reaped)
+
+
+def report_pool(processes: int, active: int) -> None:
+    m = pool_metrics()
+    with _writing():
+        m.processes.set(processes)
+        m.active.set(active)
+
+
+# -- exposition ---------------------------------------------------------------------------
+
+
+def registry() -> CollectorRegistry:
+    """What to expose: every process's files in multiprocess mode, else this process."""
+    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    path = multiprocess_dir()
+    if path is None:
+        return REGISTRY
+    aggregate = CollectorRegistry()
+    MultiProcessCollector(aggregate, path=path)  # type: ignore[no-untyped-call]
+    return aggregate
+
+
+def render_metrics(store: Store | None = None) -> tuple[bytes, str]:
+    """The text exposition and its content type, for a web process's ``GET /metrics``.
+
+    With a ``store`` the queue depth is counted first, so a web process that runs no
+    bridge still exports it.
+    """
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    if store is not None:
+        depth = store.queue_depth()
+        with _writing():
+            queue_depth_gauge().set(depth)
+    return generate_latest(registry()), CONTENT_TYPE_LATEST
+
+
+def metrics_addr() -> str:
+    return os.environ.get(METRICS_ADDR_ENV, "").strip() or DEFAULT_METRICS_ADDR
+
+
+def serve_metrics(port: int, addr: str | None = None) -> WSGIServer:
+    """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns the server.
+
+    Raises ConfigError (naming SCANQUEUE_METRICS_PORT) when the port cannot be bound.
+    """
+    from prometheus_client import start_http_server
+
+    host = addr or metrics_addr()
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry())
+    except OSError as exc:
+        raise ConfigError(
+            "SCANQUEUE_METRICS_PORT", f"cannot serve metrics on {host}:{port}: {exc.strerror}"
+        ) from None
+    log.info(
+        "metrics on http://%s:%d/metrics%s",
+        host,
+        port,
+        " (multiprocess)" if multiprocess_dir() else "",
+    )
+    return server
