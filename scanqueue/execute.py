@@ -66,11 +66,18 @@ terminate_process_when_overdue = False
 
 
 def worker_identity() -> str:
-    """This process's incarnation id: host, pid and a random part (hosts and pids repeat)."""
+    """This process's incarnation id: host, pid and a random part (hosts and pids repeat).
+
+    A forked pool process extends its parent's id (``parent/pid:random``), so a
+    worker can find the runs of its own pool when it shuts down.
+    """
     global _identity
     pid = os.getpid()
-    if _identity is None or _identity[0] != pid:
+    if _identity is None:
         _identity = (pid, f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}")
+    elif _identity[0] != pid:
+        parent = _identity[1].split("/", 1)[0]
+        _identity = (pid, f"{parent}/{pid}:{uuid.uuid4().hex[:4]}")
     return _identity[1]
 
 

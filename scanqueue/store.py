@@ -505,6 +505,21 @@ class Store:
             ).first()
         return None if row is None else ScanRow.from_row(row)
 
+    def hand_back(self, owner: str) -> list[str]:
+        """Re-queue the running scans of ``owner``'s pool processes (a worker shutting down)."""
+        prefix = owner + "/"
+        with self._tx() as conn:
+            rows = conn.execute(
+                update(scans)
+                .where(
+                    scans.c.status == STATUS_RUNNING,
+                    func.substr(scans.c.worker_id, 1, len(prefix)) == prefix,
+                )
+                .values(status=STATUS_QUEUED, dispatched_at=None, heartbeat_at=None, worker_id=None)
+                .returning(scans.c.id)
+            ).all()
+        return [r.id for r in rows]
+
     # -- the reaper ------------------------------------------------------------------
 
     def reap_orphans(self, lease_s: float, max_attempts: int) -> list[ReapedScan]:

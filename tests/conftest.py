@@ -277,9 +277,11 @@ class Proc:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
 
-    def stop(self, timeout: float = 20) -> int | None:
+    def stop(self, timeout: float = 8) -> int | None:
+        # SIGTERM to the main process only: signalling the whole group kills pool
+        # processes that may hold billiard's queue lock, and the worker then hangs.
         if self.proc.poll() is None:
-            self.signal_group(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -305,6 +307,7 @@ def base_env(database_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
         PYTHONPATH=str(REPO),
         PATH=f"{BIN}:{env.get('PATH', '')}",
         AUTOSCALE_KEEPALIVE=env.get("AUTOSCALE_KEEPALIVE", "5"),
+        CELERY_SOFT_SHUTDOWN_TIMEOUT="1",
     )
     env.update(extra)
     return env

@@ -467,3 +467,24 @@ def test_sqlite_broker_messages_lost_with_a_killed_worker_are_sent_again(
     report("SQLite broker: worker SIGKILLed → all scans completed", time.monotonic() - t0)
     assert {r["status"] for r in scan_rows(url).values()} == {"completed"}
     assert_no_overlaps(read_journal(tmp_path))
+
+
+def test_cold_shutdown_hands_interrupted_scans_back_at_once(
+    pg_url: str, redis_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    upgrade(pg_url)
+    env = fast_env(
+        pg_url, tmp_path, redis_url, SCANQUEUE_TEST_RUN_SECONDS="60", SCANQUEUE_LEASE_SECONDS="60"
+    )
+    worker = start_worker(procs, env, tmp_path, "--autoscale=1,1")
+    insert_rows(pg_url, ["interrupted"])
+    wait_for(lambda: started(pg_url, "interrupted"), 20)
+    worker.proc.send_signal(signal.SIGQUIT)  # cold shutdown: running tasks are not waited for
+    worker.proc.wait(30)
+    row = scan_rows(pg_url)["interrupted"]
+    assert row["status"] == "queued" and row["attempts"] == 1  # not left 'running' for 60 s
+    assert "interrupted by shutdown; re-queued" in worker.output()
+    env["SCANQUEUE_TEST_RUN_SECONDS"] = "0"
+    start_worker(procs, env, tmp_path, "--autoscale=1,1")
+    wait_for(lambda: all_finished(pg_url, 1), 20, interval=0.2)
+    assert scan_rows(pg_url)["interrupted"]["attempts"] == 2

@@ -224,3 +224,38 @@ def test_bridge_command_alone_dispatches_to_a_worker_without_bridge(
     wait_for(
         lambda: all_finished(url, 1), 30, interval=0.2, what="scan dispatched by scanqueue bridge"
     )
+
+
+def test_bridge_gives_up_on_an_unreachable_database_with_exit_1(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = base_env(
+        f"postgresql://scanner:hunter2@127.0.0.1:{port}/x", tmp_path, SCANQUEUE_CONNECT_TIMEOUT="2"
+    )
+    out = run_cli(env, "bridge", timeout=60)
+    assert out.returncode == 1
+    assert "hunter2" not in out.stderr and "waiting for the database" in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("scanqueue: giving up after 2s")
+
+
+def test_worker_gives_up_on_an_unreachable_broker(tmp_path: Path, procs: list[Proc]) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"sqlite:///{tmp_path}/scans.db"
+    upgrade(url)
+    env = base_env(
+        url,
+        tmp_path,
+        REDIS_URL=f"redis://:hunter2@127.0.0.1:{port}/0",
+        SCANQUEUE_CONNECT_TIMEOUT="3",
+    )
+    proc = start_worker(procs, env, tmp_path, ready=False)
+    assert proc.proc.wait(90) == 1
+    output = proc.output()
+    assert "hunter2" not in output and "waiting for the broker" in output
