@@ -93,6 +93,25 @@ def db_upgrade(revision: str) -> None:
         click.echo(f"schema of {where} upgraded from {before or 'nothing'} to {after}")
 
 
+@db.command("downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Step the schema back to REVISION (e.g. 0001), for a rollback. Keeps `scans`."""
+    from .migrate import downgrade
+
+    settings = _settings()
+    before, after = downgrade(_store(settings), revision)
+    click.echo(f"schema of {mask_url(settings.database_url)} downgraded from {before} to {after}")
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the schema revision of the database and the newest one this version knows."""
+    from .migrate import current_revision, head_revision
+
+    click.echo(f"current {current_revision(_store(_settings())) or 'none'}, head {head_revision()}")
+
+
 # -- scans ----------------------------------------------------------------------------
 
 

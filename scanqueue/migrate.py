@@ -7,6 +7,7 @@ serialises two release steps that start at once.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -39,15 +40,37 @@ def upgrade(store: Store, revision: str = "head") -> tuple[str | None, str | Non
             conn.execute(text("SET LOCAL statement_timeout = 0"))
             conn.execute(text("SET LOCAL lock_timeout = 0"))
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
-        before = MigrationContext.configure(
-            conn, opts={"version_table": VERSION_TABLE}
-        ).get_current_revision()
+        before = current_revision_on(conn)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
-        after = MigrationContext.configure(
-            conn, opts={"version_table": VERSION_TABLE}
-        ).get_current_revision()
+        after = current_revision_on(conn)
     return before, after
+
+
+def downgrade(store: Store, revision: str) -> tuple[str | None, str | None]:
+    """Step the schema back to ``revision`` (never drops the shared ``scans`` table)."""
+    store.ping()
+    cfg = alembic_config()
+    with store.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SET LOCAL statement_timeout = 0"))
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
+        before = current_revision_on(conn)
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+        after = current_revision_on(conn)
+    return before, after
+
+
+def current_revision_on(conn: Any) -> str | None:
+    return MigrationContext.configure(
+        conn, opts={"version_table": VERSION_TABLE}
+    ).get_current_revision()
+
+
+def current_revision(store: Store) -> str | None:
+    with store.engine.connect() as conn:
+        return current_revision_on(conn)
 
 
 def head_revision() -> str | None:

@@ -86,3 +86,17 @@ def test_postgres_trigger_notifies_on_plain_insert(pg_url: str) -> None:
     listener.poll()
     assert [n.channel for n in listener.notifies] == ["scanqueue_scans"]
     listener.close()
+
+
+def test_downgrade_for_a_rollback_keeps_scans(db_url: str) -> None:
+    from scanqueue.migrate import current_revision, downgrade
+
+    store = store_for(normalize_database_url(db_url))
+    upgrade(store)
+    store.enqueue(["aws"], ["soc2"], scan_id="keep-me")
+    assert downgrade(store, "0001") == (head_revision(), "0001")
+    assert not inspect(store.engine).has_table("findings")
+    assert store.get("keep-me").status == "queued"
+    assert current_revision(store) == "0001"
+    upgrade(store)
+    assert current_revision(store) == head_revision()
