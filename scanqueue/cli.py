@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 from .config import Settings, mask_url
 from .errors import ScanqueueError
 from .schema import STATUSES
-from .store import ScanRow, Store, describe_db_error, retry_with_backoff, store_for
+from .store import ScanRow, Store, describe_db_error, store_for
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -234,20 +234,7 @@ def bridge() -> None:
     settings = _settings()
     _setup_process_logging(settings)
     store = _store(settings)
-
-    def ready() -> None:
-        store.ping()
-        if not store.has_schema():
-            from .errors import UnavailableError
-
-            raise UnavailableError(
-                f"database {store.masked_url} has no scans table yet (run `scanqueue db upgrade`)"
-            )
-
-    try:
-        retry_with_backoff(ready, timeout_s=settings.connect_timeout_s, what="the database")
-    except ScanqueueError as exc:
-        raise ScanqueueError(f"giving up after {settings.connect_timeout_s:g}s: {exc}") from None
+    store.wait_until_ready(settings.connect_timeout_s)
     from .celery import app
     from .service import build_bridge_service
 

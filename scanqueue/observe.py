@@ -48,14 +48,9 @@ class RunInfo:
 
 
 def _strings(raw: Any) -> list[str]:
-    import json
+    from .store import decode_json
 
-    value = raw
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return []
+    value = decode_json(raw)
     if isinstance(value, list):
         return [v for v in value if isinstance(v, str)]
     return []

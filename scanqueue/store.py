@@ -16,6 +16,7 @@ Driver errors that mean "the database is not there" become
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -106,8 +107,8 @@ class ScanRow:
         return cls(
             id=m["id"],
             status=m["status"],
-            providers_scanned=_decode_json(m["providers_scanned"]),
-            frameworks_scanned=_decode_json(m["frameworks_scanned"]),
+            providers_scanned=decode_json(m["providers_scanned"]),
+            frameworks_scanned=decode_json(m["frameworks_scanned"]),
             triggered_by_user=m["triggered_by_user"],
             created_at=m["created_at"],
             started_at=m["started_at"],
@@ -161,10 +162,13 @@ def iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="microseconds")
 
 
-def _decode_json(value: Any) -> Any:
-    if isinstance(value, str):
-        import json
+def decode_json(value: Any) -> Any:
+    """A stored JSON column as Python: SQLite hands back text, PostgreSQL parsed jsonb.
 
+    Text that is not JSON is returned as it is, so a listing never fails on one
+    malformed row (running that scan reports it instead).
+    """
+    if isinstance(value, str):
         try:
             return json.loads(value)
         except ValueError:
@@ -256,9 +260,21 @@ class Store:
         with self._tx() as conn:
             conn.execute(select(1))
 
-    def wait_until_reachable(self, timeout_s: float, what: str = "database") -> None:
-        """Retry :meth:`ping` with backoff for up to ``timeout_s``, logging each attempt."""
-        retry_with_backoff(self.ping, timeout_s=timeout_s, what=f"{what} {self.masked_url}")
+    def ping_schema(self) -> None:
+        """Like :meth:`ping`, and the schema must exist (``scanqueue db upgrade`` ran)."""
+        self.ping()
+        if not self.has_schema():
+            raise UnavailableError(
+                f"database {self.masked_url} has no scans table yet (run `scanqueue db upgrade`)"
+            )
+
+    def wait_until_ready(self, timeout_s: float) -> None:
+        """For long-running processes: retry :meth:`ping_schema` with backoff, logging
+        each attempt, for up to ``timeout_s``; then raise one line saying so."""
+        try:
+            retry_with_backoff(self.ping_schema, timeout_s=timeout_s, what="the database")
+        except UnavailableError as exc:
+            raise UnavailableError(f"giving up after {timeout_s:g}s: {exc}") from None
 
     def has_schema(self) -> bool:
         from sqlalchemy import inspect

@@ -36,13 +36,6 @@ class ReadinessStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
         store = store_for(settings.database_url)
 
-        def database_ready() -> None:
-            store.ping()
-            if not store.has_schema():
-                raise UnavailableError(
-                    f"database {store.masked_url} has no scans table yet (run `scanqueue db upgrade`)"
-                )
-
         def broker_ready() -> None:
             from .config import mask_url
 
@@ -55,14 +48,15 @@ class ReadinessStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 ) from None
 
         try:
-            retry_with_backoff(
-                database_ready, timeout_s=settings.connect_timeout_s, what="the database"
-            )
+            store.wait_until_ready(settings.connect_timeout_s)
             retry_with_backoff(
                 broker_ready, timeout_s=settings.connect_timeout_s, what="the broker"
             )
         except ScanqueueError as exc:
-            _exit(f"giving up after {settings.connect_timeout_s:g}s: {exc}")
+            message = str(exc)
+            if not message.startswith("giving up"):
+                message = f"giving up after {settings.connect_timeout_s:g}s: {message}"
+            _exit(message)
 
     def stop(self, worker: Any) -> None:
         pass
