@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from .config import DEFAULT_REDISPATCH_AFTER_S
 from .errors import ScanqueueError
 from .leader import Leadership
-from .store import Store
+from .store import ReapedScan, Store
 from .watch import Watcher
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class BridgeHooks:
     leader: Callable[[bool], None] | None = None
     dispatched: Callable[[int], None] | None = None
     reaped: Callable[[int, int], None] | None = None  # requeued, failed
+    lost_runs: Callable[[Sequence[ReapedScan]], None] | None = None  # each reaped run
 
 
 class BridgeService:
@@ -197,6 +198,8 @@ class BridgeService:
             )
         if reaped and self.hooks.reaped:
             self.hooks.reaped(len(requeued), len(failed))
+        if reaped and self.hooks.lost_runs:
+            self.hooks.lost_runs(reaped)
         if requeued:
             self.dispatch_step()
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from .bridge import BridgeHooks, BridgeService, PublishError
 from .config import Settings
-from .store import store_for
+from .store import ReapedScan, store_for
 from .watch import watcher_for
 from .wiring import build_leadership
 
@@ -49,6 +49,30 @@ def make_broker_depth(app: Any) -> Any:
     return broker_depth
 
 
+def _lost_run_events(settings: Settings) -> Any:
+    """Events for runs the reaper took back: ``scan.requeued`` or ``scan.failed``."""
+    from .events import emit_standalone
+
+    def lost_runs(reaped: Sequence[ReapedScan]) -> None:
+        for run in reaped:
+            if run.requeued:
+                emit_standalone(
+                    settings,
+                    "scan.requeued",
+                    run.scan_id,
+                    {"attempt": run.attempt, "reason": "worker lost"},
+                )
+            else:
+                emit_standalone(
+                    settings,
+                    "scan.failed",
+                    run.scan_id,
+                    {"attempt": run.attempt, "error": "worker lost"},
+                )
+
+    return lost_runs
+
+
 def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
     store = store_for(settings.database_url)
     hooks = BridgeHooks()
@@ -58,6 +82,7 @@ def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
         pass
     else:
         hooks = bridge_hooks()
+    hooks.lost_runs = _lost_run_events(settings)
     return BridgeService(
         store,
         make_publisher(app),

@@ -448,6 +448,16 @@ def test_max_attempts_fails_a_scan_whose_worker_keeps_dying(
     wait_for(lambda: all_finished(pg_url, 1), 30, interval=0.2)
     row = scan_rows(pg_url)["doomed"]
     assert row["status"] == "failed" and "worker lost" in row["error"] and row["attempts"] == 2
+    from scanqueue.config import Settings
+    from scanqueue.events import build_event_sink
+
+    events = build_event_sink(Settings.from_env(env)).read_after(None, 1000)
+    lost = [
+        (e.type, e.data.get("attempt"))
+        for e in events
+        if e.scan_id == "doomed" and e.type in ("scan.requeued", "scan.failed")
+    ]
+    assert lost == [("scan.requeued", 1), ("scan.failed", 2)]
 
 
 def test_sqlite_broker_messages_lost_with_a_killed_worker_are_sent_again(
