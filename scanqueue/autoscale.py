@@ -353,7 +353,8 @@ class QueueDepthAutoscaler(celery_autoscale.Autoscaler):  # type: ignore[misc]
     def _maybe_scale(self, req: Any = None) -> bool:
         now = monotonic()
         sample = self.sample(now)
-        decision = decide(self.policy(), self.scale_state, sample)
+        previous = self.scale_state
+        decision = decide(self.policy(), previous, sample)
         self.scale_state = decision.state
         self.last_decision = decision
         if decision.delta > 0:
@@ -366,6 +367,11 @@ class QueueDepthAutoscaler(celery_autoscale.Autoscaler):  # type: ignore[misc]
             self.scale_up(decision.delta)
             return True
         if decision.delta < 0:
+            if self._scan_arrived_since(sample):
+                # Without the event loop the consumer runs in another thread: a scan
+                # may have been handed over since the sample (celery#7266).
+                self.scale_state = previous  # decide again, guard now in force
+                return False
             log.info(
                 "autoscale: %d -> %d processes (%s)",
                 sample.processes,
@@ -375,6 +381,11 @@ class QueueDepthAutoscaler(celery_autoscale.Autoscaler):  # type: ignore[misc]
             self.scale_down(-decision.delta)
             return True
         return False
+
+    def _scan_arrived_since(self, sample: Sample) -> bool:
+        return self._last_task_received != sample.last_received or len(
+            worker_state.reserved_requests
+        ) > len(worker_state.active_requests)
 
     def scale_down(self, n: int) -> None:
         # decide() already waited out the keepalive; Celery's own check would re-time it.

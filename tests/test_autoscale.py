@@ -333,6 +333,33 @@ def test_celery_class_grows_from_the_sampled_backlog_and_shrinks_after_keepalive
         scaler.stop()
 
 
+def test_celery_class_drops_a_shrink_when_a_scan_arrived_after_the_sample() -> None:
+    # Without the event loop the consumer thread may hand a scan over between the
+    # sample and the shrink (celery#7266).
+    pool = FakePool(3)
+    config = AutoscaleConfig(sample_every_s=0.05, tick_s=0.05)
+    scaler = QueueDepthAutoscaler(pool, 3, 1, keepalive=0.1, config=config, read_backlog=lambda: 0)
+    try:
+        before = ScaleState(surplus_since=time.monotonic() - 10, needed_peak=1)
+        scaler.scale_state = before
+        real_sample = scaler.sample
+
+        def racing_sample(now: float) -> Sample:
+            taken = real_sample(now)
+            scaler._last_task_received = time.monotonic()
+            return taken
+
+        scaler.sample = racing_sample  # type: ignore[method-assign]
+        assert not scaler._maybe_scale()
+        assert pool.calls == [] and scaler.scale_state == before
+        scaler.sample = real_sample  # type: ignore[method-assign]
+        assert not scaler._maybe_scale()  # within the receive guard now
+        scaler._last_task_received = time.monotonic() - 10
+        assert scaler._maybe_scale() and pool.calls == [("shrink", 2)]
+    finally:
+        scaler.stop()
+
+
 @pytest.mark.xfail(
     reason="click >= 8.3 leaves an option's default as UNSET, not None, so "
     "celery._default_autoscale does not apply SCANQUEUE_{MAX_,}CONCURRENCY",
