@@ -9,6 +9,7 @@ in :mod:`scanqueue.worker_steps`.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
 import sys
@@ -70,6 +71,9 @@ def celery_defaults(s: Settings) -> dict[str, Any]:
         "task_send_sent_event": False,
         "worker_hijack_root_logger": True,
         "broker_transport_options": {},
+        # Grows with the backlog of queued scans, not only with reserved messages
+        # (active with --autoscale, which the worker defaults to).
+        "worker_autoscaler": "scanqueue.autoscale:QueueDepthAutoscaler",
     }
     if s.broker_url.startswith(("redis://", "rediss://")):
         # Unacked messages come back after this long even while still running; the
@@ -105,7 +109,9 @@ def _default_autoscale() -> None:
     from celery.bin.worker import worker as worker_command
 
     for param in worker_command.params:
-        if param.name == "autoscale" and param.default is None:
+        # click marks "no default" with a sentinel (not always None): only a string
+        # default is someone's explicit choice.
+        if param.name == "autoscale" and not isinstance(param.default, str):
             param.default = f"{settings.max_concurrency},{settings.concurrency}"
 
 
@@ -122,10 +128,12 @@ app.user_options["worker"].add(
 
 
 def _register_steps() -> None:
+    from .metrics_step import MetricsStep
     from .worker_steps import BridgeStep, ReadinessStep
 
     app.steps["worker"].add(ReadinessStep)
     app.steps["worker"].add(BridgeStep)
+    app.steps["worker"].add(MetricsStep)
 
 
 _register_steps()
@@ -137,12 +145,70 @@ def _in_pool_process(**_: Any) -> None:
 
     # A pool process may end itself to terminate a run that ignores its stop signal.
     execute.terminate_process_when_overdue = True
+    # Build the runner, observers and database connection now rather than on the
+    # first scan, whose pickup latency would otherwise carry them (~0.4 s).
+    from .wiring import worker_runtime
+
+    try:
+        worker_runtime(settings).store.ping()
+    except Exception as exc:  # the first scan will retry and report it
+        log.warning("pool process warm-up failed: %s", exc)
 
 
 @signals.celeryd_init.connect  # type: ignore[untyped-decorator]
-def _announce(**_: Any) -> None:
+def _check_runner_and_announce(**_: Any) -> None:
+    # Sent before Celery's own start-up output: a runner that does not import stops
+    # the worker with one line, like any other bad setting.
+    from .execute import worker_identity
+    from .runner import load_runner
+
+    worker_identity()  # fixed before the pool forks, so pool processes extend it
+
+    try:
+        load_runner(settings.runner)
+    except ConfigError as exc:
+        print(f"scanqueue: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    atexit.register(_hand_back_interrupted_runs)
     log.info(
         "scanqueue worker: database %s, broker %s",
         mask_url(settings.database_url),
         mask_url(settings.broker_url),
     )
+
+
+@signals.worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def _pool_process_down(pid: int | None = None, **_: Any) -> None:
+    if pid is not None:
+        from .metrics import mark_process_dead  # a no-op outside multiprocess mode
+
+        mark_process_dead(pid)
+
+
+@signals.after_setup_logger.connect  # type: ignore[untyped-decorator]
+@signals.after_setup_task_logger.connect  # type: ignore[untyped-decorator]
+def _json_logs(logger: logging.Logger, **_: Any) -> None:
+    if settings.log_format == "json":
+        from .logs import use_json_in_celery
+
+        use_json_in_celery(logger)
+
+
+def _hand_back_interrupted_runs() -> None:
+    """Re-queue scans this worker's pool was still running when it stopped.
+
+    A warm shutdown lets runs finish; a cold one (or a soft-shutdown timeout)
+    interrupts them. Handing them back now saves waiting out their lease.
+    Registered with atexit in the worker's main process: Celery sends no
+    signal after a cold shutdown has terminated the pool.
+    """
+    from .execute import worker_identity
+    from .store import store_for
+
+    try:
+        handed = store_for(settings.database_url).hand_back(worker_identity())
+    except Exception as exc:  # the reaper re-queues them after the lease instead
+        log.warning("could not hand back interrupted scans: %s", exc)
+        return
+    for scan_id in handed:
+        log.warning("scan %s was interrupted by shutdown; re-queued", scan_id)

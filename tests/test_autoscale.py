@@ -360,11 +360,6 @@ def test_celery_class_drops_a_shrink_when_a_scan_arrived_after_the_sample() -> N
         scaler.stop()
 
 
-@pytest.mark.xfail(
-    reason="click >= 8.3 leaves an option's default as UNSET, not None, so "
-    "celery._default_autoscale does not apply SCANQUEUE_{MAX_,}CONCURRENCY",
-    strict=False,
-)
 def test_worker_autoscales_between_the_settings_without_the_option() -> None:
     from celery.bin.worker import worker
 

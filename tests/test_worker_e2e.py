@@ -259,3 +259,15 @@ def test_worker_gives_up_on_an_unreachable_broker(tmp_path: Path, procs: list[Pr
     assert proc.proc.wait(90) == 1
     output = proc.output()
     assert "hunter2" not in output and "waiting for the broker" in output
+
+
+def test_without_autoscale_the_worker_autoscales_between_the_settings(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    url = f"sqlite:///{tmp_path}/scans.db"
+    upgrade(url)
+    env = base_env(url, tmp_path, SCANQUEUE_CONCURRENCY="1", SCANQUEUE_MAX_CONCURRENCY="3")
+    worker = start_worker(procs, env, tmp_path)
+    assert "concurrency: {min=1, max=3}" in worker.output()
+    explicit = start_worker(procs, env, tmp_path, "--autoscale=2,2")
+    assert "concurrency: {min=2, max=2}" in explicit.output()
