@@ -64,12 +64,20 @@ ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 # honcho gives every process this long after the first one stops, then SIGKILLs.
 HONCHO_KILL_WAIT_S = 5.0
 SLOW_PREFIX = "slow-"
+SHORT_PREFIX = "short-"
+SHORT_RUN_S = 3.0
+# A platform's grace between SIGTERM and SIGKILL, and the soft-shutdown timeout that
+# celeryconfig.py uses by default (CELERY_SOFT_SHUTDOWN_TIMEOUT).
+PLATFORM_GRACE_S = 30.0
+DEFAULT_SOFT_SHUTDOWN_S = 20.0
 
 
 def paced_runner(job: Job, ctx: ScanContext) -> ScanResult:
-    """Scans whose id starts with ``slow-`` run SCANQUEUE_TEST_RUN_SECONDS; others at once."""
+    """``slow-…`` scans run SCANQUEUE_TEST_RUN_SECONDS, ``short-…`` ones 3 s, others at once."""
     if job.scan_id.startswith(SLOW_PREFIX):
         ctx.wait(float(os.environ.get("SCANQUEUE_TEST_RUN_SECONDS", "300")))
+    elif job.scan_id.startswith(SHORT_PREFIX):
+        ctx.wait(SHORT_RUN_S)
     return ScanResult(findings_count=len(job.providers_scanned))
 
 
@@ -475,6 +483,62 @@ def test_procfile_under_honcho_release_then_web_worker_flower_and_sigterm(
     assert not [r for r in rows.values() if r["status"] == "running"]
 
 
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.timeout(180)
+def test_platform_sigterm_with_the_default_soft_shutdown_fits_the_30s_grace(
+    tmp_path: Path, pg_url: str, redis_url: str, procs: list[Proc]
+) -> None:
+    """The Procfile's worker line, SIGTERM to its whole process group (as a platform
+    signals every process of a dyno), the default 20 s soft-shutdown timeout: a scan
+    that ends within it completes, one that does not is handed back, and the worker
+    is gone well before the platform's SIGKILL at 30 s."""
+    env = base_env(
+        pg_url,
+        tmp_path,
+        REDIS_URL=redis_url,
+        SCANQUEUE_RUNNER="tests.test_deploy:paced_runner",
+        SCANQUEUE_TEST_RUN_SECONDS="300",
+    )
+    env.pop("CELERY_SOFT_SHUTDOWN_TIMEOUT")  # celeryconfig.py's default applies
+    assert run_cli(env, "db", "upgrade").returncode == 0
+    worker = Proc(["/bin/sh", "-c", procfile()["worker"]], env, REPO, "procfile-worker")
+    procs.append(worker)
+    worker.wait_for_output("ready.", timeout=60)
+    slow_id, short_id = (
+        f"{SLOW_PREFIX}{uuid.uuid4().hex[:8]}",
+        f"{SHORT_PREFIX}{uuid.uuid4().hex[:8]}",
+    )
+    insert_rows(pg_url, [slow_id, short_id])
+    wait_for(
+        lambda: {r["status"] for r in scan_rows(pg_url).values()} == {"running"},
+        30,
+        what="both scans running",
+    )
+
+    started = time.monotonic()
+    worker.signal_group(signal.SIGTERM)
+    # The short scan finishes during the soft shutdown, with the pool processes
+    # still alive: they ignored the SIGTERM.
+    wait_for(
+        lambda: scan_rows(pg_url)[short_id]["status"] == "completed",
+        SHORT_RUN_S + 5,
+        what="short scan completed during the soft shutdown",
+    )
+    rc = worker.proc.wait(PLATFORM_GRACE_S + 5)
+    elapsed = time.monotonic() - started
+    print(f"worker exited {elapsed:.2f}s after a dyno-wide SIGTERM (rc={rc})")
+    assert DEFAULT_SOFT_SHUTDOWN_S <= elapsed < PLATFORM_GRACE_S - 3, elapsed
+    wait_for(lambda: not group_alive(worker.pid), 5, what="pool processes gone")
+    output = worker.output()
+    assert f"Initiating Soft Shutdown, terminating in {DEFAULT_SOFT_SHUTDOWN_S:g}" in output
+    assert f"scan {slow_id} was interrupted by shutdown; re-queued" in output
+    rows = scan_rows(pg_url)
+    assert rows[short_id]["status"] == "completed"
+    assert rows[slow_id]["status"] == "queued" and rows[slow_id]["attempts"] == 1
+
+
 # -- Redis over TLS ----------------------------------------------------------------------------
 
 
@@ -543,6 +607,7 @@ def tls_redis_port(tmp_path: Path) -> Iterator[int]:
     exe = shutil.which("redis-server")
     if exe is None:
         service_missing("redis-server")
+    assert exe is not None
     certs = tmp_path / "certs"
     certs.mkdir()
     ca, crt, key = make_certificates(certs)
@@ -636,7 +701,7 @@ def test_rediss_with_a_self_signed_certificate_and_ssl_cert_reqs_none(
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=tls_redis_port, ssl=True, ssl_cert_reqs="none")
-    entries = client.xrange(f"scanqueue:{env['SCANQUEUE_QUEUE']}:events")
+    entries: Any = client.xrange(f"scanqueue:{env['SCANQUEUE_QUEUE']}:events")
     client.close()
     types = [json.loads(fields[b"e"])["type"] for _id, fields in entries]
     assert types.count("scan.completed") == 2, types
@@ -660,8 +725,20 @@ def test_rediss_without_ssl_cert_reqs_verifies_and_says_so_in_one_line(
     env = base_env(pg_url, tmp_path, REDIS_URL=url)
     assert run_cli(env, "db", "upgrade").returncode == 0
     worker = start_worker(procs, env, tmp_path, ready=False)
-    worker.wait_for_output("CERTIFICATE_VERIFY_FAILED", timeout=45)
-    lines = [line for line in worker.output().splitlines() if "CERTIFICATE_VERIFY_FAILED" in line]
-    first = lines[0]
-    assert "leader lock" in first and "certificate verify failed" in first, first
+
+    def verify_failures() -> list[str]:
+        return [
+            line for line in worker.output().splitlines() if "CERTIFICATE_VERIFY_FAILED" in line
+        ]
+
+    # Every connection that verifies says so in one line naming what it was for: the
+    # leader lock (and, from pool processes, the event sink).
+    wait_for(
+        lambda: any("leader lock" in line for line in verify_failures()),
+        45,
+        what="the leader lock's verification failure",
+    )
+    for line in verify_failures():
+        assert "certificate verify failed" in line, line
+        assert "leader lock" in line or "event sink" in line, line
     assert "is now the leader" not in worker.output()
