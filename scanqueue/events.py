@@ -46,6 +46,7 @@ MAXLEN_VARIABLE = "SCANQUEUE_EVENTS_MAXLEN"
 # each one waiting out a socket timeout: a dead sink must not slow a scan down.
 FAILURE_BACKOFF_S = 3.0
 TABLE_POLL_EVERY_S = 0.2
+PG_LOCK_TIMEOUT_MS = 2000
 # Keys every event carries; a payload field with one of these names is kept
 # under ``payload_<name>`` rather than overwriting it.
 RESERVED_KEYS = frozenset({"id", "type", "scan_id", "at", "attempt"})
@@ -265,6 +266,9 @@ class TableEventSink:
                 # two writers could commit out of id order and a reader that already
                 # moved past the later id would never see the earlier one.  Serializing
                 # writers makes commit order equal id order.
+                # A writer frozen while holding the lock must not stall every scan's
+                # events: waiting is bounded, and a timeout drops this one event.
+                conn.execute(text(f"SET LOCAL lock_timeout = '{PG_LOCK_TIMEOUT_MS}ms'"))
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": self.PG_LOCK_KEY})
             new_id = int(
                 conn.execute(
@@ -440,6 +444,12 @@ class EventObserver:
 
     def __init__(self, sink: EventSink) -> None:
         self.emitter = SafeEmitter(sink)
+        # Connect now (pool processes build their observers at start) so the first
+        # scan's scan.started does not carry the connection set-up.
+        try:
+            sink.ping()
+        except Exception as exc:
+            log.warning("event sink %s not reachable yet: %s", sink.description, _describe(exc))
 
     def started(self, run: RunInfo) -> None:
         self.emitter.emit(

@@ -137,8 +137,10 @@ def test_concurrent_writers_never_leave_a_reader_behind(sink: EventSink) -> None
         for i in range(per_writer):
             sink.emit("scan.progress", f"s{w}", {"i": i})
 
+    start = sink.last_id()  # before any writer runs
+
     def read() -> None:
-        cursor: str | None = sink.last_id()
+        cursor: str | None = start
         deadline = time.monotonic() + 60
         while len(seen) < total and time.monotonic() < deadline:
             batch = sink.read_after(cursor, 50)
