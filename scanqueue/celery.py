@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import ssl
 import logging
 import sys
 from typing import Any
@@ -83,9 +84,10 @@ def celery_defaults(s: Settings) -> dict[str, Any]:
     if s.broker_url.startswith("rediss://"):
         from .redisconn import ssl_cert_reqs_constant
 
+        # Verify unless the URL says otherwise, as redis-py does for the lock and the
+        # event stream (kombu alone would fall back to no verification, with a warning).
         reqs = ssl_cert_reqs_constant(s.broker_url)
-        if reqs is not None:
-            conf["broker_use_ssl"] = {"ssl_cert_reqs": reqs}
+        conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED if reqs is None else reqs}
     if s.broker_url.startswith(("sqla+", "sqlalchemy+")):
         conf["broker_transport_options"] = {"polling_interval": s.broker_poll_every_s}
     return conf

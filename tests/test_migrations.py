@@ -95,7 +95,7 @@ def test_downgrade_for_a_rollback_keeps_scans(db_url: str) -> None:
     upgrade(store)
     store.enqueue(["aws"], ["soc2"], scan_id="keep-me")
     assert downgrade(store, "0001") == (head_revision(), "0001")
-    assert not inspect(store.engine).has_table("findings")
+    assert inspect(store.engine).has_table("findings")  # possibly adopted: never dropped
     assert store.get("keep-me").status == "queued"
     assert current_revision(store) == "0001"
     upgrade(store)

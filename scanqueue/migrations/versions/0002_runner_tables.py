@@ -64,6 +64,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_table("findings")
-    op.drop_table("checks_state")
-    op.drop_table("providers")
+    # The tables stay: they may have been adopted from a host application's
+    # database, and an older scanqueue simply does not use them.
+    op.drop_index("findings_check_created_idx", table_name="findings", if_exists=True)
+    op.drop_index("findings_scan_idx", table_name="findings", if_exists=True)
