@@ -246,3 +246,31 @@ def test_a_real_worker_sends_lineage(
     assert [start["eventType"], complete["eventType"]] == ["START", "COMPLETE"]
     assert start["run"]["runId"] == complete["run"]["runId"] == run_id(row.id, 1)
     assert "tok-SECRET-2" not in json.dumps(receiver.received)
+
+
+@pytest.mark.slow
+def test_a_real_worker_completes_scans_with_the_receiver_down(
+    pg_url: str, redis_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    upgrade(pg_url)
+    env = base_env(
+        pg_url,
+        tmp_path,
+        REDIS_URL=redis_url,
+        SCANQUEUE_RUNNER="tests.runners:progress_runner",
+        OPENLINEAGE_URL=f"http://127.0.0.1:{free_port()}",
+    )
+    worker = start_worker(procs, env, tmp_path)
+    from scanqueue.config import normalize_database_url
+    from scanqueue.store import store_for
+
+    store = store_for(normalize_database_url(pg_url))
+    began = time.monotonic()
+    rows = [store.enqueue(["aws"], []) for _ in range(3)]
+    wait_for(
+        lambda: all(store.get(r.id).status == "completed" for r in rows),
+        20,
+        what="scans completed",
+    )
+    assert time.monotonic() - began < 10
+    wait_for(lambda: "not delivered" in worker.output(), 30, what="the failure logged")

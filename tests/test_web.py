@@ -456,16 +456,25 @@ def _start_serve(env: dict[str, str], tmp_path: Path, procs: list[Proc]) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("deployment", ["postgresql+redis", "sqlite"])
 def test_worker_events_reach_a_subscriber_in_order(
-    pg_url: str, redis_url: str, tmp_path: Path, procs: list[Proc]
+    deployment: str, request: pytest.FixtureRequest, tmp_path: Path, procs: list[Proc]
 ) -> None:
-    upgrade(pg_url)
+    """PostgreSQL with Redis (broker and event stream), and the embedded default
+    (SQLite database, SQLite broker, events in the table)."""
+    extra: dict[str, str] = {}
+    if deployment == "sqlite":
+        db = f"sqlite:///{tmp_path / 'scans.db'}"
+    else:
+        db = request.getfixturevalue("pg_url")
+        extra["REDIS_URL"] = request.getfixturevalue("redis_url")
+    upgrade(db)
     env = base_env(
-        pg_url,
+        db,
         tmp_path,
-        REDIS_URL=redis_url,
         SCANQUEUE_RUNNER="tests.runners:progress_runner",
         SCANQUEUE_API_TOKEN=TOKEN,
+        **extra,
     )
     start_worker(procs, env, tmp_path)
     url = _start_serve(env, tmp_path, procs)
@@ -515,7 +524,7 @@ def test_worker_events_reach_a_subscriber_in_order(
 
     refused = httpx.post(f"{url}/api/v1/scans", json={"providers": []}, headers=auth, timeout=10)
     assert refused.status_code == 422
-    print(f"\nPOST to scan.completed over SSE: {completed_after * 1000:.0f} ms")
+    print(f"\n{deployment}: POST to scan.completed over SSE: {completed_after * 1000:.0f} ms")
 
     # SIGTERM with a stream still open: the server ends the stream and exits promptly.
     serve = procs[-1]
