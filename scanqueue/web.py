@@ -43,7 +43,7 @@ from .config import Settings, mask_url
 from .errors import ConfigError, ConflictError, NotFoundError, ScanqueueError, UnavailableError
 from .events import Event, EventSink, emit_standalone, event_sink_for
 from .schema import STATUSES
-from .store import Store, describe_db_error, retry_with_backoff, store_for
+from .store import Store, describe_db_error, store_for
 
 log = logging.getLogger(__name__)
 
@@ -867,18 +867,8 @@ def serve_command(port: int | None, host: str | None) -> None:
         host = "0.0.0.0" if platform else "127.0.0.1"  # noqa: S104
     configure_logging(settings.log_format)
     store = store_for(settings.database_url)
-
-    def ready() -> None:
-        store.ping()
-        if not store.has_schema():
-            raise UnavailableError(
-                f"database {store.masked_url} has no scans table yet (run `scanqueue db upgrade`)"
-            )
-
-    try:
-        retry_with_backoff(ready, timeout_s=settings.connect_timeout_s, what="the database")
-    except ScanqueueError as exc:
-        raise ScanqueueError(f"giving up after {settings.connect_timeout_s:g}s: {exc}") from None
+    # Containers often start before their database: retry (logged), then one line.
+    store.wait_until_ready(settings.connect_timeout_s)
 
     app = create_app(settings)
     state: AppState = app.state.scanqueue
