@@ -249,6 +249,7 @@ class AppState:
         self.settings = settings
         self.heartbeat_s = heartbeat_s
         self.hub_window = hub_window
+        self.subscribers = 0  # open event streams
         self._store: Store | None = None
         self._sink: EventSink | None = None
         self._hub: EventHub | None = None
@@ -445,6 +446,16 @@ async def stream_events(request: Request) -> Response:
     async def body() -> AsyncIterator[str]:
         nonlocal cursor
         assert cursor is not None
+        state.subscribers += 1
+        try:
+            async for chunk in follow():
+                yield chunk
+        finally:
+            state.subscribers -= 1
+
+    async def follow() -> AsyncIterator[str]:
+        nonlocal cursor
+        assert cursor is not None
         yield f"retry: {SSE_RETRY_MS}\n: subscribed after {cursor}\n\n"
         last_sent = time.monotonic()
         while not hub.closed:
@@ -535,10 +546,15 @@ def _check_broker(url: str) -> str:
 
 
 async def healthz(request: Request) -> Response:
-    checks = await run_in_threadpool(_check_health, _state(request))
+    state = _state(request)
+    checks = await run_in_threadpool(_check_health, state)
     healthy = all(v == "ok" for v in checks.values())
     return JSONResponse(
-        {"status": "ok" if healthy else "unavailable", "checks": checks},
+        {
+            "status": "ok" if healthy else "unavailable",
+            "checks": checks,
+            "event_subscribers": state.subscribers,
+        },
         status_code=200 if healthy else 503,
     )
 

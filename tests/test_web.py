@@ -188,7 +188,11 @@ def test_healthz_checks_database_and_redis(migrated: str, redis_url: str) -> Non
     with TestClient(create_app(_settings(migrated, REDIS_URL=redis_url))) as c:
         response = c.get("/healthz")
         assert response.status_code == 200, response.text
-        assert response.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok"}}
+        assert response.json() == {
+            "status": "ok",
+            "checks": {"database": "ok", "redis": "ok"},
+            "event_subscribers": 0,
+        }
     dead_redis = f"redis://:pw-in-url@127.0.0.1:{free_port()}/0"
     with TestClient(create_app(_settings(migrated, REDIS_URL=dead_redis))) as c:
         response = c.get("/healthz")
@@ -373,10 +377,13 @@ def test_many_clients_get_the_same_events_in_order(live: tuple[LiveServer, Event
         latencies += [c.received_at[i] - emitted_at[emitted[i]] for i in range(30)]
     time.sleep(0.3)
     assert all(len(c.events) == 30 for c in clients)  # nothing twice, nothing extra
+    assert server.app.state.scanqueue.subscribers == 20
     for c in clients:
         c.stop.set()
     for c in clients:
         c.close()
+    # A client that goes away ends its stream on the server too.
+    wait_for(lambda: server.app.state.scanqueue.subscribers == 0, 5, what="streams closed")
     print(
         f"\n20 SSE clients x 30 events: median latency {statistics.median(latencies) * 1000:.0f} ms,"
         f" max {max(latencies) * 1000:.0f} ms"
