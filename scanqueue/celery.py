@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
-import ssl
 import logging
+import ssl
 import sys
 from typing import Any
 
