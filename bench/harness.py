@@ -1,0 +1,484 @@
+"""Process and service plumbing for the benchmark: throwaway Redis and PostgreSQL
+databases, real worker/bridge processes in their own process groups, and the
+small statistics the report needs.
+
+Adapted from ``tests/conftest.py`` (copied, not imported, so the bench does not
+depend on pytest or on fixtures other engineers are editing).  Everything binds
+to loopback only; every wait is bounded; only processes started here are
+signalled, by their own process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PG_ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0–100), nearest-rank on the sorted values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100.0 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def summary_ms(values_s: list[float]) -> dict[str, Any]:
+    """p50/p90/p99/mean/max in milliseconds of a list of seconds."""
+    ms = [v * 1000.0 for v in values_s]
+    if not ms:
+        return {"n": 0}
+    return {
+        "n": len(ms),
+        "p50_ms": round(pct(ms, 50) or 0.0, 3),
+        "p90_ms": round(pct(ms, 90) or 0.0, 3),
+        "p99_ms": round(pct(ms, 99) or 0.0, 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
+        "min_ms": round(min(ms), 3),
+        "max_ms": round(max(ms), 3),
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+# -- Redis ----------------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port, no persistence."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server not found")
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        wait_for(lambda: _ping(client), 10, what="redis-server")
+
+    def version(self) -> str:
+        import redis
+
+        return str(redis.Redis(host="127.0.0.1", port=self.port).info()["redis_version"])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
+def _ping(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+
+
+def create_pg_database() -> str:
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    name = f"sq_bench_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=3)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_pg_database(url: str) -> None:
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    name = make_url(url).database
+    with contextlib.suppress(Exception):
+        conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=3)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+def pg_version() -> str:
+    import psycopg2
+
+    conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=3)
+    with conn.cursor() as cur:
+        cur.execute("SHOW server_version")
+        row = cur.fetchone()
+    conn.close()
+    return str(row[0]) if row else "?"
+
+
+def upgrade(url: str) -> None:
+    """``scanqueue db upgrade`` through the CLI (a real process, like a deploy)."""
+    env = clean_env(url)
+    result = subprocess.run(
+        [str(BIN / "scanqueue"), "db", "upgrade"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"db upgrade failed: {result.stderr.strip()}")
+
+
+def psycopg_dsn(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class Db:
+    """Plain-SQL access to the ``scans`` table, the way another program has it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_pg = url.startswith("postgres")
+        self.path = url.split("sqlite:///", 1)[1] if not self.is_pg else ""
+
+    def connect(self) -> Any:
+        if self.is_pg:
+            import psycopg2
+
+            conn = psycopg2.connect(psycopg_dsn(self.url), connect_timeout=5)
+            conn.autocommit = True
+            return conn
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    @contextlib.contextmanager
+    def conn(self) -> Iterator[Any]:
+        c = self.connect()
+        try:
+            yield c
+        finally:
+            c.close()
+
+    @property
+    def ph(self) -> str:
+        return "%s" if self.is_pg else "?"
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self.conn() as c:
+            cur = c.cursor()
+            cur.execute(sql, params)
+            rows = cur.fetchall() if cur.description else []
+            cur.close()
+            return list(rows)
+
+    def insert_queued_sql(self) -> str:
+        return (
+            "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned)"
+            f" VALUES ({self.ph}, 'queued', '[\"aws\"]', '[\"soc2\"]')"
+        )
+
+    def insert_queued_bulk(self, ids: list[str]) -> None:
+        """One transaction, many rows (a backlog arriving at once)."""
+        with self.conn() as c:
+            cur = c.cursor()
+            if self.is_pg:
+                cur.execute(
+                    "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned)"
+                    " SELECT unnest(%s::text[]), 'queued', '[\"aws\"]', '[\"soc2\"]'",
+                    (ids,),
+                )
+            else:
+                cur.execute("BEGIN IMMEDIATE")
+                cur.executemany(self.insert_queued_sql(), [(i,) for i in ids])
+                cur.execute("COMMIT")
+            cur.close()
+
+    def lifecycle(self, prefix: str) -> list[dict[str, Any]]:
+        """Rows whose id starts with ``prefix``, with durations computed by the database."""
+        if self.is_pg:
+            sql = (
+                "SELECT id, status, attempts,"
+                " EXTRACT(EPOCH FROM (started_at - created_at)),"
+                " EXTRACT(EPOCH FROM started_at), EXTRACT(EPOCH FROM finished_at),"
+                " EXTRACT(EPOCH FROM created_at)"
+                " FROM scans WHERE id LIKE %s"
+            )
+        else:
+            sql = (
+                "SELECT id, status, attempts,"
+                " (julianday(started_at) - julianday(created_at)) * 86400.0,"
+                " (julianday(started_at) - 2440587.5) * 86400.0,"
+                " (julianday(finished_at) - 2440587.5) * 86400.0,"
+                " (julianday(created_at) - 2440587.5) * 86400.0"
+                " FROM scans WHERE id LIKE ?"
+            )
+        rows = self.execute(sql, (prefix + "%",))
+        out = []
+        for r in rows:
+            out.append(
+                {
+                    "id": r[0],
+                    "status": r[1],
+                    "attempts": r[2],
+                    "pickup_s": None if r[3] is None else float(r[3]),
+                    "started": None if r[4] is None else float(r[4]),
+                    "finished": None if r[5] is None else float(r[5]),
+                    "created": None if r[6] is None else float(r[6]),
+                }
+            )
+        return out
+
+    def dispatch_split(self, prefix: str) -> list[tuple[float, float]]:
+        """(created → claimed by the bridge, claimed → started) per row, database clock."""
+        if self.is_pg:
+            sql = (
+                "SELECT EXTRACT(EPOCH FROM (dispatched_at - created_at)),"
+                " EXTRACT(EPOCH FROM (started_at - dispatched_at))"
+                " FROM scans WHERE id LIKE %s AND dispatched_at IS NOT NULL"
+            )
+        else:
+            sql = (
+                "SELECT (julianday(dispatched_at) - julianday(created_at)) * 86400.0,"
+                " (julianday(started_at) - julianday(dispatched_at)) * 86400.0"
+                " FROM scans WHERE id LIKE ? AND dispatched_at IS NOT NULL"
+            )
+        return [
+            (float(a), float(b))
+            for a, b in self.execute(sql, (prefix + "%",))
+            if a is not None and b is not None
+        ]
+
+    def count_unfinished(self, prefix: str) -> int:
+        rows = self.execute(
+            f"SELECT count(*) FROM scans WHERE id LIKE {self.ph}"
+            " AND status NOT IN ('completed', 'failed', 'canceled')",
+            (prefix + "%",),
+        )
+        return int(rows[0][0])
+
+
+def sqlite_version() -> str:
+    return sqlite3.sqlite_version
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def clean_env(database_url: str, **extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            ("SCANQUEUE_", "CELERY_", "REDIS_URL", "DATABASE_URL", "OPENLINEAGE", "BENCH_")
+        )
+    }
+    env.update(
+        DATABASE_URL=database_url,
+        SCANQUEUE_QUEUE=f"sq-bench-{uuid.uuid4().hex[:8]}",
+        SCANQUEUE_CONNECT_TIMEOUT="30",
+        PYTHONPATH=str(REPO),
+        PATH=f"{BIN}:{env.get('PATH', '')}",
+        CELERY_SOFT_SHUTDOWN_TIMEOUT="1",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """A process in its own process group, its output in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, name: str) -> None:
+        self.args = args
+        self.name = name
+        self.log_path = cwd / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            args,
+            env=env,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_output(self, text: str, timeout: float = 60) -> None:
+        wait_for(
+            lambda: text in self.output() or self.proc.poll() is not None,
+            timeout,
+            interval=0.1,
+            what=f"{self.name}: {text!r}",
+        )
+        if text not in self.output():
+            raise RuntimeError(
+                f"{self.name} exited ({self.proc.returncode}) before {text!r}:\n"
+                f"{self.output()[-3000:]}"
+            )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15) -> int | None:
+        # SIGTERM to the main process only (a killed pool child may hold billiard's
+        # queue lock and hang the worker); then clear the group.
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGKILL)
+                self.proc.wait(10)
+        self.signal_group(signal.SIGKILL)
+        self._log.close()
+        return self.proc.returncode
+
+
+def children_of(pid: int) -> list[int]:
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+                kids.extend(int(x) for x in text.split())
+    return kids
+
+
+def vm_kib(pid: int, field: str = "VmHWM") -> int | None:
+    """A field of /proc/<pid>/status in KiB (VmHWM = peak resident set)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def worker_memory(pid: int) -> dict[str, Any]:
+    kids = children_of(pid)
+    pool = [k for k in (vm_kib(k) for k in kids) if k is not None]
+    return {
+        "main_vmhwm_mib": _mib(vm_kib(pid)),
+        "pool_vmhwm_mib_max": _mib(max(pool)) if pool else None,
+        "pool_processes": len(pool),
+    }
+
+
+def _mib(kib: int | None) -> float | None:
+    return None if kib is None else round(kib / 1024.0, 1)
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def wait_for_load(max_load: float, timeout_s: float) -> list[float]:
+    """Give other engineers' runs a moment to finish before a sensitive phase (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        one = loadavg()[0]
+        if one <= max_load:
+            break
+        time.sleep(2)
+    return loadavg()
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process, its live children and reaped ones."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for i, p in enumerate([pid, *children_of(pid)]):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            # fields[11..14] = utime, stime, cutime, cstime (stat fields 14–17)
+            used = int(fields[11]) + int(fields[12])
+            if i == 0:
+                used += int(fields[13]) + int(fields[14])
+            total += used / tick
+    return total

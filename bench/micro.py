@@ -1,0 +1,224 @@
+"""Per-step costs of scanqueue's hot path, in one process, against PostgreSQL + Redis.
+
+    .venv/bin/python -m bench.micro [--n 300]
+
+Where ``bench.run`` says *how fast*, this says *where the time goes*: wall and
+CPU milliseconds per call of each step a scan takes (claim, publish, start_run,
+observers, lease keeper, finish_run), and ``execute_scan`` end to end in
+variants that each remove one cost — so every suggested change to scanqueue
+comes with its measured gain.  The old pool's two plain psycopg2 statements are
+the floor.  Writes ``bench/results/micro.json``; a cProfile of the shipped
+variant goes to ``bench/results/micro-execute.prof``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import json
+import os
+import pstats
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.harness import Db, RedisServer, create_pg_database, drop_pg_database, loadavg, upgrade
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def timed(fn: Callable[[], Any], reps: int) -> dict[str, float]:
+    """Mean wall and CPU milliseconds per call of ``fn``."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(reps):
+        fn()
+    w1, c1 = time.perf_counter(), time.process_time()
+    return {
+        "wall_ms": round((w1 - w0) * 1000 / reps, 3),
+        "cpu_ms": round((c1 - c0) * 1000 / reps, 3),
+        "reps": reps,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="scanqueue hot-path micro-benchmark")
+    parser.add_argument("--n", type=int, default=300)
+    args = parser.parse_args(argv)
+    n = args.n
+    tmp = Path(tempfile.mkdtemp(prefix="scanqueue-micro-"))
+    redis_server = RedisServer(tmp)
+    redis_server.start()
+    url = create_pg_database()
+    out: dict[str, Any] = {"load_start": loadavg(), "n": n}
+    try:
+        upgrade(url)
+        os.environ.update(
+            DATABASE_URL=url,
+            REDIS_URL=redis_server.url,
+            SCANQUEUE_QUEUE=f"sq-micro-{uuid.uuid4().hex[:6]}",
+            SCANQUEUE_RUNNER="bench.runners:noop",
+        )
+        out.update(run_all(url, n))
+    finally:
+        with contextlib.suppress(Exception):
+            from scanqueue.store import _stores
+
+            for s in _stores.values():
+                s.engine.dispose()
+        drop_pg_database(url)
+        redis_server.stop()
+    out["load_end"] = loadavg()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "micro.json").write_text(json.dumps(out, indent=2, default=str))
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def run_all(url: str, n: int) -> dict[str, Any]:
+    import psycopg2
+
+    from bench.harness import psycopg_dsn
+    from scanqueue.celery import app, settings
+    from scanqueue.execute import ExecutionSettings, LeaseKeeper, execute_scan
+    from scanqueue.observe import NULL_OBSERVER, RunInfo
+    from scanqueue.runner import ScanContext, load_runner
+    from scanqueue.service import make_publisher
+    from scanqueue.store import Store, make_engine
+    from scanqueue.wiring import build_observer
+
+    db = Db(url)
+    dburl = settings.database_url
+    store = Store(dburl)
+    store.ping()
+    runner = load_runner("bench.runners:noop")
+    execution = ExecutionSettings(
+        heartbeat_every_s=settings.heartbeat_every_s,
+        lease_s=settings.lease_s,
+        cancel_grace_s=settings.cancel_grace_s,
+    )
+    observer = build_observer(settings)
+    res: dict[str, Any] = {}
+
+    def queued(k: int) -> list[str]:
+        ids = [f"m-{uuid.uuid4().hex[:10]}" for _ in range(k)]
+        db.insert_queued_bulk(ids)
+        return ids
+
+    # -- execute_scan end to end, variants --------------------------------------------------
+    def run_variant(
+        name: str, st: Store, obs: Any, profile: cProfile.Profile | None = None
+    ) -> None:
+        ids = iter(queued(n))
+        with contextlib.ExitStack() as stack:
+            if profile is not None:
+                profile.enable()
+                stack.callback(profile.disable)
+            res[f"execute_scan[{name}]"] = timed(
+                lambda: execute_scan(
+                    next(ids), store=st, runner=runner, settings=execution, observer=obs
+                ),
+                n,
+            )
+
+    run_variant("warm-up", store, observer)
+    prof = cProfile.Profile()
+    run_variant("as shipped", store, observer, prof)
+    run_variant("no observers", store, NULL_OBSERVER)
+    no_ping = Store(dburl, engine=make_engine(dburl))
+    no_ping.engine.pool._pre_ping = False
+    run_variant("no observers, no pre-ping", no_ping, NULL_OBSERVER)
+    run_variant("observers, no pre-ping", no_ping, observer)
+
+    # The old pool's two statements with psycopg2, autocommit: the floor.
+    conn = psycopg2.connect(psycopg_dsn(url))
+    conn.autocommit = True
+    cur = conn.cursor()
+    from bench.old_pool import PG_CLAIM, PG_FINISH
+
+    queued(n)
+
+    def old_pool_scan() -> None:
+        cur.execute(PG_CLAIM, ("micro",))
+        row = cur.fetchone()
+        cur.execute(PG_FINISH, (row[0], row[1]))
+
+    res["old_pool_scan[psycopg2 claim+finish]"] = timed(old_pool_scan, n)
+    res["psycopg2 SELECT 1 (one round trip)"] = timed(lambda: cur.execute("SELECT 1"), n)
+    conn.close()
+
+    # -- the steps one by one ----------------------------------------------------------------
+    ids = iter(queued(n))
+    started: list[Any] = []
+    res["Store.start_run"] = timed(lambda: started.append(store.start_run(next(ids), "m")), n)
+    runs = iter(started)
+    res["Store.finish_run"] = timed(
+        lambda: store.finish_run(next(runs).scan_id, 1, "completed", findings_count=0), n
+    )
+    hb_ids = queued(1)
+    hb = store.start_run(hb_ids[0], "m")
+    assert hb is not None
+    res["Store.heartbeat"] = timed(lambda: store.heartbeat(hb.scan_id, hb.attempt), n)
+    res["Store.ping (SELECT 1 through the pool)"] = timed(store.ping, n)
+    info = RunInfo(scan_id="x", attempt=1, providers=["aws"], frameworks=["soc2"])
+    res["observers.started (events XADD + metrics)"] = timed(lambda: observer.started(info), n)
+
+    def keeper_cycle() -> None:
+        k = LeaseKeeper(store, ScanContext("x", 1, emit=lambda t, p: None), execution)
+        k.start()
+        k.stop()
+
+    res["LeaseKeeper start+stop (a thread per scan)"] = timed(keeper_cycle, n)
+
+    # The bridge: claim batches, publish through one producer.
+    queued(n)
+    claimed: list[str] = []
+    batches = max(1, n // 100)
+    res["Store.claim_for_dispatch(100), per batch of 100"] = timed(
+        lambda: claimed.extend(store.claim_for_dispatch(100)), batches
+    )
+    res["Store.claim_for_dispatch(100), empty queue"] = timed(
+        lambda: store.claim_for_dispatch(100), 50
+    )
+    publish = make_publisher(app)
+    res["publish, per message (batch of 100 via send_task)"] = {
+        k: (round(v / 100, 3) if k != "reps" else v)
+        for k, v in timed(lambda: publish(claimed[:100]), max(1, len(claimed) // 100)).items()
+    }
+    with app.producer_or_acquire() as producer:
+        res["app.send_task, one message"] = timed(
+            lambda: app.send_task(
+                "scanqueue.run_scan", args=("x",), producer=producer, queue=settings.queue
+            ),
+            n,
+        )
+    stats = pstats.Stats(prof)
+    stats.dump_stats(str(RESULTS_DIR / "micro-execute.prof"))
+    res["cprofile_execute_scan_top"] = top_cumulative(stats, n)
+    return res
+
+
+def top_cumulative(stats: pstats.Stats, n: int, limit: int = 30) -> list[dict[str, Any]]:
+    """Functions by cumulative time per scan (ms), from the as-shipped variant."""
+    rows = []
+    for (file, line, fn), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        short = "/".join(file.split("/")[-2:])
+        rows.append(
+            {
+                "function": f"{fn} ({short}:{line})",
+                "calls_per_scan": round(nc / n, 2),
+                "cum_ms_per_scan": round(ct * 1000 / n, 3),
+                "self_ms_per_scan": round(tt * 1000 / n, 3),
+            }
+        )
+    rows.sort(key=lambda r: -r["cum_ms_per_scan"])
+    return rows[:limit]
+
+
+if __name__ == "__main__":
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    sys.exit(main())

@@ -1,0 +1,1120 @@
+"""scanqueue's benchmark suite: one command, real processes, ratios measured in one run.
+
+    .venv/bin/python -m bench.run            # full run (~15–25 min)
+    .venv/bin/python -m bench.run --quick    # smoke (~3 min)
+    .venv/bin/python -m bench.run --only pickup,throughput [--backend postgresql]
+    .venv/bin/python -m bench.run --profile  # also py-spy the PostgreSQL throughput run
+
+Phases (``--only`` takes a comma-separated list): ``floor`` (PostgreSQL only: the
+pieces of the pickup target), ``pickup``, ``throughput``, ``stub50``, ``growth``,
+``memory``, ``profile`` (off unless ``--profile`` or named).  Each phase runs on
+PostgreSQL + Redis and on the embedded SQLite default (database and broker in
+SQLite files), for scanqueue, raw Celery (``bench/raw_celery_app.py``) and the
+old Go pool's model (``bench/old_pool.py``).
+
+Writes ``bench/results/latest.json`` (and a timestamped copy) and prints a table.
+Throwaway PostgreSQL databases, the Redis server and every process it started
+are removed at the end, also on failure or Ctrl-C.  See ``bench/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.harness import (
+    BIN,
+    REPO,
+    Db,
+    Proc,
+    RedisServer,
+    clean_env,
+    create_pg_database,
+    drop_pg_database,
+    loadavg,
+    pg_version,
+    ratio,
+    sqlite_version,
+    summary_ms,
+    tree_cpu_s,
+    upgrade,
+    vm_kib,
+    wait_for,
+    wait_for_load,
+    worker_memory,
+)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PHASES = ("floor", "pickup", "throughput", "stub50", "growth", "memory", "profile")
+BACKENDS = ("postgresql", "sqlite")
+NOOP_RUNNER = "bench.runners:noop"
+WORKER_FLAGS = ("-l", "warning", "--without-heartbeat", "--without-gossip", "--without-mingle")
+LOAD_OK = 2.0  # 1-minute load average we wait for (bounded) before a phase
+LOAD_WAIT_S = 20.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    pickup_n: int
+    pickup_gap_s: tuple[float, float]
+    throughput_n: dict[str, int]
+    stub_n: int
+    growth: tuple[int, ...]
+    growth_pickup_n: int
+    claim_reps: int
+    floor_reps: int
+    memory_n: int
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> Sizes:
+        if quick:
+            return cls(
+                pickup_n=12,
+                pickup_gap_s=(0.05, 0.3),
+                throughput_n={"postgresql": 600, "sqlite": 200},
+                stub_n=200,
+                growth=(1_000, 10_000, 100_000),
+                growth_pickup_n=8,
+                claim_reps=15,
+                floor_reps=20,
+                memory_n=150,
+            )
+        return cls(
+            pickup_n=80,
+            pickup_gap_s=(0.05, 0.3),
+            throughput_n={"postgresql": 10_000, "sqlite": 2_000},
+            stub_n=2_000,
+            growth=(1_000, 100_000, 1_000_000),
+            growth_pickup_n=40,
+            claim_reps=50,
+            floor_reps=100,
+            memory_n=1_000,
+        )
+
+
+# -- the run's resources -----------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    sizes: Sizes
+    tmp: Path
+    redis: RedisServer | None = None
+    procs: list[Proc] = field(default_factory=list)
+    pg_dbs: list[str] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def cleanup(self) -> None:
+        for p in reversed(self.procs):
+            with contextlib.suppress(Exception):
+                p.stop()
+        self.procs.clear()
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                self.redis.stop()
+        for url in self.pg_dbs:
+            drop_pg_database(url)
+        self.pg_dbs.clear()
+
+    # -- databases -----------------------------------------------------------------------
+
+    def new_db(self, backend: str) -> Db:
+        if backend == "postgresql":
+            url = create_pg_database()
+            self.pg_dbs.append(url)
+        else:
+            url = f"sqlite:///{self.tmp / f'scans-{uuid.uuid4().hex[:8]}.db'}"
+        upgrade(url)
+        return Db(url)
+
+    def drop_db(self, db: Db) -> None:
+        if db.is_pg:
+            drop_pg_database(db.url)
+            with contextlib.suppress(ValueError):
+                self.pg_dbs.remove(db.url)
+        else:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    os.unlink(db.path + suffix)
+
+    def env(self, db: Db, **extra: str) -> dict[str, str]:
+        if db.is_pg:
+            assert self.redis is not None
+            extra.setdefault("REDIS_URL", self.redis.url)
+        return clean_env(db.url, **extra)
+
+    def raw_broker(self, backend: str) -> str:
+        if backend == "postgresql":
+            assert self.redis is not None
+            return self.redis.url
+        return f"sqla+sqlite:///{self.tmp / f'raw-broker-{uuid.uuid4().hex[:8]}.db'}"
+
+    # -- processes -----------------------------------------------------------------------
+
+    def start(self, args: list[str], env: dict[str, str], name: str) -> Proc:
+        proc = Proc(args, env, self.tmp, name)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        proc.stop()
+        with contextlib.suppress(ValueError):
+            self.procs.remove(proc)
+
+
+# -- scanqueue and the old pool: rows in, rows out ------------------------------------------------
+
+
+def start_scanqueue(
+    b: Bench,
+    db: Db,
+    autoscale: str,
+    *,
+    runner: str | None = NOOP_RUNNER,
+    without_bridge: bool = False,
+    warm: int = 4,
+    **extra: str,
+) -> Proc:
+    env = b.env(db, **extra)
+    if runner:
+        env["SCANQUEUE_RUNNER"] = runner
+    args = [
+        str(BIN / "celery"),
+        "-A",
+        "scanqueue",
+        "worker",
+        *WORKER_FLAGS,
+        "-n",
+        f"sq{uuid.uuid4().hex[:6]}@%h",
+        f"--autoscale={autoscale}",
+    ]
+    if without_bridge:
+        args.append("--without-bridge")
+    proc = b.start(args, env, "sq-worker")
+    if warm and not without_bridge:
+        warm_up_rows(db, proc, warm)
+    return proc
+
+
+def start_old_pool(b: Bench, db: Db, workers: int = 2, poll_s: float = 0.5) -> Proc:
+    env = clean_env(db.url)
+    proc = b.start(
+        [
+            sys.executable,
+            "-m",
+            "bench.old_pool",
+            db.url,
+            "--workers",
+            str(workers),
+            "--poll",
+            str(poll_s),
+        ],
+        env,
+        "old-pool",
+    )
+    proc.wait_for_output("old pool ready", timeout=30)
+    warm_up_rows(db, proc, 4)
+    return proc
+
+
+def warm_up_rows(db: Db, proc: Proc, n: int) -> None:
+    """A few scans through every part (connections, leadership, pool processes)."""
+    prefix = f"warm-{uuid.uuid4().hex[:6]}-"
+    db.insert_queued_bulk([f"{prefix}{i}" for i in range(n)])
+
+    def done() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited:\n{proc.output()[-3000:]}")
+        return db.count_unfinished(prefix) == 0
+
+    wait_for(done, 120, interval=0.2, what=f"{proc.name} warm-up")
+
+
+def exactly_once(rows: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    bad = [r["id"] for r in rows if r["status"] != "completed" or r["attempts"] != 1]
+    return {
+        "expected": n,
+        "rows": len(rows),
+        "completed_attempts_1": len(rows) - len(bad),
+        "ok": len(rows) == n and not bad,
+        "bad_examples": bad[:5],
+    }
+
+
+def db_pickup(b: Bench, db: Db, n: int, proc: Proc) -> dict[str, Any]:
+    """Insert ``n`` rows one at a time at idle (each after the previous one finished)."""
+    prefix = f"pk-{uuid.uuid4().hex[:6]}-"
+    lo, hi = b.sizes.pickup_gap_s
+    with db.conn() as c:
+        cur = c.cursor()
+        for i in range(n):
+            scan_id = f"{prefix}{i:05d}"
+            time.sleep(random.uniform(lo, hi))
+            cur.execute(db.insert_queued_sql(), (scan_id,))
+
+            def finished(scan_id: str = scan_id) -> bool:
+                cur.execute(f"SELECT status FROM scans WHERE id = {db.ph}", (scan_id,))
+                row = cur.fetchone()
+                if not proc.alive():
+                    raise RuntimeError(f"{proc.name} exited:\n{proc.output()[-3000:]}")
+                return bool(row and row[0] in ("completed", "failed", "canceled"))
+
+            wait_for(finished, 60, interval=0.01, what=f"pickup of {scan_id}")
+        cur.close()
+    rows = db.lifecycle(prefix)
+    out = summary_ms([r["pickup_s"] for r in rows if r["pickup_s"] is not None])
+    # Where the time goes: created → claimed by the bridge → started by a pool process.
+    split = db.dispatch_split(prefix)
+    if split:
+        out["created_to_claimed"] = summary_ms([s[0] for s in split])
+        out["claimed_to_started"] = summary_ms([s[1] for s in split])
+    out["exactly_once"] = exactly_once(rows, n)
+    return out
+
+
+def db_throughput(db: Db, n: int, proc: Proc, timeout_s: float) -> dict[str, Any]:
+    """A backlog of ``n`` rows in one INSERT; completions per second until the last one."""
+    prefix = f"tp-{uuid.uuid4().hex[:6]}-"
+    load_before = loadavg()
+    cpu0 = tree_cpu_s(proc.pid)
+    db.insert_queued_bulk([f"{prefix}{i:06d}" for i in range(n)])
+
+    def done() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited:\n{proc.output()[-3000:]}")
+        return db.count_unfinished(prefix) == 0
+
+    wait_for(done, timeout_s, interval=0.5, what=f"{n} scans through {proc.name}")
+    cpu_ms = (tree_cpu_s(proc.pid) - cpu0) * 1000.0 / n
+    rows = db.lifecycle(prefix)
+    created = min(r["created"] for r in rows)
+    first_start = min(r["started"] for r in rows)
+    last_finish = max(r["finished"] for r in rows)
+    return {
+        "n": n,
+        "per_s": round(n / (last_finish - created), 1),
+        "per_s_first_start_to_last_finish": round(n / (last_finish - first_start), 1),
+        "seconds": round(last_finish - created, 3),
+        "cpu_ms_per_scan": round(cpu_ms, 3),
+        "load_before": load_before,
+        "load_after": loadavg(),
+        "exactly_once": exactly_once(rows, n),
+    }
+
+
+# -- raw Celery -----------------------------------------------------------------------------------
+
+
+class RawCelery:
+    """A raw Celery worker (bench/raw_celery_app.py) and a publisher for it."""
+
+    def __init__(self, b: Bench, backend: str, autoscale: str) -> None:
+        from bench.raw_celery_app import make_app
+
+        self.out = Path(tempfile.mkdtemp(prefix="raw-", dir=b.tmp))
+        self.queue = f"bench-raw-{uuid.uuid4().hex[:8]}"
+        self.broker = b.raw_broker(backend)
+        self.app = make_app(self.broker, self.queue)
+        env = clean_env(
+            "sqlite:///unused.db",
+            BENCH_BROKER_URL=self.broker,
+            BENCH_QUEUE=self.queue,
+            BENCH_OUT=str(self.out),
+        )
+        self.proc = b.start(
+            [
+                str(BIN / "celery"),
+                "-A",
+                "bench.raw_celery_app",
+                "worker",
+                *WORKER_FLAGS,
+                "-n",
+                f"raw{uuid.uuid4().hex[:6]}@%h",
+                f"--autoscale={autoscale}",
+            ],
+            env,
+            "raw-worker",
+        )
+        self._seq = -1000
+        self.warm_up(4)
+
+    def publish(
+        self, seq: int, task: str = "bench.noop", *extra: Any, producer: Any = None
+    ) -> None:
+        self.app.send_task(
+            task, args=(seq, time.time(), *extra), queue=self.queue, producer=producer
+        )
+
+    def records(self) -> list[tuple[int, float, float, float, int]]:
+        out = []
+        for path in self.out.glob("raw-*.txt"):
+            for line in path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 5:
+                    out.append(
+                        (
+                            int(parts[0]),
+                            float(parts[1]),
+                            float(parts[2]),
+                            float(parts[3]),
+                            int(parts[4]),
+                        )
+                    )
+        return out
+
+    def count(self, seqs: set[int]) -> int:
+        return sum(1 for r in self.records() if r[0] in seqs)
+
+    def _wait(self, seqs: set[int], timeout_s: float, interval: float) -> None:
+        def done() -> bool:
+            if not self.proc.alive():
+                raise RuntimeError(f"raw worker exited:\n{self.proc.output()[-3000:]}")
+            return self.count(seqs) >= len(seqs)
+
+        wait_for(done, timeout_s, interval=interval, what="raw Celery tasks")
+
+    def warm_up(self, n: int) -> None:
+        seqs = set(range(self._seq - n + 1, self._seq + 1))
+        self._seq -= n
+        for s in seqs:
+            self.publish(s)
+        self._wait(seqs, 120, 0.2)
+
+    def pickup(self, n: int, gap_s: tuple[float, float]) -> dict[str, Any]:
+        base = 100_000
+        for i in range(n):
+            time.sleep(random.uniform(*gap_s))
+            self.publish(base + i)
+            self._wait({base + i}, 60, 0.01)
+        recs = [r for r in self.records() if base <= r[0] < base + n]
+        out = summary_ms([r[2] - r[1] for r in recs])
+        out["exactly_once"] = self._once(recs, n)
+        return out
+
+    def throughput(
+        self, n: int, timeout_s: float, task: str = "bench.noop", *extra: Any
+    ) -> dict[str, Any]:
+        load_before = loadavg()
+        base = 1_000_000
+        cpu0 = tree_cpu_s(self.proc.pid)
+        t0 = time.time()
+        pub_cpu0 = time.process_time()
+        with self.app.producer_or_acquire() as producer:
+            for i in range(n):
+                self.publish(base + i, task, *extra, producer=producer)
+        published = time.time()
+        pub_cpu = time.process_time() - pub_cpu0
+
+        def done() -> bool:
+            if not self.proc.alive():
+                raise RuntimeError(f"raw worker exited:\n{self.proc.output()[-3000:]}")
+            return sum(1 for r in self.records() if r[0] >= base) >= n
+
+        wait_for(done, timeout_s, interval=0.5, what=f"{n} raw Celery tasks")
+        cpu_ms = (tree_cpu_s(self.proc.pid) - cpu0 + pub_cpu) * 1000.0 / n
+        recs = [r for r in self.records() if r[0] >= base]
+        last = max(r[3] for r in recs)
+        first_start = min(r[2] for r in recs)
+        return {
+            "n": n,
+            "per_s": round(n / (last - t0), 1),
+            "per_s_first_start_to_last_finish": round(n / (last - first_start), 1),
+            "seconds": round(last - t0, 3),
+            "publish_per_s": round(n / max(published - t0, 1e-9), 1),
+            # worker (main + pool) plus the publisher's CPU, like scanqueue's embedded bridge
+            "cpu_ms_per_scan": round(cpu_ms, 3),
+            "load_before": load_before,
+            "load_after": loadavg(),
+            "exactly_once": self._once(recs, n),
+        }
+
+    @staticmethod
+    def _once(recs: list[tuple[int, float, float, float, int]], n: int) -> dict[str, Any]:
+        counts = collections.Counter(r[0] for r in recs)
+        dup = [s for s, c in counts.items() if c > 1]
+        return {
+            "expected": n,
+            "rows": len(counts),
+            "ok": len(counts) == n and not dup,
+            "duplicates": len(dup),
+        }
+
+
+# -- phases ----------------------------------------------------------------------------------------
+
+
+def phase_floor(b: Bench, backend: str) -> dict[str, Any]:
+    """PostgreSQL: INSERT-with-trigger → LISTEN wake-up, and one claim-and-commit."""
+    if backend != "postgresql":
+        return {"skipped": "PostgreSQL only"}
+    import select as select_mod
+
+    db = b.new_db(backend)
+    try:
+        listen = db.connect()
+        with listen.cursor() as cur:
+            cur.execute('LISTEN "scanqueue_scans"')
+        floors: list[float] = []
+        with db.conn() as c, c.cursor() as cur:
+            for i in range(b.sizes.floor_reps):
+                time.sleep(random.uniform(0.01, 0.05))
+                t0 = time.perf_counter()
+                cur.execute(db.insert_queued_sql(), (f"floor-{i}",))
+                got = False
+                deadline = time.monotonic() + 5
+                while not got and time.monotonic() < deadline:
+                    if select_mod.select([listen], [], [], 1.0)[0]:
+                        listen.poll()
+                        got = bool(listen.notifies)
+                        listen.notifies.clear()
+                if got:
+                    floors.append(time.perf_counter() - t0)
+        listen.close()
+        claims = time_claims(db, b.sizes.floor_reps)
+        return {
+            "insert_to_listen": summary_ms(floors),
+            "claim_and_commit": claims["one_queued"],
+            "claim_empty": claims["empty"],
+        }
+    finally:
+        b.drop_db(db)
+
+
+def time_claims(db: Db, reps: int) -> dict[str, Any]:
+    """Direct ``Store.claim_for_dispatch`` calls (what the bridge does per wake-up)."""
+    from scanqueue.config import normalize_database_url
+    from scanqueue.store import Store
+
+    store = Store(normalize_database_url(db.url))
+    try:
+        store.claim_for_dispatch(100)  # connect once: a long-running bridge holds its pool
+        one: list[float] = []
+        empty: list[float] = []
+        prefix = f"claim-{uuid.uuid4().hex[:6]}-"
+        with db.conn() as c:
+            cur = c.cursor()
+            for i in range(reps):
+                cur.execute(db.insert_queued_sql(), (f"{prefix}{i}",))
+                t0 = time.perf_counter()
+                got = store.claim_for_dispatch(100)
+                one.append(time.perf_counter() - t0)
+                assert got == [f"{prefix}{i}"], got
+                cur.execute(
+                    f"UPDATE scans SET status = 'completed', attempts = 1 WHERE id = {db.ph}",
+                    (f"{prefix}{i}",),
+                )
+                t0 = time.perf_counter()
+                store.claim_for_dispatch(100)
+                empty.append(time.perf_counter() - t0)
+            cur.close()
+        return {"one_queued": summary_ms(one), "empty": summary_ms(empty)}
+    finally:
+        store.engine.dispose()
+
+
+def phase_pickup(b: Bench, backend: str) -> dict[str, Any]:
+    n, gap = b.sizes.pickup_n, b.sizes.pickup_gap_s
+    out: dict[str, Any] = {}
+    db = b.new_db(backend)
+    try:
+        wait_for_load(LOAD_OK, LOAD_WAIT_S)
+        w = start_scanqueue(b, db, "2,2")
+        out["scanqueue"] = db_pickup(b, db, n, w)
+        out["scanqueue"]["load"] = loadavg()
+        b.stop(w)
+        raw = RawCelery(b, backend, "2,2")
+        out["raw_celery"] = raw.pickup(n, gap)
+        out["raw_celery"]["load"] = loadavg()
+        b.stop(raw.proc)
+        pool = start_old_pool(b, db)
+        out["old_pool"] = db_pickup(b, db, n, pool)
+        out["old_pool"]["load"] = loadavg()
+        b.stop(pool)
+    finally:
+        b.drop_db(db)
+    sq, rc, op = out["scanqueue"], out["raw_celery"], out["old_pool"]
+    out["ratios"] = {
+        "p50_vs_raw_celery": ratio(sq.get("p50_ms"), rc.get("p50_ms")),
+        "p99_vs_raw_celery": ratio(sq.get("p99_ms"), rc.get("p99_ms")),
+        "p50_vs_old_pool": ratio(sq.get("p50_ms"), op.get("p50_ms")),
+        "p99_vs_old_pool": ratio(sq.get("p99_ms"), op.get("p99_ms")),
+    }
+    return out
+
+
+def phase_throughput(b: Bench, backend: str) -> dict[str, Any]:
+    n = b.sizes.throughput_n[backend]
+    timeout = max(120.0, n / 15.0)
+    out: dict[str, Any] = {}
+    for conc in (2, 6):
+        wait_for_load(LOAD_OK, LOAD_WAIT_S)
+        db = b.new_db(backend)
+        try:
+            w = start_scanqueue(b, db, f"{conc},{conc}")
+            out[f"scanqueue_c{conc}"] = db_throughput(db, n, w, timeout)
+            out[f"scanqueue_c{conc}"]["memory"] = worker_memory(w.pid)
+            b.stop(w)
+            raw = RawCelery(b, backend, f"{conc},{conc}")
+            out[f"raw_celery_c{conc}"] = raw.throughput(n, timeout)
+            out[f"raw_celery_c{conc}"]["memory"] = worker_memory(raw.proc.pid)
+            b.stop(raw.proc)
+            if conc == 2:
+                pool = start_old_pool(b, db)
+                out["old_pool"] = db_throughput(db, n, pool, timeout)
+                b.stop(pool)
+        finally:
+            b.drop_db(db)
+    out["ratios"] = {
+        "c2_vs_raw_celery": ratio(out["scanqueue_c2"]["per_s"], out["raw_celery_c2"]["per_s"]),
+        "c6_vs_raw_celery": ratio(out["scanqueue_c6"]["per_s"], out["raw_celery_c6"]["per_s"]),
+        "c2_vs_old_pool": ratio(out["scanqueue_c2"]["per_s"], out["old_pool"]["per_s"]),
+        "c6_vs_old_pool": ratio(out["scanqueue_c6"]["per_s"], out["old_pool"]["per_s"]),
+    }
+    return out
+
+
+def phase_stub50(b: Bench, backend: str) -> dict[str, Any]:
+    """The default 50 ms stub with --autoscale=6,2 against a 50 ms raw Celery task."""
+    n = b.sizes.stub_n
+    timeout = max(120.0, n / 5.0)
+    out: dict[str, Any] = {}
+    wait_for_load(LOAD_OK, LOAD_WAIT_S)
+    db = b.new_db(backend)
+    try:
+        w = start_scanqueue(b, db, "6,2", runner=None)  # the default StubRunner, 50 ms
+        out["scanqueue"] = db_throughput(db, n, w, timeout)
+        out["scanqueue"]["memory"] = worker_memory(w.pid)
+        b.stop(w)
+        raw = RawCelery(b, backend, "6,2")
+        out["raw_celery"] = raw.throughput(n, timeout, "bench.sleep", 0.05)
+        out["raw_celery"]["memory"] = worker_memory(raw.proc.pid)
+        b.stop(raw.proc)
+    finally:
+        b.drop_db(db)
+    out["ratio_vs_raw_celery"] = ratio(out["scanqueue"]["per_s"], out["raw_celery"]["per_s"])
+    return out
+
+
+def add_finished_rows(db: Db, start: int, stop: int) -> float:
+    """Bulk-insert finished rows ``start..stop-1``; returns seconds taken."""
+    t0 = time.monotonic()
+    if stop <= start:
+        return 0.0
+    if db.is_pg:
+        db.execute(
+            "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned, created_at,"
+            " started_at, finished_at, attempts, dispatched_at, dispatch_count)"
+            " SELECT 'done-' || g, 'completed', '[\"aws\"]', '[\"soc2\"]',"
+            " now() - interval '30 days' + g * interval '1 ms',"
+            " now() - interval '30 days' + g * interval '1 ms',"
+            " now() - interval '30 days' + g * interval '1 ms' + interval '50 ms', 1,"
+            " now() - interval '30 days' + g * interval '1 ms', 1"
+            " FROM generate_series(%s, %s) g",
+            (start, stop - 1),
+        )
+        with db.conn() as c, c.cursor() as cur:
+            cur.execute("VACUUM ANALYZE scans")
+    else:
+        ts = "strftime('%Y-%m-%d %H:%M:%f', 'now', '-30 days', '+' || (g / 1000.0) || ' seconds')"
+        with db.conn() as c:
+            c.execute("BEGIN IMMEDIATE")
+            c.execute(
+                "WITH RECURSIVE s(g) AS (SELECT ? UNION ALL SELECT g + 1 FROM s WHERE g < ?)"
+                " INSERT INTO scans (id, status, providers_scanned, frameworks_scanned,"
+                " created_at, started_at, finished_at, attempts, dispatched_at, dispatch_count)"
+                f" SELECT 'done-' || g, 'completed', '[\"aws\"]', '[\"soc2\"]', {ts}, {ts},"
+                f" {ts}, 1, {ts}, 1 FROM s",
+                (start, stop - 1),
+            )
+            c.execute("COMMIT")
+            c.execute("ANALYZE")
+    return round(time.monotonic() - t0, 2)
+
+
+def phase_growth(b: Bench, backend: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    db = b.new_db(backend)
+    have = 0
+    try:
+        for size in b.sizes.growth:
+            fill_s = add_finished_rows(db, have, size)
+            have = size
+            wait_for_load(LOAD_OK, LOAD_WAIT_S)
+            claims = time_claims(db, b.sizes.claim_reps)
+            w = start_scanqueue(b, db, "2,2")
+            pickup = db_pickup(b, db, b.sizes.growth_pickup_n, w)
+            b.stop(w)
+            out[str(size)] = {
+                "finished_rows": size,
+                "fill_s": fill_s,
+                "claim_one": claims["one_queued"],
+                "claim_empty": claims["empty"],
+                "pickup": pickup,
+                "load": loadavg(),
+            }
+    finally:
+        b.drop_db(db)
+    lo, hi = str(b.sizes.growth[0]), str(b.sizes.growth[-1])
+    out["ratios"] = {
+        "pickup_p50_largest_vs_smallest": ratio(
+            out[hi]["pickup"].get("p50_ms"), out[lo]["pickup"].get("p50_ms")
+        ),
+        "pickup_p99_largest_vs_smallest": ratio(
+            out[hi]["pickup"].get("p99_ms"), out[lo]["pickup"].get("p99_ms")
+        ),
+        "claim_p50_largest_vs_smallest": ratio(
+            out[hi]["claim_one"].get("p50_ms"), out[lo]["claim_one"].get("p50_ms")
+        ),
+    }
+    return out
+
+
+def phase_memory(b: Bench, backend: str) -> dict[str, Any]:
+    """Peak RSS (VmHWM) of a standalone bridge, a worker's main process and pool processes."""
+    n = b.sizes.memory_n
+    db = b.new_db(backend)
+    try:
+        env = b.env(db, SCANQUEUE_RUNNER=NOOP_RUNNER)
+        bridge = b.start([str(BIN / "scanqueue"), "bridge"], env, "bridge")
+        w = start_scanqueue(
+            b, db, "2,2", without_bridge=True, SCANQUEUE_QUEUE=env["SCANQUEUE_QUEUE"]
+        )
+        bridge.wait_for_output("bridge running", timeout=60)
+        warm_up_rows(db, w, 4)
+        run = db_throughput(db, n, w, max(120.0, n / 10.0))
+        out = {
+            "scans": n,
+            "bridge_vmhwm_mib": round((vm_kib(bridge.pid) or 0) / 1024.0, 1),
+            "worker": worker_memory(w.pid),
+            "exactly_once": run["exactly_once"],
+            "per_s": run["per_s"],
+        }
+        b.stop(w)
+        b.stop(bridge)
+        return out
+    finally:
+        b.drop_db(db)
+
+
+def phase_profile(b: Bench, backend: str) -> dict[str, Any]:
+    """py-spy over a no-op throughput run at concurrency 2 (worker, bridge and pool)."""
+    if backend != "postgresql":
+        return {"skipped": "PostgreSQL only"}
+    spy = shutil.which("py-spy") or str(BIN / "py-spy")
+    if not Path(spy).exists():
+        return {"skipped": "py-spy not installed (.venv/bin/pip install py-spy)"}
+    n = b.sizes.throughput_n[backend] // 2
+    db = b.new_db(backend)
+    try:
+        w = start_scanqueue(b, db, "2,2")
+        raw_path = b.tmp / f"pyspy-{uuid.uuid4().hex[:6]}.txt"
+        spy_proc = b.start(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(w.pid),
+                "--subprocesses",
+                "--rate",
+                "200",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "-o",
+                str(raw_path),
+            ],
+            os.environ.copy(),
+            "py-spy",
+        )
+        time.sleep(2.0)
+        run = db_throughput(db, n, w, max(120.0, n / 15.0))
+        spy_proc.proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            spy_proc.proc.wait(30)
+        b.stop(spy_proc)
+        main_pid = w.pid
+        b.stop(w)
+        summary = summarize_pyspy(raw_path, main_pid) if raw_path.exists() else {}
+        keep = RESULTS_DIR / "pyspy-throughput-pg.txt"
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        if raw_path.exists():
+            shutil.copy(raw_path, keep)
+        return {"run": run, "collapsed_stacks": str(keep.relative_to(REPO)), **summary}
+    finally:
+        b.drop_db(db)
+
+
+def summarize_pyspy(path: Path, main_pid: int) -> dict[str, Any]:
+    """Top frames by self and inclusive samples, split into worker main process and pool."""
+    roles: dict[str, dict[str, collections.Counter[str]]] = {}
+    totals: collections.Counter[str] = collections.Counter()
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        frames = stack.split(";")
+        # With --subprocesses a pool process's stack hangs under its parent's, each
+        # introduced by a "process PID:cmdline" frame: the last one is the sampled process.
+        marks = [i for i, f in enumerate(frames) if f.startswith("process ")]
+        role = "main"
+        if marks:
+            pid_s = frames[marks[-1]].split()[1].split(":", 1)[0]
+            role = "main" if pid_s.isdigit() and int(pid_s) == main_pid else "pool"
+            frames = frames[marks[-1] + 1 :]
+        frames = [f for f in frames if not f.startswith("thread ")]
+        if not frames:
+            continue
+        idle = _is_idle(frames[-1])
+        key = f"{role}{'_idle' if idle else ''}"
+        totals[key] += count
+        if idle:
+            continue
+        r = roles.setdefault(role, {"self": collections.Counter(), "incl": collections.Counter()})
+        r["self"][_fn(frames[-1])] += count
+        for fn in {_fn(f) for f in frames}:
+            r["incl"][fn] += count
+    out: dict[str, Any] = {"samples": dict(totals)}
+    for role, r in roles.items():
+        busy = sum(r["self"].values()) or 1
+        out[role] = {
+            "busy_samples": busy,
+            "top_self": [(k, round(100 * v / busy, 1)) for k, v in r["self"].most_common(15)],
+            "top_inclusive": [
+                (k, round(100 * v / busy, 1))
+                for k, v in r["incl"].most_common(60)
+                if any(m in k for m in ("scanqueue", "sqlalchemy", "kombu", "celery", "psycopg"))
+            ][:25],
+        }
+    return out
+
+
+def _fn(frame: str) -> str:
+    # "function (path/to/file.py:123)" → "function (file.py)"
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    path = where.rsplit(":", 1)[0]
+    parts = path.split("/")
+    for anchor in ("site-packages", "scanqueue", "bench"):
+        if anchor in parts:
+            i = len(parts) - 1 - parts[::-1].index(anchor)
+            path = "/".join(parts[i + (1 if anchor == "site-packages" else 0) :])
+            break
+    else:
+        path = parts[-1]
+    return f"{name} ({path})"
+
+
+def _is_idle(frame: str) -> bool:
+    return any(
+        s in frame
+        for s in ("select (", "poll (", "wait (", "sleep", "_wait_for_tstate_lock", "epoll", "recv")
+    )
+
+
+# -- targets -------------------------------------------------------------------------------------
+
+
+def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float | None, cmp: str, note: str = "") -> None:
+        met = None
+        if value is not None and limit is not None:
+            met = value <= limit if cmp == "<=" else value >= limit
+        out.append(
+            {
+                "target": name,
+                "value": value,
+                "limit": None if limit is None else round(limit, 3),
+                "cmp": cmp,
+                "met": met,
+                "note": note,
+            }
+        )
+
+    pg = res.get("postgresql", {})
+    lite = res.get("sqlite", {})
+    fl, pk = pg.get("floor", {}), pg.get("pickup", {})
+    if "insert_to_listen" in fl and "raw_celery" in pk:
+        for q in ("p50_ms", "p99_ms"):
+            floor = fl["insert_to_listen"][q] + fl["claim_and_commit"][q] + pk["raw_celery"][q]
+            add(
+                f"PostgreSQL pickup {q[:3]} ≤ 1.25 × floor sum (ms)",
+                pk["scanqueue"][q],
+                1.25 * floor,
+                "<=",
+                f"floor {floor:.2f} ms = LISTEN {fl['insert_to_listen'][q]} + claim "
+                f"{fl['claim_and_commit'][q]} + raw Celery hop {pk['raw_celery'][q]}",
+            )
+    for backend, data in (("PostgreSQL", pg), ("SQLite", lite)):
+        tp = data.get("throughput", {})
+        if "ratios" in tp:
+            add(
+                f"{backend} no-op throughput c2 ≥ 0.6 × raw Celery (ratio)",
+                tp["ratios"]["c2_vs_raw_celery"],
+                0.6,
+                ">=",
+            )
+        st = data.get("stub50", {})
+        if "ratio_vs_raw_celery" in st:
+            add(
+                f"{backend} 50 ms stub, --autoscale=6,2 ≥ 0.9 × raw Celery (ratio)",
+                st["ratio_vs_raw_celery"],
+                0.9,
+                ">=",
+            )
+        gr = data.get("growth", {})
+        if "ratios" in gr:
+            add(
+                f"{backend} pickup p50 at largest table ≤ 1.2 × smallest (ratio)",
+                gr["ratios"]["pickup_p50_largest_vs_smallest"],
+                1.2,
+                "<=",
+            )
+    lpk = lite.get("pickup", {})
+    if "ratios" in lpk:
+        add(
+            "SQLite pickup p50 ≤ 1.2 × old pool (ratio)",
+            lpk["ratios"]["p50_vs_old_pool"],
+            1.2,
+            "<=",
+        )
+        add(
+            "SQLite pickup p99 ≤ one poll interval (ms)",
+            lpk["scanqueue"].get("p99_ms"),
+            500.0,
+            "<=",
+        )
+    once = list(_exactly_once_checks(res))
+    add(
+        "every row of every run completed exactly once (runs failing)",
+        float(sum(1 for _, ok in once if not ok)),
+        0.0,
+        "<=",
+        f"{len(once)} runs checked",
+    )
+    return out
+
+
+def _exactly_once_checks(node: Any, path: str = "") -> Iterator[tuple[str, bool]]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "exactly_once" and isinstance(v, dict) and "ok" in v:
+                yield path, bool(v["ok"])
+            else:
+                yield from _exactly_once_checks(v, f"{path}/{k}")
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    import celery
+    import kombu
+    import sqlalchemy
+
+    mem_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "celery": celery.__version__,
+        "kombu": kombu.__version__,
+        "sqlalchemy": sqlalchemy.__version__,
+        "postgresql": _safe(pg_version),
+        "sqlite": sqlite_version(),
+    }
+
+
+def _safe(fn: Callable[[], str]) -> str:
+    try:
+        return fn()
+    except Exception as exc:
+        return f"unavailable: {exc}"
+
+
+def print_table(res: dict[str, Any]) -> None:
+    def g(d: Any, *keys: str) -> Any:
+        for k in keys:
+            if not isinstance(d, dict) or k not in d:
+                return "–"
+            d = d[k]
+        return d
+
+    print()
+    print(
+        f"scanqueue bench ({res['meta']['mode']}), load {res['meta']['load_start']} → "
+        f"{res['meta']['load_end']}, {res['meta']['duration_s']:.0f} s"
+    )
+    for backend in BACKENDS:
+        d = res.get(backend)
+        if not d:
+            continue
+        print(f"\n== {backend} ==")
+        pk = d.get("pickup", {})
+        for who in ("scanqueue", "raw_celery", "old_pool"):
+            print(
+                f"  pickup {who:<11} p50 {g(pk, who, 'p50_ms'):>8} ms"
+                f"  p99 {g(pk, who, 'p99_ms'):>8} ms"
+            )
+        if "ratios" in pk:
+            print(f"  pickup ratios {pk['ratios']}")
+        tp = d.get("throughput", {})
+        for who in ("scanqueue_c2", "raw_celery_c2", "old_pool", "scanqueue_c6", "raw_celery_c6"):
+            print(f"  throughput {who:<14} {g(tp, who, 'per_s'):>8} /s")
+        if "ratios" in tp:
+            print(f"  throughput ratios {tp['ratios']}")
+        st = d.get("stub50", {})
+        print(
+            f"  50 ms stub 6,2: scanqueue {g(st, 'scanqueue', 'per_s')}/s raw "
+            f"{g(st, 'raw_celery', 'per_s')}/s ratio {g(st, 'ratio_vs_raw_celery')}"
+        )
+        gr = d.get("growth", {})
+        for k, v in gr.items():
+            if k != "ratios" and isinstance(v, dict):
+                print(
+                    f"  growth {k:>8} rows: pickup p50 {g(v, 'pickup', 'p50_ms')} p99 "
+                    f"{g(v, 'pickup', 'p99_ms')} ms; claim p50 {g(v, 'claim_one', 'p50_ms')} ms"
+                )
+        fl = d.get("floor", {})
+        if "insert_to_listen" in fl:
+            print(
+                f"  floor: LISTEN p50 {fl['insert_to_listen']['p50_ms']} ms, claim p50 "
+                f"{fl['claim_and_commit']['p50_ms']} ms"
+            )
+        mem = d.get("memory", {})
+        if mem:
+            print(f"  memory: bridge {g(mem, 'bridge_vmhwm_mib')} MiB, worker {g(mem, 'worker')}")
+    print("\n== targets ==")
+    for t in res.get("targets", []):
+        mark = {True: "MET", False: "NOT MET", None: "n/a"}[t["met"]]
+        print(
+            f"  [{mark:>7}] {t['target']}: {t['value']} (limit {t['cmp']} {t['limit']}) {t['note']}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="scanqueue benchmark suite")
+    parser.add_argument("--quick", action="store_true", help="small sizes (~3 min smoke)")
+    parser.add_argument("--only", default="", help=f"comma-separated phases of {PHASES}")
+    parser.add_argument("--backend", default="", help="postgresql or sqlite (default both)")
+    parser.add_argument("--profile", action="store_true", help="also run the py-spy phase")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "latest.json"))
+    args = parser.parse_args(argv)
+
+    phases = [p for p in args.only.split(",") if p] or [
+        p for p in PHASES if p != "profile" or args.profile
+    ]
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phase(s): {', '.join(sorted(unknown))}")
+    backends = [args.backend] if args.backend else list(BACKENDS)
+
+    tmp = Path(tempfile.mkdtemp(prefix="scanqueue-bench-"))
+    bench = Bench(Sizes.for_mode(args.quick), tmp)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.time()
+    res: dict[str, Any] = {
+        "meta": {
+            "mode": "quick" if args.quick else "full",
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "machine": machine(),
+            "load_start": loadavg(),
+            "sizes": bench.sizes.__dict__,
+            "phases": phases,
+            "errors": [],
+        }
+    }
+    funcs: dict[str, Callable[[Bench, str], dict[str, Any]]] = {
+        "floor": phase_floor,
+        "pickup": phase_pickup,
+        "throughput": phase_throughput,
+        "stub50": phase_stub50,
+        "growth": phase_growth,
+        "memory": phase_memory,
+        "profile": phase_profile,
+    }
+    rc = 0
+    try:
+        if "postgresql" in backends:
+            bench.redis = RedisServer(tmp)
+            bench.redis.start()
+            res["meta"]["machine"]["redis"] = bench.redis.version()
+        for phase in phases:
+            for backend in backends:
+                t0 = time.monotonic()
+                print(f"[{time.strftime('%H:%M:%S')}] {backend} {phase} …", flush=True)
+                try:
+                    res.setdefault(backend, {})[phase] = funcs[phase](bench, backend)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:
+                    rc = 1
+                    res.setdefault(backend, {})[phase] = {"error": str(exc)[-2000:]}
+                    res["meta"]["errors"].append(
+                        {
+                            "phase": phase,
+                            "backend": backend,
+                            "trace": traceback.format_exc()[-3000:],
+                        }
+                    )
+                    print(f"  FAILED: {exc}", file=sys.stderr, flush=True)
+                    for p in list(bench.procs):
+                        if p.name != "redis":
+                            bench.stop(p)
+                print(f"  done in {time.monotonic() - t0:.0f} s", flush=True)
+    except KeyboardInterrupt:
+        rc = 130
+        res["meta"]["errors"].append({"phase": "interrupted"})
+    finally:
+        bench.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+    res["meta"]["load_end"] = loadavg()
+    res["meta"]["duration_s"] = round(time.time() - started, 1)
+    res["targets"] = targets(res)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(res, indent=2, default=str)
+    out.write_text(text)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+    (out.parent / f"run-{stamp}-{res['meta']['mode']}.json").write_text(text)
+    print_table(res)
+    print(f"\nwrote {out}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
