@@ -35,6 +35,7 @@ DEFAULT_LOG_FORMAT = "text"
 DEFAULT_QUEUE = "scanqueue"
 DEFAULT_LEADER_TTL_S = 15.0  # a standby takes over within one TTL of the leader's death
 DEFAULT_REDISPATCH_AFTER_S = 30.0
+DEFAULT_EVENTS_MAXLEN = 100_000  # events kept in the Redis stream or the table
 MIN_LEASE_S = 2.0
 
 _POSTGRES_SCHEMES = {"postgres", "postgresql", "postgresql+psycopg2"}
@@ -63,6 +64,8 @@ class Settings:
     queue: str = DEFAULT_QUEUE
     leader_ttl_s: float = DEFAULT_LEADER_TTL_S
     redispatch_after_s: float = DEFAULT_REDISPATCH_AFTER_S
+    events_maxlen: int = DEFAULT_EVENTS_MAXLEN
+    lineage_enabled: bool = False
     api_token: str | None = field(default=None, repr=False)
 
     @classmethod
@@ -105,6 +108,8 @@ class Settings:
             raise ConfigError("SCANQUEUE_QUEUE", f"letters, digits and -_.: only, got {queue!r}")
         return cls(
             queue=queue,
+            events_maxlen=_int(env, "SCANQUEUE_EVENTS_MAXLEN", DEFAULT_EVENTS_MAXLEN, minimum=1),
+            lineage_enabled=lineage_configured(env),
             leader_ttl_s=_float(env, "SCANQUEUE_LEADER_TTL", DEFAULT_LEADER_TTL_S, minimum=1.0),
             redispatch_after_s=_float(
                 env, "SCANQUEUE_REDISPATCH_AFTER", DEFAULT_REDISPATCH_AFTER_S, minimum=0.5
@@ -147,6 +152,17 @@ class Settings:
     @property
     def reap_every_s(self) -> float:
         return max(self.lease_s / 3.0, 0.5)
+
+
+def lineage_configured(env: Mapping[str, str]) -> bool:
+    """Whether the OpenLineage client's own configuration is present (and not disabled)."""
+    if (env.get("OPENLINEAGE_DISABLED") or "").strip().lower() == "true":
+        return False
+    return bool(
+        (env.get("OPENLINEAGE_URL") or "").strip()
+        or (env.get("OPENLINEAGE_CONFIG") or "").strip()
+        or any(k.startswith("OPENLINEAGE__TRANSPORT__") for k in env)
+    )
 
 
 def normalize_database_url(raw: str, variable: str = "DATABASE_URL") -> str:

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy import delete, insert, select, text
 
 from .config import Settings, mask_url
-from .errors import ConfigError
 from .schema import STATUS_CANCELED, STATUS_COMPLETED, STATUS_FAILED
 from .schema import events as events_table
 
@@ -40,8 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAXLEN = 100_000
-MAXLEN_VARIABLE = "SCANQUEUE_EVENTS_MAXLEN"
 # After a failed write, later events are dropped at once for this long instead of
 # each one waiting out a socket timeout: a dead sink must not slow a scan down.
 FAILURE_BACKOFF_S = 3.0
@@ -340,34 +337,13 @@ class TableEventSink:
 # -- choosing and caching ----------------------------------------------------------------
 
 
-def events_maxlen(environ: Mapping[str, str] | None = None) -> int:
-    env = os.environ if environ is None else environ
-    raw = (env.get(MAXLEN_VARIABLE) or "").strip()
-    if not raw:
-        return DEFAULT_MAXLEN
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(MAXLEN_VARIABLE, f"expected a whole number, got {raw!r}") from None
-    if value < 1:
-        raise ConfigError(MAXLEN_VARIABLE, f"must be at least 1, got {value}")
-    return value
-
-
 def stream_key(settings: Settings) -> str:
     return f"scanqueue:{settings.queue}:events"
 
 
 def build_event_sink(settings: Settings, maxlen: int | None = None) -> EventSink:
     """A new sink for ``settings`` (Redis stream when REDIS_URL is set, else the table)."""
-    if maxlen is None:
-        try:
-            maxlen = events_maxlen()
-        except ConfigError as exc:
-            # Built lazily inside pool processes, where raising would fail scans instead.
-            log.error("%s; keeping %d events", exc, DEFAULT_MAXLEN)
-            maxlen = DEFAULT_MAXLEN
-    retention = maxlen
+    retention = settings.events_maxlen if maxlen is None else maxlen
     if settings.redis_url:
         from .redisconn import redis_client
 

@@ -32,6 +32,7 @@ import attr
 from openlineage.client.event_v2 import Job, Run, RunEvent, RunState
 from openlineage.client.facet_v2 import RunFacet, error_message_run
 
+from .config import lineage_configured as config_lineage_configured
 from .schema import STATUS_CANCELED, STATUS_COMPLETED
 
 if TYPE_CHECKING:
@@ -100,14 +101,7 @@ def build_run_event(
 
 
 def lineage_configured(environ: Mapping[str, str] | None = None) -> bool:
-    env = os.environ if environ is None else environ
-    if env.get("OPENLINEAGE_DISABLED", "").strip().lower() == "true":
-        return False
-    return bool(
-        env.get("OPENLINEAGE_URL", "").strip()
-        or env.get("OPENLINEAGE_CONFIG", "").strip()
-        or any(k.startswith("OPENLINEAGE__TRANSPORT__") for k in env)
-    )
+    return config_lineage_configured(os.environ if environ is None else environ)
 
 
 def lineage_observer() -> LineageObserver | None:

@@ -189,14 +189,18 @@ def test_redis_stream_is_capped_and_keyed_by_queue(redis_url: str, tmp_path: Pat
     assert sink.read_after(None, 1000)[-1].data["i"] == 999
 
 
-def test_maxlen_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_maxlen_comes_from_the_environment(tmp_path: Path) -> None:
+    from scanqueue.config import DEFAULT_EVENTS_MAXLEN, Settings
     from scanqueue.errors import ConfigError
 
-    assert events_mod.events_maxlen({}) == events_mod.DEFAULT_MAXLEN
-    assert events_mod.events_maxlen({"SCANQUEUE_EVENTS_MAXLEN": "500"}) == 500
+    assert Settings.from_env({}).events_maxlen == DEFAULT_EVENTS_MAXLEN
+    settings = Settings.from_env(
+        {"SCANQUEUE_EVENTS_MAXLEN": "500", "DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    )
+    assert build_event_sink(settings).maxlen == 500  # type: ignore[attr-defined]
     for bad in ("0", "lots"):
         with pytest.raises(ConfigError, match="SCANQUEUE_EVENTS_MAXLEN"):
-            events_mod.events_maxlen({"SCANQUEUE_EVENTS_MAXLEN": bad})
+            Settings.from_env({"SCANQUEUE_EVENTS_MAXLEN": bad})
 
 
 def test_sink_choice_and_per_process_cache(redis_url: str, tmp_path: Path) -> None:
@@ -308,11 +312,3 @@ def test_cli_cancel_emits_scan_canceled(sqlite_url: str, tmp_path: Path) -> None
     (event,) = sink.read_after(None, 10)
     assert event.type == "scan.canceled" and event.scan_id == row.id
     assert event.data["reason"] == "canceled by request"
-
-
-def test_a_bad_maxlen_inside_a_pool_process_falls_back(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setenv("SCANQUEUE_EVENTS_MAXLEN", "many")
-    sink = build_event_sink(_settings(f"sqlite:///{tmp_path / 'x.db'}"))
-    assert isinstance(sink, TableEventSink) and sink.maxlen == events_mod.DEFAULT_MAXLEN
