@@ -200,10 +200,8 @@ def cancel(scan_id: str, as_json: bool) -> None:
 
 
 def _emit_canceled(settings: Settings, row: ScanRow) -> None:
-    try:
-        from .events import emit_standalone
-    except ImportError:
-        return
+    from .events import emit_standalone
+
     emit_standalone(settings, "scan.canceled", row.id, {"reason": row.error})
 
 
@@ -253,33 +251,21 @@ def bridge() -> None:
 def _start_metrics_server(settings: Settings) -> None:
     if not settings.metrics_port:
         return
-    try:
-        from .metrics import serve_metrics
-    except ImportError:
-        return
+    from .metrics import serve_metrics
+
     serve_metrics(settings.metrics_port)
 
 
-def _register_optional_commands() -> None:
-    """Commands whose modules other capabilities add (serve, providers, checks, findings)."""
-    import importlib
+def _register_commands() -> None:
+    """Commands that live beside what they drive: serve (web) and the real runner's."""
+    from .runner_cli import register
+    from .web import serve_command
 
-    for module_name, attr in (
-        ("scanqueue.web", "serve_command"),
-        ("scanqueue.runner_cli", "register"),
-    ):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        target = getattr(module, attr)
-        if isinstance(target, click.Command):
-            cli.add_command(target)
-        else:
-            target(cli)
+    cli.add_command(serve_command)
+    register(cli)
 
 
-_register_optional_commands()
+_register_commands()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .bridge import BridgeHooks, BridgeService, PublishError
+from .bridge import BridgeService, PublishError
 from .config import Settings
 from .store import ReapedScan, store_for
 from .watch import watcher_for
@@ -75,13 +75,9 @@ def _lost_run_events(settings: Settings) -> Any:
 
 def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
     store = store_for(settings.database_url)
-    hooks = BridgeHooks()
-    try:
-        from .metrics import bridge_hooks
-    except ImportError:
-        pass
-    else:
-        hooks = bridge_hooks()
+    from .metrics import bridge_hooks
+
+    hooks = bridge_hooks()
     hooks.lost_runs = _lost_run_events(settings)
     return BridgeService(
         store,

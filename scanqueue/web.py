@@ -560,25 +560,13 @@ async def healthz(request: Request) -> Response:
 
 
 def _render_metrics(state: AppState) -> tuple[bytes, str]:
+    from . import metrics as scanqueue_metrics
+
     try:
-        from . import metrics as scanqueue_metrics
-    except ImportError:
-        pass
-    else:
-        try:
-            return scanqueue_metrics.render_metrics(state.store)
-        except ScanqueueError as exc:  # no queue depth without a database; the rest still
-            log.warning("queue depth not exported: %s", exc)
-            return scanqueue_metrics.render_metrics(None)
-    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-
-    registry = REGISTRY
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call,unused-ignore]
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+        return scanqueue_metrics.render_metrics(state.store)
+    except ScanqueueError as exc:  # no queue depth without a database; the rest still
+        log.warning("queue depth not exported: %s", exc)
+        return scanqueue_metrics.render_metrics(None)
 
 
 async def metrics(request: Request) -> Response:
