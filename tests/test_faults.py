@@ -307,7 +307,8 @@ def test_frozen_worker_loses_its_lease_and_cannot_write_its_outcome(
     start_bridge(procs, env, tmp_path)
     frozen = start_worker(procs, env, tmp_path, "--without-bridge", "--autoscale=1,1")
     insert_rows(pg_url, ["zombie"])
-    wait_for(lambda: started(pg_url, "zombie"), 20)
+    # Freeze only once the runner itself is going (its journal line written).
+    wait_for(lambda: starts_of(tmp_path, "zombie"), 20, what="first run started")
     frozen.signal_group(signal.SIGSTOP)
     t0 = time.monotonic()
     start_worker(procs, env, tmp_path, "--without-bridge", "--autoscale=1,1")
