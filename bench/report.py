@@ -92,6 +92,11 @@ def render(res: dict[str, Any], micro: dict[str, Any] | None) -> str:
                             fl["insert_to_listen"]["p99_ms"],
                         ],
                         [
+                            "one claim-and-commit as plain SQL (one autocommit statement)",
+                            g(fl, "raw_claim_and_commit", "p50_ms"),
+                            g(fl, "raw_claim_and_commit", "p99_ms"),
+                        ],
+                        [
                             "one claim-and-commit (`Store.claim_for_dispatch`, 1 row)",
                             fl["claim_and_commit"]["p50_ms"],
                             fl["claim_and_commit"]["p99_ms"],

@@ -490,11 +490,36 @@ def phase_floor(b: Bench, backend: str) -> dict[str, Any]:
         claims = time_claims(db, b.sizes.floor_reps)
         return {
             "insert_to_listen": summary_ms(floors),
+            "raw_claim_and_commit": time_raw_claims(db, b.sizes.floor_reps),
             "claim_and_commit": claims["one_queued"],
             "claim_empty": claims["empty"],
         }
     finally:
         b.drop_db(db)
+
+
+RAW_CLAIM_SQL = """
+UPDATE scans SET dispatched_at = clock_timestamp(), dispatch_count = dispatch_count + 1
+ WHERE id IN (SELECT id FROM scans WHERE status = 'queued' AND dispatched_at IS NULL
+               ORDER BY created_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)
+RETURNING id
+"""
+
+
+def time_raw_claims(db: Db, reps: int) -> dict[str, Any]:
+    """The floor of a claim: scanqueue's claim statement as plain SQL, one autocommit round trip."""
+    times: list[float] = []
+    with db.conn() as c, db.conn() as ins:
+        cur, icur = c.cursor(), ins.cursor()
+        for i in range(reps):
+            icur.execute(db.insert_queued_sql(), (f"rawclaim-{i}",))
+            t0 = time.perf_counter()
+            cur.execute(RAW_CLAIM_SQL)
+            got = cur.fetchall()
+            times.append(time.perf_counter() - t0)
+            assert [r[0] for r in got] == [f"rawclaim-{i}"], got
+            icur.execute("UPDATE scans SET status = 'completed' WHERE id = %s", (f"rawclaim-{i}",))
+    return summary_ms(times)
 
 
 def time_claims(db: Db, reps: int) -> dict[str, Any]:
@@ -715,8 +740,6 @@ def phase_memory(b: Bench, backend: str) -> dict[str, Any]:
 
 def phase_profile(b: Bench, backend: str) -> dict[str, Any]:
     """py-spy over a no-op throughput run at concurrency 2 (worker, bridge and pool)."""
-    if backend != "postgresql":
-        return {"skipped": "PostgreSQL only"}
     spy = shutil.which("py-spy") or str(BIN / "py-spy")
     if not Path(spy).exists():
         return {"skipped": "py-spy not installed (.venv/bin/pip install py-spy)"}
@@ -752,7 +775,7 @@ def phase_profile(b: Bench, backend: str) -> dict[str, Any]:
         main_pid = w.pid
         b.stop(w)
         summary = summarize_pyspy(raw_path, main_pid) if raw_path.exists() else {}
-        keep = RESULTS_DIR / "pyspy-throughput-pg.txt"
+        keep = RESULTS_DIR / f"pyspy-throughput-{backend}.txt"
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         if raw_path.exists():
             shutil.copy(raw_path, keep)
@@ -854,16 +877,22 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     lite = res.get("sqlite", {})
     fl, pk = pg.get("floor", {}), pg.get("pickup", {})
     if "insert_to_listen" in fl and "raw_celery" in pk:
-        for q in ("p50_ms", "p99_ms"):
-            floor = fl["insert_to_listen"][q] + fl["claim_and_commit"][q] + pk["raw_celery"][q]
-            add(
-                f"PostgreSQL pickup {q[:3]} ≤ 1.25 × floor sum (ms)",
-                pk["scanqueue"][q],
-                1.25 * floor,
-                "<=",
-                f"floor {floor:.2f} ms = LISTEN {fl['insert_to_listen'][q]} + claim "
-                f"{fl['claim_and_commit'][q]} + raw Celery hop {pk['raw_celery'][q]}",
-            )
+        # The target's floor takes the claim as plain SQL (one round trip); scanqueue's
+        # own Store.claim_for_dispatch is reported beside it (it is part of what is judged).
+        claims = [("raw_claim_and_commit", "plain-SQL claim"), ("claim_and_commit", "Store claim")]
+        for key, what in claims:
+            if key not in fl:
+                continue
+            for q in ("p50_ms", "p99_ms"):
+                floor = fl["insert_to_listen"][q] + fl[key][q] + pk["raw_celery"][q]
+                add(
+                    f"PostgreSQL pickup {q[:3]} ≤ 1.25 × floor sum, {what} (ms)",
+                    pk["scanqueue"][q],
+                    1.25 * floor,
+                    "<=",
+                    f"floor {floor:.2f} ms = LISTEN {fl['insert_to_listen'][q]} + {what} "
+                    f"{fl[key][q]} + raw Celery hop {pk['raw_celery'][q]}",
+                )
     for backend, data in (("PostgreSQL", pg), ("SQLite", lite)):
         tp = data.get("throughput", {})
         if "ratios" in tp:
