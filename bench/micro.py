@@ -19,6 +19,7 @@ import cProfile
 import json
 import os
 import pstats
+import shutil
 import sys
 import tempfile
 import time
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 s.engine.dispose()
         drop_pg_database(url)
         redis_server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     out["load_end"] = loadavg()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "micro.json").write_text(json.dumps(out, indent=2, default=str))
