@@ -31,8 +31,10 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Connection,
     Engine,
+    Integer,
     Row,
     and_,
+    bindparam,
     create_engine,
     event,
     func,
@@ -201,7 +203,10 @@ def make_engine(database_url: str, *, pool: bool = True) -> Engine:
         return engine
     return create_engine(
         database_url,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip per statement. A connection that died is
+        # reported as UnavailableError once (and the pool invalidated); every caller
+        # retries or tolerates that, and recycling keeps idle ones from going stale.
+        pool_recycle=1800,
         pool_size=5,
         max_overflow=5,
         poolclass=None if pool else NullPool,
@@ -236,16 +241,90 @@ class Store:
         self.engine = engine or make_engine(database_url)
         self.dialect = self.engine.dialect.name
         self._now = db_now(self.dialect)
+        # One statement, one round trip: single-statement calls skip BEGIN/COMMIT.
+        self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._build_hot_statements()
+
+    def _build_hot_statements(self) -> None:
+        """The per-scan statements, built once (building them is most of their CPU cost)."""
+        now = self._now
+        self._start_stmt = (
+            update(scans)
+            .where(scans.c.id == bindparam("scan_id"), scans.c.status == STATUS_QUEUED)
+            .values(
+                status=STATUS_RUNNING,
+                attempts=scans.c.attempts + 1,
+                started_at=now,
+                heartbeat_at=now,
+                finished_at=None,
+                error=None,
+                worker_id=bindparam("worker_id"),
+            )
+            .returning(
+                scans.c.id,
+                scans.c.attempts,
+                scans.c.providers_scanned,
+                scans.c.frameworks_scanned,
+                scans.c.triggered_by_user,
+                scans.c.triggered_by_token,
+                scans.c.created_at,
+                scans.c.started_at,
+            )
+        )
+        this_run = (
+            scans.c.id == bindparam("scan_id"),
+            scans.c.status == STATUS_RUNNING,
+            scans.c.attempts == bindparam("attempt"),
+        )
+        self._heartbeat_stmt = update(scans).where(*this_run).values(heartbeat_at=now)
+        self._finish_stmt = (
+            update(scans)
+            .where(*this_run)
+            .values(
+                status=bindparam("new_status"),
+                finished_at=now,
+                error=bindparam("error"),
+                findings_count=func.coalesce(
+                    bindparam("findings_count", type_=Integer), scans.c.findings_count
+                ),
+            )
+            .returning(*PUBLIC_COLUMNS)
+        )
+        self._status_stmt = select(scans.c.status, scans.c.attempts).where(
+            scans.c.id == bindparam("scan_id")
+        )
+        # A materialized CTE, not ``IN (subquery)``: PostgreSQL may re-run a LIMIT
+        # subquery per outer row and so claim more than ``limit`` rows.
+        oldest = (
+            select(scans.c.id)
+            .where(scans.c.status == STATUS_QUEUED, scans.c.dispatched_at.is_(None))
+            .order_by(scans.c.created_at, scans.c.id)
+            .limit(bindparam("limit", type_=Integer))
+            .with_for_update(skip_locked=True)
+            .cte("oldest")
+            .prefix_with("MATERIALIZED", dialect="postgresql")
+        )
+        self._claim_stmt = (
+            update(scans)
+            .where(scans.c.id == oldest.c.id, scans.c.status == STATUS_QUEUED)
+            .values(dispatched_at=now, dispatch_count=scans.c.dispatch_count + 1)
+            .returning(scans.c.id, scans.c.created_at)
+        )
 
     @property
     def masked_url(self) -> str:
         return mask_url(self.database_url)
 
     @contextmanager
-    def _tx(self) -> Iterator[Connection]:
+    def _tx(self, *, single: bool = False) -> Iterator[Connection]:
+        """A transaction; ``single=True`` for one statement, which then autocommits."""
         try:
-            with self.engine.begin() as conn:
-                yield conn
+            if single:
+                with self._autocommit_engine.connect() as conn:
+                    yield conn
+            else:
+                with self.engine.begin() as conn:
+                    yield conn
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
             if getattr(exc, "connection_invalidated", False) or _is_connect_error(exc):
                 raise UnavailableError(
@@ -257,7 +336,7 @@ class Store:
 
     def ping(self) -> None:
         """Raise UnavailableError unless a trivial query succeeds."""
-        with self._tx() as conn:
+        with self._tx(single=True) as conn:
             conn.execute(select(1))
 
     def ping_schema(self) -> None:
@@ -293,7 +372,7 @@ class Store:
         scan_id: str | None = None,
     ) -> ScanRow:
         scan_id = scan_id or new_scan_id()
-        with self._tx() as conn:
+        with self._tx(single=True) as conn:
             row = conn.execute(
                 insert(scans)
                 .values(
@@ -309,7 +388,7 @@ class Store:
         return ScanRow.from_row(row)
 
     def get(self, scan_id: str) -> ScanRow:
-        with self._tx() as conn:
+        with self._tx(single=True) as conn:
             row = conn.execute(select(*PUBLIC_COLUMNS).where(scans.c.id == scan_id)).first()
         if row is None:
             raise NotFoundError(f"no scan with id {scan_id!r}")
@@ -325,13 +404,13 @@ class Store:
         stmt = (
             stmt.order_by(scans.c.created_at.desc(), scans.c.id.desc()).limit(limit).offset(offset)
         )
-        with self._tx() as conn:
+        with self._tx(single=True) as conn:
             rows = conn.execute(stmt).all()
         return [ScanRow.from_row(r) for r in reversed(rows)]
 
     def cancel(self, scan_id: str, reason: str = "canceled by request") -> ScanRow:
         """queued|running → canceled; NotFoundError or ConflictError otherwise."""
-        with self._tx() as conn:
+        with self._tx(single=True) as conn:
             row = conn.execute(
                 update(scans)
                 .where(scans.c.id == scan_id, scans.c.status.in_((STATUS_QUEUED, STATUS_RUNNING)))
@@ -344,7 +423,7 @@ class Store:
         raise ConflictError(f"scan {scan_id} is already {current.status}")
 
     def queue_depth(self) -> int:
-        with self._tx() as conn:
+        with self._tx(single=True) as conn:
             return int(
                 conn.execute(
                     select(func.count()).select_from(scans).where(scans.c.status == STATUS_QUEUED)
@@ -359,24 +438,8 @@ class Store:
         One statement; on PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets two bridges
         claim side by side without waiting on or double-claiming each other.
         """
-        # A materialized CTE, not ``IN (subquery)``: PostgreSQL may re-run a LIMIT
-        # subquery per outer row and so claim more than ``limit`` rows.
-        oldest = (
-            select(scans.c.id)
-            .where(scans.c.status == STATUS_QUEUED, scans.c.dispatched_at.is_(None))
-            .order_by(scans.c.created_at, scans.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .cte("oldest")
-            .prefix_with("MATERIALIZED", dialect="postgresql")
-        )
-        with self._tx() as conn:
-            rows = conn.execute(
-                update(scans)
-                .where(scans.c.id == oldest.c.id, scans.c.status == STATUS_QUEUED)
-                .values(dispatched_at=self._now, dispatch_count=scans.c.dispatch_count + 1)
-                .returning(scans.c.id, scans.c.created_at)
-            ).all()
+        with self._tx(single=True) as conn:
+            rows = conn.execute(self._claim_stmt, {"limit": limit}).all()
         ordered = sorted(rows, key=lambda r: (r.created_at is None, r.created_at, r.id))
         return [r.id for r in ordered]
 
@@ -384,7 +447,7 @@ class Store:
         """Undo a claim whose publish failed, so the next pass retries it."""
         if not scan_ids:
             return
-        with self._tx() as conn:
+        with self._tx(single=True) as conn:
             conn.execute(
                 update(scans)
                 .where(scans.c.id.in_(list(scan_ids)), scans.c.status == STATUS_QUEUED)
@@ -432,29 +495,9 @@ class Store:
 
     def start_run(self, scan_id: str, worker_id: str) -> StartedRun | None:
         """CAS ``queued → running``; None when the scan is not queued (a duplicate)."""
-        with self._tx() as conn:
+        with self._tx(single=True) as conn:
             row = conn.execute(
-                update(scans)
-                .where(scans.c.id == scan_id, scans.c.status == STATUS_QUEUED)
-                .values(
-                    status=STATUS_RUNNING,
-                    attempts=scans.c.attempts + 1,
-                    started_at=self._now,
-                    heartbeat_at=self._now,
-                    finished_at=None,
-                    error=None,
-                    worker_id=worker_id,
-                )
-                .returning(
-                    scans.c.id,
-                    scans.c.attempts,
-                    scans.c.providers_scanned,
-                    scans.c.frameworks_scanned,
-                    scans.c.triggered_by_user,
-                    scans.c.triggered_by_token,
-                    scans.c.created_at,
-                    scans.c.started_at,
-                )
+                self._start_stmt, {"scan_id": scan_id, "worker_id": worker_id}
             ).first()
         if row is None:
             return None
@@ -471,23 +514,13 @@ class Store:
 
     def heartbeat(self, scan_id: str, attempt: int) -> bool:
         """Renew the lease of run ``attempt``; False once it is no longer ours."""
-        with self._tx() as conn:
-            result = conn.execute(
-                update(scans)
-                .where(
-                    scans.c.id == scan_id,
-                    scans.c.status == STATUS_RUNNING,
-                    scans.c.attempts == attempt,
-                )
-                .values(heartbeat_at=self._now)
-            )
+        with self._tx(single=True) as conn:
+            result = conn.execute(self._heartbeat_stmt, {"scan_id": scan_id, "attempt": attempt})
         return result.rowcount == 1
 
     def status_of(self, scan_id: str) -> tuple[str, int] | None:
-        with self._tx() as conn:
-            row = conn.execute(
-                select(scans.c.status, scans.c.attempts).where(scans.c.id == scan_id)
-            ).first()
+        with self._tx(single=True) as conn:
+            row = conn.execute(self._status_stmt, {"scan_id": scan_id}).first()
         return None if row is None else (row.status, row.attempts)
 
     def finish_run(
@@ -501,30 +534,21 @@ class Store:
     ) -> ScanRow | None:
         """CAS ``running(attempt) → status``; None if the run no longer owns the scan."""
         assert status in FINISHED_STATUSES, status
-        values: dict[str, Any] = {
-            "status": status,
-            "finished_at": self._now,
+        params = {
+            "scan_id": scan_id,
+            "attempt": attempt,
+            "new_status": status,
             "error": None if error is None else error[:MAX_ERROR_CHARS],
+            "findings_count": findings_count,
         }
-        if findings_count is not None:
-            values["findings_count"] = findings_count
-        with self._tx() as conn:
-            row = conn.execute(
-                update(scans)
-                .where(
-                    scans.c.id == scan_id,
-                    scans.c.status == STATUS_RUNNING,
-                    scans.c.attempts == attempt,
-                )
-                .values(**values)
-                .returning(*PUBLIC_COLUMNS)
-            ).first()
+        with self._tx(single=True) as conn:
+            row = conn.execute(self._finish_stmt, params).first()
         return None if row is None else ScanRow.from_row(row)
 
     def hand_back(self, owner: str) -> list[str]:
         """Re-queue the running scans of ``owner``'s pool processes (a worker shutting down)."""
         prefix = owner + "/"
-        with self._tx() as conn:
+        with self._tx(single=True) as conn:
             rows = conn.execute(
                 update(scans)
                 .where(
