@@ -258,6 +258,8 @@ class Store:
                 heartbeat_at=now,
                 finished_at=None,
                 error=None,
+                # A scan's findings are its last run's: a re-run starts from none.
+                findings_count=0,
                 worker_id=bindparam("worker_id"),
             )
             .returning(

@@ -114,6 +114,19 @@ def test_finish_is_a_compare_and_set_on_the_attempt(store: Store) -> None:
     assert store.get("f").status == "completed"
 
 
+def test_a_rerun_starts_with_no_findings(store: Store) -> None:
+    insert_raw(store, "again")
+    run = store.start_run("again", "w")
+    assert run is not None
+    store.finish_run("again", run.attempt, "completed", findings_count=7)
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE scans SET status = 'queued' WHERE id = 'again'"))
+    rerun = store.start_run("again", "w")
+    assert rerun is not None
+    store.finish_run("again", rerun.attempt, "failed", error="boom")
+    assert store.get("again").findings_count == 0
+
+
 def test_cancel_queued_running_and_finished(store: Store) -> None:
     insert_raw(store, "q")
     assert store.cancel("q").status == "canceled"
