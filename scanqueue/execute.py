@@ -35,7 +35,7 @@ from .errors import MalformedRowError, ScanqueueError
 from .observe import NULL_OBSERVER, RunInfo, ScanObserver
 from .runner import Job, Runner, ScanContext, ScanResult
 from .schema import STATUS_CANCELED, STATUS_COMPLETED, STATUS_FAILED
-from .store import StartedRun, Store
+from .store import StartedRun, Store, retry_with_backoff
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,9 @@ def execute_scan(
     try:
         job = _job_from(started)
     except MalformedRowError as exc:
-        return _finish(store, observer, info, STATUS_FAILED, clock, error=str(exc))
+        return _finish(
+            store, observer, info, STATUS_FAILED, clock, error=str(exc), settings=settings
+        )
 
     ctx = ScanContext(scan_id, started.attempt, emit=lambda t, p: observer.event(info, t, p))
     keeper = LeaseKeeper(store, ctx, settings)
@@ -112,15 +114,19 @@ def execute_scan(
     except Exception as exc:
         keeper.stop()
         if ctx.cancelled:
-            return _after_stop(store, observer, info, ctx, clock)
-        return _finish(store, observer, info, STATUS_FAILED, clock, error=_error_text(exc))
+            return _after_stop(store, observer, info, ctx, clock, settings=settings)
+        return _finish(
+            store, observer, info, STATUS_FAILED, clock, error=_error_text(exc), settings=settings
+        )
     keeper.stop()
     findings = _findings_count(result, ctx)
     if ctx.cancelled:
         # A run that was told to stop may still own the scan (e.g. the database was
         # only briefly unreachable); the CAS decides.
-        return _after_stop(store, observer, info, ctx, clock, findings=findings)
-    return _finish(store, observer, info, STATUS_COMPLETED, clock, findings=findings)
+        return _after_stop(store, observer, info, ctx, clock, findings=findings, settings=settings)
+    return _finish(
+        store, observer, info, STATUS_COMPLETED, clock, findings=findings, settings=settings
+    )
 
 
 def _job_from(started: StartedRun) -> Job:
@@ -155,9 +161,20 @@ def _finish(
     *,
     error: str | None = None,
     findings: int | None = None,
+    settings: ExecutionSettings | None = None,
 ) -> Outcome:
     duration = time.monotonic() - clock
-    row = store.finish_run(info.scan_id, info.attempt, status, error=error, findings_count=findings)
+    # A database blip must not strand the row as 'running' until the reaper: retry
+    # while this run's lease would still hold (the write is a CAS, so a retry after
+    # a lost reply just finds the row already written).
+    retry_s = settings.lease_s * SELF_FENCE_SHARE if settings else 0.0
+    row = retry_with_backoff(
+        lambda: store.finish_run(
+            info.scan_id, info.attempt, status, error=error, findings_count=findings
+        ),
+        timeout_s=retry_s,
+        what=f"the database to record scan {info.scan_id}",
+    )
     if row is None:
         current = store.status_of(info.scan_id)
         log.warning(
@@ -189,12 +206,15 @@ def _after_stop(
     ctx: ScanContext,
     clock: float,
     findings: int | None = None,
+    settings: ExecutionSettings | None = None,
 ) -> Outcome:
     current = store.status_of(info.scan_id)
     if current == ("running", info.attempt):
         # Still ours (the stop came from a database outage, not a cancel): the
         # runner's result stands.
-        return _finish(store, observer, info, STATUS_COMPLETED, clock, findings=findings)
+        return _finish(
+            store, observer, info, STATUS_COMPLETED, clock, findings=findings, settings=settings
+        )
     duration = time.monotonic() - clock
     log.info(
         "scan %s attempt %d stopped (%s) after %.3fs",

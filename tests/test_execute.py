@@ -159,3 +159,35 @@ def test_load_runner_errors_are_one_line_naming_the_variable(path: str, says: st
         load_runner(path)
     assert str(err.value).startswith("SCANQUEUE_RUNNER: ") and says in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.postgres
+def test_finish_survives_a_brief_database_outage(pg_server: Any) -> None:
+    """The runner ends while PostgreSQL restarts: the outcome is still recorded."""
+    from scanqueue.config import normalize_database_url
+    from scanqueue.store import Store
+    from tests.conftest import create_pg_database, upgrade
+
+    url = create_pg_database(pg_server.admin_url)
+    upgrade(url)
+    store = Store(normalize_database_url(url))
+    insert_raw(store, "blip")
+    release = threading.Event()
+
+    def waits(job: Job, ctx: ScanContext) -> ScanResult:
+        release.wait(30)
+        return ScanResult(findings_count=2)
+
+    settings = ExecutionSettings(heartbeat_every_s=0.2, lease_s=20, cancel_grace_s=1)
+    result: list[Outcome] = []
+    t = threading.Thread(target=lambda: result.append(run(store, "blip", waits, settings)))
+    t.start()
+    time.sleep(0.5)
+    pg_server.stop("fast")
+    release.set()
+    time.sleep(1.5)  # the finish is retried meanwhile
+    pg_server.start()
+    t.join(30)
+    assert result == [Outcome.COMPLETED]
+    row = store.get("blip")
+    assert row.status == "completed" and row.findings_count == 2
