@@ -12,41 +12,25 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tests import support
+from tests.support import Proc as Proc
+from tests.support import RedisServer as RedisServer
+from tests.support import free_port as free_port
+from tests.support import wait_for as wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PG_ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition"
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- statistics ---------------------------------------------------------------------------
@@ -86,95 +70,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
 # -- Redis ----------------------------------------------------------------------------------
 
 
-class RedisServer:
-    """A throwaway redis-server on a free loopback port, no persistence."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server not found")
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=self.port)
-        wait_for(lambda: _ping(client), 10, what="redis-server")
-
-    def version(self) -> str:
-        import redis
-
-        return str(redis.Redis(host="127.0.0.1", port=self.port).info()["redis_version"])
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-
-def _ping(client: Any) -> bool:
-    try:
-        return bool(client.ping())
-    except Exception:
-        return False
-
-
 # -- PostgreSQL -------------------------------------------------------------------------------
 
 
 def create_pg_database() -> str:
-    import psycopg2
-    from sqlalchemy.engine import make_url
-
-    name = f"sq_bench_{uuid.uuid4().hex[:10]}"
-    conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=3)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-    return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    return support.create_pg_database(PG_ADMIN_URL, prefix="sq_bench_")
 
 
 def drop_pg_database(url: str) -> None:
-    import psycopg2
-    from sqlalchemy.engine import make_url
-
-    name = make_url(url).database
-    with contextlib.suppress(Exception):
-        conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=3)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
+    support.drop_pg_database(url, PG_ADMIN_URL)
 
 
 def pg_version() -> str:
@@ -360,65 +264,6 @@ def clean_env(database_url: str, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
-
-
-class Proc:
-    """A process in its own process group, its output in a file."""
-
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, name: str) -> None:
-        self.args = args
-        self.name = name
-        self.log_path = cwd / f"{name}-{uuid.uuid4().hex[:6]}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            args,
-            env=env,
-            cwd=cwd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_output(self, text: str, timeout: float = 60) -> None:
-        wait_for(
-            lambda: text in self.output() or self.proc.poll() is not None,
-            timeout,
-            interval=0.1,
-            what=f"{self.name}: {text!r}",
-        )
-        if text not in self.output():
-            raise RuntimeError(
-                f"{self.name} exited ({self.proc.returncode}) before {text!r}:\n"
-                f"{self.output()[-3000:]}"
-            )
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def signal_group(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, sig)
-
-    def stop(self, timeout: float = 15) -> int | None:
-        # SIGTERM to the main process only (a killed pool child may hold billiard's
-        # queue lock and hang the worker); then clear the group.
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.signal_group(signal.SIGKILL)
-                self.proc.wait(10)
-        self.signal_group(signal.SIGKILL)
-        self._log.close()
-        return self.proc.returncode
 
 
 def children_of(pid: int) -> list[int]:

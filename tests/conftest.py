@@ -10,17 +10,25 @@ import contextlib
 import itertools
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Re-exported: the test modules import these from here.
+from tests.support import Proc as Proc
+from tests.support import RedisServer as RedisServer
+from tests.support import WaitTimeout as WaitTimeout
+from tests.support import _ping
+from tests.support import create_pg_database as _create_pg_database
+from tests.support import drop_pg_database as _drop_pg_database
+from tests.support import free_port as free_port
+from tests.support import wait_for as wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get(
@@ -39,25 +47,6 @@ def service_missing(what: str) -> None:
     pytest.skip(f"{what} not reachable")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition"
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 # -- PostgreSQL ----------------------------------------------------------------------
 
 
@@ -73,29 +62,11 @@ def _pg_admin() -> Any:
 
 
 def create_pg_database(base_url: str = PG_ADMIN_URL) -> str:
-    import psycopg2
-    from sqlalchemy.engine import make_url
-
-    name = f"sq_test_{uuid.uuid4().hex[:10]}"
-    conn = psycopg2.connect(base_url, connect_timeout=3)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-    return make_url(base_url).set(database=name).render_as_string(hide_password=False)
+    return _create_pg_database(base_url)
 
 
 def drop_pg_database(url: str, base_url: str = PG_ADMIN_URL) -> None:
-    import psycopg2
-    from sqlalchemy.engine import make_url
-
-    name = make_url(url).database
-    with contextlib.suppress(Exception):
-        conn = psycopg2.connect(base_url, connect_timeout=3)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
+    _drop_pg_database(url, base_url)
 
 
 @pytest.fixture
@@ -146,65 +117,10 @@ def store(db_url: str) -> Any:
 # -- Redis ---------------------------------------------------------------------------
 
 
-class RedisServer:
-    """A throwaway redis-server on a free loopback port (FLUSHALL/restart tests use it)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            service_missing("redis-server")
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=self.port)
-        wait_for(lambda: _ping(client), 10, what="redis-server")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-
-def _ping(client: Any) -> bool:
-    try:
-        return bool(client.ping())
-    except Exception:
-        return False
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        service_missing("redis-server")
     server = RedisServer(tmp_path)
     server.start()
     yield server
@@ -237,60 +153,6 @@ def rabbitmq_url() -> str:
 
 
 # -- processes -----------------------------------------------------------------------
-
-
-class Proc:
-    """A scanqueue process in its own process group, with its output in a file."""
-
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, name: str) -> None:
-        self.args = args
-        self.env = env
-        self.cwd = cwd
-        self.log_path = cwd / f"{name}-{uuid.uuid4().hex[:6]}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            args,
-            env=env,
-            cwd=cwd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_output(self, text: str, timeout: float = 30) -> None:
-        wait_for(
-            lambda: text in self.output() or self.proc.poll() is not None, timeout, what=repr(text)
-        )
-        if text not in self.output():
-            raise AssertionError(
-                f"process exited ({self.proc.returncode}) before {text!r}:\n{self.output()[-4000:]}"
-            )
-
-    def signal_group(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
-
-    def stop(self, timeout: float = 8) -> int | None:
-        # SIGTERM to the main process only: signalling the whole group kills pool
-        # processes that may hold billiard's queue lock, and the worker then hangs.
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.signal_group(signal.SIGKILL)
-                self.proc.wait(10)
-        # Pool children may linger a moment after their parent.
-        self.signal_group(signal.SIGKILL)
-        self._log.close()
-        return self.proc.returncode
 
 
 def base_env(database_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
