@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
 
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError
@@ -217,10 +217,6 @@ def mask_url(raw: str) -> str:
             for k, v in pairs
         )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def mask_sqlalchemy_url(url: URL | str) -> str:
-    return mask_url(str(url) if isinstance(url, URL) else url)
 
 
 def _text(env: Mapping[str, str], name: str) -> str | None:
