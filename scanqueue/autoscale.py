@@ -19,8 +19,9 @@ Three rules keep it safe:
   counts as 0 too, never as the last value seen;
 * it never shrinks while a reserved scan has not been accepted by a pool
   process yet, nor within a moment of a scan arriving (celery#7266: a process
-  that was just handed a task looks idle and can be terminated with it); billiard
-  itself only terminates processes with no job;
+  that was just handed a task looks idle and can be terminated with it); it ends
+  only live processes with no job that are not ending already
+  (:func:`shrink_idle_processes`, not billiard's ``Pool.shrink``);
 * the decision is :func:`decide`, a pure function of a :class:`Sample` and the
   previous :class:`ScaleState`, so it is tested without a worker.
 
@@ -391,6 +392,15 @@ class QueueDepthAutoscaler(celery_autoscale.Autoscaler):  # type: ignore[misc]
         # decide() already waited out the keepalive; Celery's own check would re-time it.
         self._shrink(n)
 
+    def _shrink(self, n: int) -> None:
+        pool = getattr(self.pool, "_pool", None)  # billiard's pool behind Celery's TaskPool
+        if pool is None or not hasattr(pool, "_worker_active"):
+            self.pool.shrink(n)
+            return
+        ended = shrink_idle_processes(pool, n)
+        if ended < n:
+            log.info("autoscale: ended %d of %d processes; the others are busy", ended, n)
+
     def info(self) -> dict[str, Any]:
         info: dict[str, Any] = super().info()
         info.update(
@@ -407,3 +417,30 @@ class QueueDepthAutoscaler(celery_autoscale.Autoscaler):  # type: ignore[misc]
             self.sampler.stop()
         if self.is_alive():  # a thread only without the event loop
             super().stop()
+
+
+def shrink_idle_processes(pool: Any, n: int) -> int:
+    """End up to ``n`` idle processes of a billiard pool; return how many.
+
+    billiard's own ``Pool.shrink`` picks from every process it still lists,
+    including one it already told to end that has not exited yet (a process
+    sleeps a second in its exit path).  Two shrinks within that second then
+    count the same process twice and leave a live one the pool no longer counts:
+    it is never ended, and never replaced either.  Only live processes that are
+    not ending already and hold no job are chosen here.
+    """
+    ended = 0
+    for process in list(pool._pool):
+        if ended >= n:
+            break
+        if getattr(process, "_controlled_termination", False) or process.exitcode is not None:
+            continue
+        if pool._worker_active(process):
+            continue
+        pool._processes -= 1
+        if pool._putlock:
+            pool._putlock.shrink()
+        process.terminate_controlled()
+        pool.on_shrink(1)
+        ended += 1
+    return ended
