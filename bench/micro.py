@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             from scanqueue.store import _stores
 
             for s in _stores.values():
-                s.engine.dispose()
+                s.dispose()
         drop_pg_database(url)
         redis_server.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -551,7 +551,7 @@ def time_claims(db: Db, reps: int) -> dict[str, Any]:
             cur.close()
         return {"one_queued": summary_ms(one), "empty": summary_ms(empty)}
     finally:
-        store.engine.dispose()
+        store.dispose()
 
 
 def phase_pickup(b: Bench, backend: str) -> dict[str, Any]:

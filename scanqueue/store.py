@@ -182,13 +182,19 @@ def new_scan_id() -> str:
     return uuid.uuid4().hex
 
 
-def make_engine(database_url: str, *, pool: bool = True) -> Engine:
-    """An engine with the connection settings scanqueue relies on."""
+def make_engine(database_url: str, *, pool: bool = True, autocommit: bool = False) -> Engine:
+    """An engine with the connection settings scanqueue relies on.
+
+    ``autocommit=True`` makes every connection autocommit for good; switching a
+    pooled connection per checkout costs a round trip each way.
+    """
+    isolation = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
     if database_url.startswith("sqlite"):
         engine = create_engine(
             database_url,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S},
             poolclass=None if pool else NullPool,
+            **isolation,
         )
 
         @event.listens_for(engine, "connect")
@@ -210,6 +216,7 @@ def make_engine(database_url: str, *, pool: bool = True) -> Engine:
         pool_size=5,
         max_overflow=5,
         poolclass=None if pool else NullPool,
+        **isolation,
         connect_args={
             "connect_timeout": PG_CONNECT_TIMEOUT_S,
             "application_name": "scanqueue",
@@ -241,8 +248,13 @@ class Store:
         self.engine = engine or make_engine(database_url)
         self.dialect = self.engine.dialect.name
         self._now = db_now(self.dialect)
-        # One statement, one round trip: single-statement calls skip BEGIN/COMMIT.
-        self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # One statement, one round trip: single-statement calls skip BEGIN/COMMIT,
+        # on connections of their own that always autocommit.
+        self._autocommit_engine = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if engine is not None
+            else make_engine(database_url, autocommit=True)
+        )
         self._build_hot_statements()
 
     def _build_hot_statements(self) -> None:
@@ -312,6 +324,11 @@ class Store:
             .values(dispatched_at=now, dispatch_count=scans.c.dispatch_count + 1)
             .returning(scans.c.id, scans.c.created_at)
         )
+
+    def dispose(self, close: bool = True) -> None:
+        """Drop both connection pools (``close=False`` after a fork: the parent owns them)."""
+        self.engine.dispose(close=close)
+        self._autocommit_engine.engine.dispose(close=close)
 
     @property
     def masked_url(self) -> str:
@@ -713,6 +730,6 @@ def store_for(database_url: str) -> Store:
             for stale in [k for k in _stores if k[0] != key[0]]:
                 # Inherited from the parent: drop the pool without closing its sockets,
                 # which still belong to the parent.
-                _stores.pop(stale).engine.dispose(close=False)
+                _stores.pop(stale).dispose(close=False)
             found = _stores[key] = Store(database_url)
         return found

@@ -78,7 +78,7 @@ def pg_url() -> Iterator[str]:
     from scanqueue.store import _stores
 
     for key in [k for k in _stores if k[1].endswith("/" + url.rsplit("/", 1)[1])]:
-        _stores.pop(key).engine.dispose()
+        _stores.pop(key).dispose()
     drop_pg_database(url)
 
 
