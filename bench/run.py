@@ -289,11 +289,20 @@ def db_pickup(b: Bench, db: Db, n: int, proc: Proc) -> dict[str, Any]:
     return out
 
 
-def db_throughput(db: Db, n: int, proc: Proc, timeout_s: float) -> dict[str, Any]:
-    """A backlog of ``n`` rows in one INSERT; completions per second until the last one."""
+def db_throughput(
+    db: Db, n: int, proc: Proc, timeout_s: float, also: Proc | None = None
+) -> dict[str, Any]:
+    """A backlog of ``n`` rows in one INSERT; completions per second until the last one.
+
+    CPU is ``proc``'s process tree, plus ``also``'s (a standalone bridge).
+    """
     prefix = f"tp-{uuid.uuid4().hex[:6]}-"
     load_before = loadavg()
-    cpu0 = tree_cpu_s(proc.pid)
+
+    def cpu_s() -> float:
+        return tree_cpu_s(proc.pid) + (tree_cpu_s(also.pid) if also is not None else 0.0)
+
+    cpu0 = cpu_s()
     db.insert_queued_bulk([f"{prefix}{i:06d}" for i in range(n)])
 
     def done() -> bool:
@@ -302,7 +311,7 @@ def db_throughput(db: Db, n: int, proc: Proc, timeout_s: float) -> dict[str, Any
         return db.count_unfinished(prefix) == 0
 
     wait_for(done, timeout_s, interval=0.5, what=f"{n} scans through {proc.name}")
-    cpu_ms = (tree_cpu_s(proc.pid) - cpu0) * 1000.0 / n
+    cpu_ms = (cpu_s() - cpu0) * 1000.0 / n
     rows = db.lifecycle(prefix)
     created = min(r["created"] for r in rows)
     first_start = min(r["started"] for r in rows)
@@ -604,6 +613,11 @@ def phase_throughput(b: Bench, backend: str) -> dict[str, Any]:
                 pool = start_old_pool(b, db)
                 out["old_pool"] = db_throughput(db, n, pool, timeout)
                 b.stop(pool)
+                # Raw Celery's publisher is a process of its own; so is this bridge.
+                bridge, w = start_standalone(b, db, f"{conc},{conc}")
+                out["scanqueue_c2_standalone_bridge"] = db_throughput(db, n, w, timeout, bridge)
+                b.stop(w)
+                b.stop(bridge)
         finally:
             b.drop_db(db)
     out["ratios"] = {
@@ -611,8 +625,23 @@ def phase_throughput(b: Bench, backend: str) -> dict[str, Any]:
         "c6_vs_raw_celery": ratio(out["scanqueue_c6"]["per_s"], out["raw_celery_c6"]["per_s"]),
         "c2_vs_old_pool": ratio(out["scanqueue_c2"]["per_s"], out["old_pool"]["per_s"]),
         "c6_vs_old_pool": ratio(out["scanqueue_c6"]["per_s"], out["old_pool"]["per_s"]),
+        "c2_standalone_bridge_vs_raw_celery": ratio(
+            out["scanqueue_c2_standalone_bridge"]["per_s"], out["raw_celery_c2"]["per_s"]
+        ),
     }
     return out
+
+
+def start_standalone(b: Bench, db: Db, autoscale: str) -> tuple[Proc, Proc]:
+    """``scanqueue bridge`` plus a ``--without-bridge`` worker, warmed up; (bridge, worker)."""
+    env = b.env(db, SCANQUEUE_RUNNER=NOOP_RUNNER)
+    bridge = b.start([str(BIN / "scanqueue"), "bridge"], env, "bridge")
+    w = start_scanqueue(
+        b, db, autoscale, without_bridge=True, SCANQUEUE_QUEUE=env["SCANQUEUE_QUEUE"]
+    )
+    bridge.wait_for_output("bridge running", timeout=60)
+    warm_up_rows(db, w, 4)
+    return bridge, w
 
 
 def phase_stub50(b: Bench, backend: str) -> dict[str, Any]:
@@ -716,13 +745,7 @@ def phase_memory(b: Bench, backend: str) -> dict[str, Any]:
     n = b.sizes.memory_n
     db = b.new_db(backend)
     try:
-        env = b.env(db, SCANQUEUE_RUNNER=NOOP_RUNNER)
-        bridge = b.start([str(BIN / "scanqueue"), "bridge"], env, "bridge")
-        w = start_scanqueue(
-            b, db, "2,2", without_bridge=True, SCANQUEUE_QUEUE=env["SCANQUEUE_QUEUE"]
-        )
-        bridge.wait_for_output("bridge running", timeout=60)
-        warm_up_rows(db, w, 4)
+        bridge, w = start_standalone(b, db, "2,2")
         run = db_throughput(db, n, w, max(120.0, n / 10.0))
         out = {
             "scans": n,
@@ -902,6 +925,14 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                 0.6,
                 ">=",
             )
+        if tp.get("ratios", {}).get("c2_standalone_bridge_vs_raw_celery") is not None:
+            add(
+                f"{backend} no-op throughput c2, standalone bridge ≥ 0.6 × raw Celery (ratio)",
+                tp["ratios"]["c2_standalone_bridge_vs_raw_celery"],
+                0.6,
+                ">=",
+                "bridge in its own process, like raw Celery's publisher; CPU includes it",
+            )
         st = data.get("stub50", {})
         if "ratio_vs_raw_celery" in st:
             add(
@@ -1018,7 +1049,14 @@ def print_table(res: dict[str, Any]) -> None:
         if "ratios" in pk:
             print(f"  pickup ratios {pk['ratios']}")
         tp = d.get("throughput", {})
-        for who in ("scanqueue_c2", "raw_celery_c2", "old_pool", "scanqueue_c6", "raw_celery_c6"):
+        for who in (
+            "scanqueue_c2",
+            "scanqueue_c2_standalone_bridge",
+            "raw_celery_c2",
+            "old_pool",
+            "scanqueue_c6",
+            "raw_celery_c6",
+        ):
             print(f"  throughput {who:<14} {g(tp, who, 'per_s'):>8} /s")
         if "ratios" in tp:
             print(f"  throughput ratios {tp['ratios']}")
