@@ -173,7 +173,7 @@ def run_all(url: str, n: int) -> dict[str, Any]:
         k.start()
         k.stop()
 
-    res["LeaseKeeper start+stop (a thread per scan)"] = timed(keeper_cycle, n)
+    res["LeaseKeeper start+stop (a registration with the lease thread)"] = timed(keeper_cycle, n)
 
     # The bridge: claim batches, publish through one producer.
     queued(n)

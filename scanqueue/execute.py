@@ -14,6 +14,10 @@
                   after the grace period the pool process is terminated.
                   A finish after that loses its CAS and writes nothing.
 
+The leases are kept by one daemon thread per process (:class:`LeaseThread`,
+started on first use and again in each forked pool process); a run registers
+with it for its duration (:class:`LeaseKeeper`), which costs a lock, not a thread.
+
 A :class:`~scanqueue.observe.ScanObserver` hears each step (events, metrics,
 lineage, logs); the database write always comes first.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
 import signal
 import socket
@@ -228,9 +233,12 @@ def _after_stop(
 
 
 class LeaseKeeper:
-    """Renews a run's heartbeat; tells the runner to stop, then ends it if it will not.
+    """One run's registration with the process's :class:`LeaseThread`.
 
-    Runs as a daemon thread beside the runner, in the same process.
+    ``start()`` registers the run and ``stop()`` unregisters it; neither starts nor
+    joins a thread.  After ``stop()`` returns the run is told nothing any more (no
+    ``request_stop``, no ``on_overdue``); at most a heartbeat already on its way
+    completes.
     """
 
     def __init__(
@@ -244,49 +252,204 @@ class LeaseKeeper:
         self.ctx = ctx
         self.settings = settings
         self.on_overdue = on_overdue or terminate_overdue_run
-        self._done = threading.Event()
-        self._thread = threading.Thread(
-            target=self._loop, name=f"lease-{ctx.scan_id[:12]}", daemon=True
-        )
+        self._run: _LeasedRun | None = None
+        self._keeper: LeaseThread | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        if self._run is not None:
+            raise RuntimeError(f"the lease of scan {self.ctx.scan_id} is kept already")
+        self._run = _LeasedRun(self.store, self.ctx, self.settings, self.on_overdue)
+        self._keeper = lease_thread()
+        self._keeper.register(self._run)
 
     def stop(self) -> None:
-        self._done.set()
-        self._thread.join(timeout=5)
+        if self._run is not None and self._keeper is not None:
+            self._keeper.unregister(self._run)
+
+
+class _LeasedRun:
+    """A registered run's lease state; once registered, only the lease thread changes it."""
+
+    __slots__ = (
+        "ctx",
+        "fence_after",
+        "last_renewed",
+        "next_at",
+        "on_overdue",
+        "overdue",
+        "settings",
+        "store",
+    )
+
+    def __init__(
+        self,
+        store: Store,
+        ctx: ScanContext,
+        settings: ExecutionSettings,
+        on_overdue: Callable[[ScanContext], None],
+    ) -> None:
+        self.store = store
+        self.ctx = ctx
+        self.settings = settings
+        self.on_overdue = on_overdue
+        self.fence_after = settings.lease_s * SELF_FENCE_SHARE
+        self.last_renewed = time.monotonic()
+        # When the thread next acts: the next heartbeat or, once told to stop
+        # (``overdue``), the end of the grace period.
+        self.next_at = self.last_renewed + settings.heartbeat_every_s
+        self.overdue = False
+
+    def renew(self) -> str | None:
+        """One heartbeat; the reason to stop, or None while the lease holds."""
+        try:
+            if self.store.heartbeat(self.ctx.scan_id, self.ctx.attempt):
+                self.last_renewed = time.monotonic()
+                return None
+            current = self.store.status_of(self.ctx.scan_id)
+            if current and current[0] == STATUS_CANCELED:
+                return "canceled"
+            return f"lease lost (scan is now {current[0] if current else 'gone'})"
+        except ScanqueueError as exc:
+            if time.monotonic() - self.last_renewed < self.fence_after:
+                log.warning("heartbeat of scan %s failed: %s", self.ctx.scan_id, exc)
+                return None
+            return "lease lost (database unreachable)"
+        except Exception:
+            log.exception("heartbeat of scan %s failed", self.ctx.scan_id)
+            return None
+        finally:
+            self.next_at = time.monotonic() + self.settings.heartbeat_every_s
+
+
+class LeaseThread:
+    """The process's one daemon thread that keeps the lease of every registered run.
+
+    Due runs are served one after another, the longest-due first, so a slow
+    heartbeat delays the others by its duration but never skips them.
+    """
+
+    IDLE_WAIT_S = 60.0  # a bound on every wait, so a missed wake-up costs at most this
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        # Reentrant: on_overdue runs with the lock held (see _serve) and may itself
+        # unregister a run.
+        self._cond = threading.Condition(threading.RLock())
+        self._runs: set[_LeasedRun] = set()
+        # When the waiting thread will look next; -inf while it is busy (it rereads
+        # the runs before it waits again).  A registration due later need not wake it.
+        self._wake_at = -math.inf
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def register(self, run: _LeasedRun) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the lease thread is closed")
+            self._runs.add(run)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name=f"scanqueue-lease-{self.pid}", daemon=True
+                )
+                self._thread.start()
+            elif run.next_at < self._wake_at:
+                self._cond.notify()
+
+    def unregister(self, run: _LeasedRun) -> None:
+        # No wake-up: the thread finds nothing due at its next look.
+        with self._cond:
+            self._runs.discard(run)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread (registered runs are dropped); for shutdown and tests."""
+        with self._cond:
+            self._closed = True
+            self._runs.clear()
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
 
     def _loop(self) -> None:
-        last_renewed = time.monotonic()
-        fence_after = self.settings.lease_s * SELF_FENCE_SHARE
-        while not self._done.wait(self.settings.heartbeat_every_s):
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                run = min(self._runs, key=_next_at, default=None)
+                if run is None or run.next_at > now:
+                    self._wake_at = min(run.next_at if run else math.inf, now + self.IDLE_WAIT_S)
+                    self._cond.wait(self._wake_at - now)
+                    self._wake_at = -math.inf
+                    continue
             try:
-                if self.store.heartbeat(self.ctx.scan_id, self.ctx.attempt):
-                    last_renewed = time.monotonic()
-                    continue
-                current = self.store.status_of(self.ctx.scan_id)
-                if current and current[0] == STATUS_CANCELED:
-                    reason = "canceled"
-                else:
-                    reason = f"lease lost (scan is now {current[0] if current else 'gone'})"
-            except ScanqueueError as exc:
-                if time.monotonic() - last_renewed < fence_after:
-                    log.warning("heartbeat of scan %s failed: %s", self.ctx.scan_id, exc)
-                    continue
-                reason = "lease lost (database unreachable)"
+                self._serve(run)
             except Exception:
-                log.exception("heartbeat of scan %s failed", self.ctx.scan_id)
-                continue
-            log.info(
-                "scan %s attempt %d told to stop: %s", self.ctx.scan_id, self.ctx.attempt, reason
-            )
-            self.ctx.request_stop(reason)
-            break
-        else:
+                log.exception("lease thread failed on scan %s", run.ctx.scan_id)
+                with self._cond:
+                    self._runs.discard(run)
+
+    def _serve(self, run: _LeasedRun) -> None:
+        if run.overdue:
+            with self._cond:
+                # Under the lock, so that once unregister() has returned the run
+                # cannot be terminated any more.
+                if run in self._runs:
+                    self._runs.discard(run)
+                    run.on_overdue(run.ctx)
             return
-        if self._done.wait(self.settings.cancel_grace_s):
+        # The database calls are made without the lock, so registrations never wait
+        # for them.  A heartbeat already on its way when its run ends may still land:
+        # it is a CAS on (scan, attempt, running), so after the finish it writes nothing.
+        reason = run.renew()
+        if reason is None:
             return
-        self.on_overdue(self.ctx)
+        with self._cond:
+            if run not in self._runs:
+                return  # the run ended while its heartbeat was on the way
+            run.ctx.request_stop(reason)
+            run.overdue = True
+            run.next_at = time.monotonic() + run.settings.cancel_grace_s
+        log.info("scan %s attempt %d told to stop: %s", run.ctx.scan_id, run.ctx.attempt, reason)
+
+
+def _next_at(run: _LeasedRun) -> float:
+    return run.next_at
+
+
+_lease_thread: LeaseThread | None = None
+_lease_thread_lock = threading.Lock()
+
+
+def lease_thread() -> LeaseThread:
+    """This process's lease thread, created on first use (a forked child gets its own)."""
+    global _lease_thread
+    keeper = _lease_thread
+    if keeper is not None and keeper.pid == os.getpid() and not keeper.closed:
+        return keeper
+    with _lease_thread_lock:
+        if _lease_thread is None or _lease_thread.pid != os.getpid() or _lease_thread.closed:
+            _lease_thread = LeaseThread()
+        return _lease_thread
+
+
+def _after_fork_in_child() -> None:
+    # The parent's lock may have been held by another thread at fork time, and its
+    # lease thread does not exist here.
+    global _lease_thread, _lease_thread_lock
+    _lease_thread_lock = threading.Lock()
+    _lease_thread = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def terminate_overdue_run(ctx: ScanContext) -> None:

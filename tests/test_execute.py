@@ -1,7 +1,10 @@
-"""execute_scan against a real database: outcomes, bad rows, cancel and lease loss."""
+"""execute_scan against a real database: outcomes, bad rows, cancel, lease loss and the
+process's one lease thread."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import threading
 import time
 from typing import Any
@@ -10,7 +13,13 @@ import pytest
 
 from scanqueue import Job, ScanContext, ScanResult
 from scanqueue.errors import ConfigError
-from scanqueue.execute import ExecutionSettings, LeaseKeeper, Outcome, execute_scan
+from scanqueue.execute import (
+    ExecutionSettings,
+    LeaseKeeper,
+    Outcome,
+    execute_scan,
+    lease_thread,
+)
 from scanqueue.runner import RunnerFunc, StubRunner, load_runner
 from scanqueue.store import Store
 from tests.test_store import insert_raw
@@ -137,6 +146,184 @@ def test_overdue_run_is_terminated_after_the_grace_period(store: Store) -> None:
     keeper.stop()
     assert ctx.cancelled and ctx.stop_reason == "canceled"
     assert overdue and FAST.cancel_grace_s <= overdue[0] - t0 < FAST.cancel_grace_s + 1.5
+
+
+class RecordingStore(Store):
+    """The same database, with every heartbeat's scan and time written down."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store.database_url, engine=store.engine)
+        self.beats: list[tuple[str, float]] = []
+
+    def heartbeat(self, scan_id: str, attempt: int) -> bool:
+        self.beats.append((scan_id, time.monotonic()))
+        return super().heartbeat(scan_id, attempt)
+
+
+class GatedStore(RecordingStore):
+    """Holds each heartbeat until the test releases it: a slow database, on demand."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def heartbeat(self, scan_id: str, attempt: int) -> bool:
+        self.entered.set()
+        self.release.wait(10)
+        return super().heartbeat(scan_id, attempt)
+
+
+def started_ctx(store: Store, scan_id: str) -> ScanContext:
+    insert_raw(store, scan_id)
+    started = store.start_run(scan_id, "w")
+    assert started is not None
+    return ScanContext(scan_id, started.attempt)
+
+
+def test_sequential_runs_share_one_lease_thread(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    insert_raw(store, "warm")
+    assert run(store, "warm", lambda job, ctx: None) is Outcome.COMPLETED
+    keeper_thread = lease_thread().thread
+    assert keeper_thread is not None and keeper_thread.is_alive()
+    before = {t.ident for t in threading.enumerate()}
+    starts: list[str] = []
+    real_start = threading.Thread.start
+
+    def counting_start(self: threading.Thread) -> None:
+        starts.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    for k in range(50):
+        insert_raw(store, f"seq{k}")
+        assert run(store, f"seq{k}", lambda job, ctx: time.sleep(0.005)) is Outcome.COMPLETED
+    assert starts == []
+    assert {t.ident for t in threading.enumerate()} == before
+    assert lease_thread().thread is keeper_thread and keeper_thread.is_alive()
+
+
+def test_two_runs_registered_at_once_both_get_heartbeats(store: Store) -> None:
+    rec = RecordingStore(store)
+    ctxs = [started_ctx(store, "twin-a"), started_ctx(store, "twin-b")]
+    keepers = [LeaseKeeper(rec, ctx, FAST) for ctx in ctxs]
+    t0 = time.monotonic()
+    for keeper in keepers:
+        keeper.start()
+    time.sleep(0.65)
+    for keeper in keepers:
+        keeper.stop()
+    stopped = time.monotonic()
+    for scan_id in ("twin-a", "twin-b"):
+        times = [t for s, t in rec.beats if s == scan_id]
+        assert len(times) >= 4, (scan_id, times)
+        # The first heartbeat one interval after the start, not sooner.
+        assert times[0] - t0 >= FAST.heartbeat_every_s * 0.95
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert min(gaps) >= FAST.heartbeat_every_s * 0.95
+    assert not any(ctx.cancelled for ctx in ctxs)
+    time.sleep(0.3)
+    assert all(t <= stopped for _, t in rec.beats)  # none after unregistering
+
+
+def test_a_run_unregistered_mid_heartbeat_is_never_stopped_or_terminated(store: Store) -> None:
+    gated = GatedStore(store)
+    ctx = started_ctx(store, "gate")
+    store.cancel("gate")  # the held heartbeat will find the scan canceled
+    overdue: list[ScanContext] = []
+    settings = ExecutionSettings(heartbeat_every_s=0.1, lease_s=5, cancel_grace_s=0.05)
+    keeper = LeaseKeeper(gated, ctx, settings, on_overdue=overdue.append)
+    keeper.start()
+    try:
+        assert gated.entered.wait(5)
+        t0 = time.monotonic()
+        keeper.stop()
+        assert time.monotonic() - t0 < 1  # no waiting for the heartbeat on its way (10 s)
+    finally:
+        gated.release.set()
+    time.sleep(0.5)
+    assert overdue == [] and not ctx.cancelled
+    assert len(gated.beats) == 1
+
+
+def test_a_run_unregistered_in_its_grace_period_is_not_terminated(store: Store) -> None:
+    ctx = started_ctx(store, "graced")
+    overdue: list[ScanContext] = []
+    settings = ExecutionSettings(heartbeat_every_s=0.1, lease_s=5, cancel_grace_s=0.4)
+    keeper = LeaseKeeper(store, ctx, settings, on_overdue=overdue.append)
+    keeper.start()
+    store.cancel("graced")
+    assert ctx.wait(5) and ctx.stop_reason == "canceled"
+    keeper.stop()
+    time.sleep(settings.cancel_grace_s + 0.3)
+    assert overdue == []
+
+
+def test_a_slow_heartbeat_delays_but_does_not_starve_another_run(store: Store) -> None:
+    gated = GatedStore(store)
+    rec = RecordingStore(store)
+    slow = LeaseKeeper(gated, started_ctx(store, "slow"), FAST)
+    fast = LeaseKeeper(rec, started_ctx(store, "fast"), FAST)
+    slow.start()
+    fast.start()
+    try:
+        assert gated.entered.wait(5)
+        time.sleep(0.3)
+        assert rec.beats == []  # served one after another: the slow one holds the thread
+        gated.release.set()
+        time.sleep(0.35)
+        assert len(rec.beats) >= 2
+    finally:
+        gated.release.set()
+        slow.stop()
+        fast.stop()
+
+
+def test_a_forked_child_gets_its_own_lease_thread(store: Store) -> None:
+    parent = lease_thread()
+    keeper = LeaseKeeper(store, ScanContext("nobody", 1), FAST)
+    keeper.start()  # the parent's thread exists when the fork happens
+    try:
+        pid = os.fork()
+        if pid == 0:
+            ok = False
+            try:
+                child = lease_thread()
+                ctx = ScanContext("child", 1)
+                slow = ExecutionSettings(heartbeat_every_s=60, lease_s=120, cancel_grace_s=1)
+                child_keeper = LeaseKeeper(store, ctx, slow)
+                child_keeper.start()
+                thread = child.thread
+                ok = (
+                    child is not parent
+                    and child.pid == os.getpid()
+                    and thread is not None
+                    and thread.is_alive()
+                )
+                child_keeper.stop()
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        keeper.stop()
+    assert lease_thread() is parent
+
+
+def test_closing_the_lease_thread_ends_it_and_a_new_one_follows(store: Store) -> None:
+    keeper = LeaseKeeper(store, ScanContext("nobody", 1), FAST)
+    keeper.start()
+    keeper.stop()
+    old = lease_thread()
+    thread = old.thread
+    assert thread is not None and thread.is_alive()
+    old.close()
+    assert not thread.is_alive()
+    assert lease_thread() is not old
+    insert_raw(store, "after-close")
+    assert run(store, "after-close", lambda job, ctx: None) is Outcome.COMPLETED
 
 
 def test_load_runner_accepts_objects_classes_and_functions() -> None:
