@@ -181,6 +181,15 @@ def _check_runner_and_announce(**_: Any) -> None:
 
 @signals.worker_process_shutdown.connect  # type: ignore[untyped-decorator]
 def _pool_process_down(pid: int | None = None, **_: Any) -> None:
+    # Sent in the pool process just before it leaves with os._exit, which skips
+    # atexit: the last scans' queued events are written now or never.
+    try:
+        from .events import flush_pending_events
+
+        if not flush_pending_events():
+            log.warning("pool process %s exits with scan events not yet written", pid)
+    except Exception as exc:  # the process is leaving either way
+        log.warning("could not write pending scan events: %s", exc)
     if pid is not None:
         from .metrics import mark_process_dead  # a no-op outside multiprocess mode
 

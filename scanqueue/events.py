@@ -8,19 +8,28 @@ UTC) and its payload fields, and ids only grow, so a reader resumes after the
 last id it saw (``read_after``) — that is what ``GET /api/v1/events`` and its
 ``Last-Event-ID`` resume are built on.
 
-:class:`EventObserver` turns a run's lifecycle into events; a sink that fails
-never fails a scan: the event is dropped, logged and counted
-(:data:`emit_failures`).  The token never reaches an event.
+:class:`EventObserver` turns a run's lifecycle into events off the scan's
+critical path: its :class:`BackgroundEmitter` queues them (the time and fields
+fixed when they happen) and one sender thread per process (and sink) writes
+them in batches, in order.  :func:`flush_pending_events` waits for what is queued; the
+pool process exit path and ``atexit`` call it.  A sink that fails never fails
+or slows a scan: the event is dropped, logged and counted
+(:data:`emit_failures`).  :func:`emit_standalone` (CLI, API) writes at once and
+returns the id.  The token never reaches an event.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import os
+import queue
 import threading
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -44,6 +53,11 @@ log = logging.getLogger(__name__)
 FAILURE_BACKOFF_S = 3.0
 TABLE_POLL_EVERY_S = 0.2
 PG_LOCK_TIMEOUT_MS = 2000
+# Events waiting for the sender thread; beyond this a sink that cannot keep up
+# costs events, not memory or scan time.
+MAX_QUEUED = 10_000
+MAX_BATCH = 500
+EXIT_FLUSH_S = 2.0
 # Keys every event carries; a payload field with one of these names is kept
 # under ``payload_<name>`` rather than overwriting it.
 RESERVED_KEYS = frozenset({"id", "type", "scan_id", "at", "attempt"})
@@ -90,6 +104,13 @@ class EventSink(Protocol):
 
     def emit(self, event_type: str, scan_id: str, payload: Mapping[str, Any]) -> str:
         """Append an event; return its id.  Raises when the sink is unreachable."""
+        ...
+
+    def write_batch(self, items: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Append already-built events (:func:`event_fields`) in order; return their ids.
+
+        Raises when the sink is unreachable; then none or only some were written.
+        """
         ...
 
     def read_after(self, last_id: str | None, limit: int) -> list[Event]:
@@ -182,7 +203,21 @@ class RedisEventSink:
         return f"Redis stream {self.key} on {mask_url(self._url)}"
 
     def emit(self, event_type: str, scan_id: str, payload: Mapping[str, Any]) -> str:
-        body = json.dumps(event_fields(event_type, scan_id, payload), default=str)
+        return self._xadd(event_fields(event_type, scan_id, payload))
+
+    def write_batch(self, items: Sequence[Mapping[str, Any]]) -> list[str]:
+        if len(items) <= 1:
+            # The usual case when events trickle in; a pipeline costs more for one.
+            return [self._xadd(fields) for fields in items]
+        # One round trip; no MULTI, since each XADD stands on its own.
+        pipe = self.client.pipeline(transaction=False)
+        for fields in items:
+            body = json.dumps(fields, default=str)
+            pipe.xadd(self.key, {"e": body}, maxlen=self.maxlen, approximate=True)
+        return [_text(new_id) for new_id in pipe.execute()]
+
+    def _xadd(self, fields: Mapping[str, Any]) -> str:
+        body = json.dumps(fields, default=str)
         new_id: Any = self.client.xadd(self.key, {"e": body}, maxlen=self.maxlen, approximate=True)
         return _text(new_id)
 
@@ -251,12 +286,12 @@ class TableEventSink:
         return f"table scanqueue_events in {self.store.masked_url}"
 
     def emit(self, event_type: str, scan_id: str, payload: Mapping[str, Any]) -> str:
-        fields = event_fields(event_type, scan_id, payload)
-        at = datetime.fromisoformat(fields.pop("at"))
-        fields.pop("type")
-        fields.pop("scan_id")
-        # Round-trip through JSON so any value the runner passed is storable.
-        stored = json.loads(json.dumps(fields, default=str))
+        return self.write_batch([event_fields(event_type, scan_id, payload)])[0]
+
+    def write_batch(self, items: Sequence[Mapping[str, Any]]) -> list[str]:
+        if not items:
+            return []
+        rows = [_table_row(fields) for fields in items]
         with self.store._tx() as conn:
             if self.store.dialect == "postgresql":
                 # Ids come from a sequence at insert time but become visible at commit;
@@ -264,19 +299,23 @@ class TableEventSink:
                 # moved past the later id would never see the earlier one.  Serializing
                 # writers makes commit order equal id order.
                 # A writer frozen while holding the lock must not stall every scan's
-                # events: waiting is bounded, and a timeout drops this one event.
+                # events: waiting is bounded, and a timeout drops this batch.
                 conn.execute(text(f"SET LOCAL lock_timeout = '{PG_LOCK_TIMEOUT_MS}ms'"))
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": self.PG_LOCK_KEY})
-            new_id = int(
-                conn.execute(
-                    insert(events_table)
-                    .values(scan_id=scan_id, type=event_type, at=at, payload=stored)
-                    .returning(events_table.c.id)
-                ).scalar_one()
-            )
-            if new_id % self.prune_every == 0 and new_id > self.maxlen:
-                conn.execute(delete(events_table).where(events_table.c.id <= new_id - self.maxlen))
-        return str(new_id)
+            if len(rows) == 1:
+                stmt = insert(events_table).returning(events_table.c.id)
+                new_ids = [int(conn.execute(stmt, rows[0]).scalar_one())]
+            else:
+                # sort_by_parameter_order: ids are taken in the order of ``rows`` and come
+                # back in that order, also when SQLAlchemy sends them as one statement.
+                stmt = insert(events_table).returning(
+                    events_table.c.id, sort_by_parameter_order=True
+                )
+                new_ids = [int(i) for i in conn.execute(stmt, rows).scalars().all()]
+            newest = max(new_ids)
+            if newest > self.maxlen and any(i % self.prune_every == 0 for i in new_ids):
+                conn.execute(delete(events_table).where(events_table.c.id <= newest - self.maxlen))
+        return [str(i) for i in new_ids]
 
     def read_after(self, last_id: str | None, limit: int) -> list[Event]:
         after = 0 if last_id is None else self.sort_key(last_id)[0]
@@ -332,6 +371,17 @@ class TableEventSink:
         at = row.at.isoformat(timespec="microseconds") if row.at is not None else None
         data.update(id=event_id, type=row.type, scan_id=row.scan_id, at=at)
         return Event(event_id, data)
+
+
+def _table_row(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Stored fields as a ``scanqueue_events`` row (the caller's mapping is not changed)."""
+    payload = dict(fields)
+    at = datetime.fromisoformat(payload.pop("at"))
+    event_type = payload.pop("type")
+    scan_id = payload.pop("scan_id")
+    # Round-trip through JSON so any value the runner passed is storable.
+    stored = json.loads(json.dumps(payload, default=str))
+    return {"scan_id": scan_id, "type": event_type, "at": at, "payload": stored}
 
 
 # -- choosing and caching ----------------------------------------------------------------
@@ -415,11 +465,205 @@ def _describe(exc: BaseException) -> str:
     return text_[:300]
 
 
+class BackgroundEmitter:
+    """Queues events for one sender thread that writes them to a sink in batches.
+
+    :meth:`emit` never waits on the sink: it builds the stored fields (``at`` is
+    the moment of the call, values are copied) and puts them on a bounded queue.  The thread,
+    started on the first event, takes what is queued (up to ``max_batch``) and
+    writes it with one :meth:`EventSink.write_batch`; a single thread and a FIFO
+    queue keep each caller's events in the order they happened.
+
+    Failures follow :class:`SafeEmitter`: a batch that cannot be written is
+    dropped, counted event by event and logged once, and for
+    :data:`FAILURE_BACKOFF_S` afterwards events are dropped straight away.  A
+    full queue drops the event too.  Use :func:`background_emitter_for`, so a
+    process has one queue and one thread per sink.
+    """
+
+    def __init__(
+        self, sink: EventSink, max_queued: int = MAX_QUEUED, max_batch: int = MAX_BATCH
+    ) -> None:
+        self.sink = sink
+        self.max_queued = max_queued
+        self.max_batch = max_batch
+        self._down_until = 0.0
+        self._full_warned_until = 0.0
+        self._fresh()
+        with _emitters_lock:
+            _all_emitters.add(self)
+
+    def _fresh(self) -> None:
+        """An empty queue, no thread yet (at creation, and in a forked child)."""
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(self.max_queued)
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        # Counts of events queued and written-or-dropped by the thread: what flush waits on.
+        self._progress = threading.Condition(threading.Lock())
+        self._queued = 0
+        self._handled = 0
+
+    def emit(self, event_type: str, scan_id: str, payload: Mapping[str, Any]) -> bool:
+        """Queue an event; False when it was dropped instead (and counted)."""
+        if time.monotonic() < self._down_until:
+            _count_failure()
+            return False
+        # Through JSON now, as stored: a runner that changes a list it reported after
+        # reporting it must not change the event, and ``at`` is now.
+        fields = json.loads(json.dumps(event_fields(event_type, scan_id, payload), default=str))
+        if self._thread is None:
+            self._start()
+        with self._progress:
+            try:
+                self._queue.put_nowait(fields)
+            except queue.Full:
+                full = True
+            else:
+                full = False
+                self._queued += 1
+        if full:
+            _count_failure()
+            self._warn_full()
+            return False
+        return True
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every event queued before this call is written or dropped.
+
+        Returns False if that took longer than ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._progress:
+            target = self._queued
+            while self._handled < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._progress.wait(remaining)
+        return True
+
+    @property
+    def pending(self) -> int:
+        """Events queued and not yet written or dropped."""
+        with self._progress:
+            return self._queued - self._handled
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                thread = threading.Thread(
+                    target=self._send_forever, args=(self._queue,), name="scanqueue-events"
+                )
+                # Never holds up an exit: the exit paths flush, with a bounded wait.
+                thread.daemon = True
+                thread.start()
+                self._thread = thread
+
+    def _send_forever(self, pending: queue.Queue[dict[str, Any]]) -> None:
+        while True:
+            batch = [pending.get()]
+            # This thread is the only consumer: not empty means get_nowait succeeds.
+            while len(batch) < self.max_batch and not pending.empty():
+                batch.append(pending.get_nowait())
+            try:
+                self._write(batch)
+            finally:
+                with self._progress:
+                    self._handled += len(batch)
+                    self._progress.notify_all()
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        if time.monotonic() < self._down_until:
+            for _ in batch:
+                _count_failure()
+            return
+        try:
+            self.sink.write_batch(batch)
+        except Exception as exc:
+            self._down_until = time.monotonic() + FAILURE_BACKOFF_S
+            for _ in batch:
+                _count_failure()
+            log.warning(
+                "%d event(s) dropped, first %s for scan %s: %s unreachable (%s); "
+                "dropping events for %gs",
+                len(batch),
+                batch[0].get("type"),
+                batch[0].get("scan_id"),
+                self.sink.description,
+                _describe(exc),
+                FAILURE_BACKOFF_S,
+            )
+
+    def _warn_full(self) -> None:
+        now = time.monotonic()
+        if now >= self._full_warned_until:
+            self._full_warned_until = now + FAILURE_BACKOFF_S
+            log.warning(
+                "event dropped: %d events already waiting for %s",
+                self.max_queued,
+                self.sink.description,
+            )
+
+
+# Every emitter, for flushing and for resetting after a fork.
+_all_emitters: weakref.WeakSet[BackgroundEmitter] = weakref.WeakSet()
+# Keyed by id(sink): an entry lives as long as its emitter, which keeps its sink
+# alive, so an id is never reused while its entry exists.
+_by_sink: weakref.WeakValueDictionary[int, BackgroundEmitter] = weakref.WeakValueDictionary()
+# Reentrant: creating an emitter under it registers the emitter.
+_emitters_lock = threading.RLock()
+
+
+def background_emitter_for(sink: EventSink) -> BackgroundEmitter:
+    """This process's emitter for ``sink`` (one queue and one sender thread per sink)."""
+    with _emitters_lock:
+        found = _by_sink.get(id(sink))
+        if found is None:
+            found = _by_sink[id(sink)] = BackgroundEmitter(sink)
+        return found
+
+
+def flush_pending_events(timeout_s: float = EXIT_FLUSH_S) -> bool:
+    """Wait (up to ``timeout_s`` in all) until this process's queued events are written."""
+    deadline = time.monotonic() + timeout_s
+    with _emitters_lock:
+        emitters = list(_all_emitters)
+    done = True
+    for emitter in emitters:
+        done = emitter.flush(max(0.0, deadline - time.monotonic())) and done
+    return done
+
+
+def _after_fork_in_child() -> None:
+    # Only the forking thread survives a fork: the parent's sender threads, their
+    # queued events (the parent writes those) and possibly held locks stay behind.
+    global _emitters_lock
+    _emitters_lock = threading.RLock()
+    for emitter in list(_all_emitters):
+        emitter._fresh()
+
+
+def _flush_at_exit() -> None:
+    with contextlib.suppress(Exception):  # an exit must not fail over events
+        if not flush_pending_events(EXIT_FLUSH_S):
+            log.warning("exiting with scan events not yet written (%gs timeout)", EXIT_FLUSH_S)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+# Pool processes leave with os._exit, skipping this: they flush on
+# worker_process_shutdown (scanqueue.celery).
+atexit.register(_flush_at_exit)
+
+
 class EventObserver:
-    """A run's lifecycle and runner reports, as events (a :class:`ScanObserver`)."""
+    """A run's lifecycle and runner reports, as events (a :class:`ScanObserver`).
+
+    Events are queued, not written, when a method returns: :meth:`flush` (or
+    :func:`flush_pending_events`) waits for them.
+    """
 
     def __init__(self, sink: EventSink) -> None:
-        self.emitter = SafeEmitter(sink)
+        self.emitter = background_emitter_for(sink)
         # Connect now (pool processes build their observers at start) so the first
         # scan's scan.started does not carry the connection set-up.
         try:
@@ -456,6 +700,10 @@ class EventObserver:
             log.warning("scan %s finished with unexpected status %r", run.scan_id, row.status)
             return
         self.emitter.emit(event_type, run.scan_id, payload)
+
+    def flush(self, timeout_s: float = EXIT_FLUSH_S) -> bool:
+        """Wait until the events of runs so far are written (False on timeout)."""
+        return self.emitter.flush(timeout_s)
 
     def discarded(self, run: RunInfo, duration_s: float) -> None:
         # Canceled: whoever canceled emitted scan.canceled.  Lease lost: the next

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import threading
 import time
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +17,17 @@ import pytest
 from scanqueue import events as events_mod
 from scanqueue.config import Settings, normalize_database_url
 from scanqueue.events import (
+    BackgroundEmitter,
     EventObserver,
     EventSink,
     RedisEventSink,
     TableEventSink,
+    background_emitter_for,
     build_event_sink,
     emit_standalone,
+    event_fields,
     event_sink_for,
+    flush_pending_events,
 )
 from scanqueue.execute import ExecutionSettings, Outcome, execute_scan
 from scanqueue.observe import RunInfo, SafeObservers
@@ -177,6 +184,39 @@ def test_table_retention_prunes_the_oldest(db_url: str) -> None:
     assert [e.data["i"] for e in kept] == list(range(65 - len(kept), 65))
 
 
+def _fields(i: int, scan_id: str = "s") -> dict[str, Any]:
+    return event_fields("scan.progress", scan_id, {"i": i})
+
+
+def test_a_batch_is_written_in_order_and_continues_the_ids(sink: EventSink) -> None:
+    assert sink.write_batch([]) == []
+    first = sink.emit("scan.started", "s", {"attempt": 1})
+    batch = [_fields(i) for i in range(50)]
+    ids = sink.write_batch(batch)
+    last = sink.emit("scan.completed", "s", {"attempt": 1})
+    keys = [sink.sort_key(i) for i in [first, *ids, last]]
+    assert keys == sorted(keys) and len(set(keys)) == 52
+    got = sink.read_after(None, 100)
+    assert [e.id for e in got] == [first, *ids, last]
+    assert [e.data["i"] for e in got[1:-1]] == list(range(50))
+    assert all(e.type == "scan.progress" and e.scan_id == "s" for e in got[1:-1])
+    # ``at`` is the one in the fields (when it happened), not when the batch was written.
+    stored_at = [datetime.fromisoformat(e.data["at"]) for e in got[1:-1]]
+    assert stored_at == [datetime.fromisoformat(f["at"]) for f in batch]
+    assert batch[0]["type"] == "scan.progress" and "at" in batch[0]  # the caller's, unchanged
+    assert [e.id for e in sink.read_after(ids[24], 100)] == [*ids[25:], last]
+
+
+def test_table_retention_prunes_the_oldest_with_batches(db_url: str) -> None:
+    upgrade(db_url)
+    sink = TableEventSink(store_for(normalize_database_url(db_url)), maxlen=20)
+    for start in range(0, 65, 7):
+        sink.write_batch([_fields(i) for i in range(start, min(start + 7, 65))])
+    kept = sink.read_after(None, 1000)
+    assert 20 <= len(kept) <= 27
+    assert [e.data["i"] for e in kept] == list(range(65 - len(kept), 65))
+
+
 def test_redis_stream_is_capped_and_keyed_by_queue(redis_url: str, tmp_path: Path) -> None:
     settings = _settings(f"sqlite:///{tmp_path / 'x.db'}", redis_url)
     sink = build_event_sink(settings, maxlen=50)
@@ -229,6 +269,7 @@ def test_observer_turns_a_run_into_events(sink: EventSink) -> None:
     observer.finished(run, _row("failed", "boom"), 1.5)
     observer.finished(run, _row("canceled", "canceled by request"), 1.5)
     observer.discarded(run, 1.5)  # the canceler emits scan.canceled, not the worker
+    assert observer.flush(10)
     got = [e.data for e in sink.read_after(None, 100)]
     assert [e["type"] for e in got] == [
         "scan.started",
@@ -266,9 +307,10 @@ def test_a_broken_sink_never_fails_a_scan(store: Any, tmp_path: Path) -> None:
     elapsed = time.monotonic() - started
     assert outcome is Outcome.COMPLETED
     assert store.get(row.id).status == "completed"
+    assert elapsed < 5
+    assert flush_pending_events(10)
     # started, progress ×2, finding ×2, completed: every one dropped and counted.
     assert events_mod.emit_failures - before == 6
-    assert elapsed < 5
 
 
 def test_emit_standalone_never_raises(tmp_path: Path) -> None:
@@ -288,6 +330,7 @@ def test_a_real_run_emits_its_events_in_order(store: Any) -> None:
         settings=ExecutionSettings(heartbeat_every_s=1, lease_s=30, cancel_grace_s=5),
         observer=SafeObservers([EventObserver(sink)]),
     )
+    assert flush_pending_events(10)  # what the pool process's exit path calls
     got = [e.data for e in sink.read_after(None, 100)]
     assert [e["type"] for e in got] == [
         "scan.started",
@@ -312,3 +355,232 @@ def test_cli_cancel_emits_scan_canceled(sqlite_url: str, tmp_path: Path) -> None
     (event,) = sink.read_after(None, 10)
     assert event.type == "scan.canceled" and event.scan_id == row.id
     assert event.data["reason"] == "canceled by request"
+
+
+# -- writing in the background ---------------------------------------------------------------
+
+
+class _Gated:
+    """A sink whose batches wait for ``opened`` (in the process that made it)."""
+
+    def __init__(self, sink: EventSink) -> None:
+        self.sink = sink
+        self.opened = threading.Event()
+        self.entered = threading.Event()
+        self.batches: list[int] = []
+        self._pid = os.getpid()
+
+    @property
+    def description(self) -> str:
+        return self.sink.description
+
+    def write_batch(self, items: Sequence[Mapping[str, Any]]) -> list[str]:
+        self.entered.set()
+        if os.getpid() == self._pid:
+            assert self.opened.wait(30)
+        self.batches.append(len(items))
+        return self.sink.write_batch(items)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sink, name)
+
+
+def _gated(sink: EventSink) -> tuple[_Gated, BackgroundEmitter]:
+    gated = _Gated(sink)
+    return gated, BackgroundEmitter(gated)  # type: ignore[arg-type]
+
+
+def test_a_burst_from_many_threads_arrives_complete_in_order_and_batched(
+    sink: EventSink,
+) -> None:
+    gated, emitter = _gated(sink)
+    writers, per_writer = 6, 150
+    refused: list[int] = []
+
+    def write(w: int) -> None:
+        for i in range(per_writer):
+            if not emitter.emit("scan.progress", f"s{w}", {"i": i}):
+                refused.append(i)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    # Every caller is done while the sink has not written a thing: nobody waited on it.
+    assert not any(t.is_alive() for t in threads) and refused == []
+    assert emitter.pending == writers * per_writer
+    gated.opened.set()
+    assert emitter.flush(30)
+    assert emitter.pending == 0
+
+    got = sink.read_after(None, 2000)
+    assert len(got) == writers * per_writer
+    keys = [sink.sort_key(e.id) for e in got]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    per_scan: dict[str, list[int]] = {}
+    for e in got:
+        per_scan.setdefault(e.scan_id, []).append(e.data["i"])
+    assert per_scan == {f"s{w}": list(range(per_writer)) for w in range(writers)}
+    # The first event went alone (the sender was idle); the rest in a few big batches.
+    assert sum(gated.batches) == writers * per_writer
+    assert max(gated.batches) <= 500 and len(gated.batches) <= 4
+
+
+def test_the_time_is_when_the_event_happened_not_when_it_was_written(sink: EventSink) -> None:
+    gated, emitter = _gated(sink)
+    before = datetime.now(UTC)
+    emitter.emit("scan.progress", "s", {"i": 0})
+    after = datetime.now(UTC)
+    time.sleep(0.3)
+    gated.opened.set()
+    assert emitter.flush(10)
+    (event,) = sink.read_after(None, 10)
+    assert before <= datetime.fromisoformat(event.data["at"]) <= after
+
+
+def test_an_event_is_what_was_reported_even_if_the_runner_changes_it_later(
+    sink: EventSink,
+) -> None:
+    gated, emitter = _gated(sink)
+    resources = ["aws"]
+    emitter.emit("scan.progress", "s", {"resources": resources, "where": Path("/a")})
+    resources.append("gcp")
+    gated.opened.set()
+    assert emitter.flush(10)
+    (event,) = sink.read_after(None, 10)
+    assert event.data["resources"] == ["aws"] and event.data["where"] == "/a"
+
+
+def test_a_full_queue_drops_and_counts_instead_of_waiting(sink: EventSink) -> None:
+    gated = _Gated(sink)
+    emitter = BackgroundEmitter(gated, max_queued=5)  # type: ignore[arg-type]
+    before = events_mod.emit_failures
+    assert emitter.emit("scan.progress", "s", {"i": 0})
+    assert gated.entered.wait(10)  # the sender holds event 0; the queue is empty
+    assert [emitter.emit("scan.progress", "s", {"i": i}) for i in range(1, 9)] == [True] * 5 + [
+        False
+    ] * 3
+    assert events_mod.emit_failures - before == 3
+    gated.opened.set()
+    assert emitter.flush(10)
+    assert [e.data["i"] for e in sink.read_after(None, 100)] == list(range(6))
+    assert events_mod.emit_failures - before == 3
+
+
+def test_a_dead_redis_costs_the_caller_nothing(tmp_path: Path) -> None:
+    emitter = BackgroundEmitter(_dead_redis_sink(tmp_path))
+    before = events_mod.emit_failures
+    started = time.monotonic()
+    for i in range(200):
+        emitter.emit("scan.progress", "s", {"i": i})
+    assert time.monotonic() - started < 0.5
+    assert emitter.flush(10)
+    assert events_mod.emit_failures - before == 200
+
+
+@pytest.fixture
+def hanging_redis_url() -> Iterator[str]:
+    """A server that takes connections and never answers: a frozen Redis, with a password."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)  # the kernel completes the handshakes; nothing ever replies
+    yield f"redis://:s3cret@127.0.0.1:{listener.getsockname()[1]}/0"
+    listener.close()
+
+
+def test_a_hanging_redis_never_blocks_the_caller_and_costs_one_timeout(
+    hanging_redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from scanqueue.redisconn import SOCKET_TIMEOUT_S
+
+    sink = build_event_sink(_settings(f"sqlite:///{tmp_path / 'x.db'}", hanging_redis_url))
+    emitter = BackgroundEmitter(sink)
+    before = events_mod.emit_failures
+    with caplog.at_level(logging.WARNING, logger="scanqueue.events"):
+        slowest = 0.0
+        for i in range(50):
+            started = time.monotonic()
+            assert emitter.emit("scan.progress", "s", {"i": i, "triggered_by_token": "tok"})
+            slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 0.05, f"an emit took {slowest:.3f}s"
+        started = time.monotonic()
+        assert emitter.flush(SOCKET_TIMEOUT_S * 3)
+        # One socket timeout for the lot, not one per event (or per batch).
+        assert time.monotonic() - started < SOCKET_TIMEOUT_S * 1.8
+        assert events_mod.emit_failures - before == 50
+        # Backing off: dropped at once, not queued behind another timeout.
+        started = time.monotonic()
+        assert emitter.emit("scan.progress", "s", {"i": 50}) is False
+        assert time.monotonic() - started < 0.05
+        assert events_mod.emit_failures - before == 51
+    warnings = [r.getMessage() for r in caplog.records if r.name == "scanqueue.events"]
+    assert len(warnings) == 1, warnings
+    assert sink.description in warnings[0] and "dropped" in warnings[0]
+    assert "s3cret" not in caplog.text and "tok" not in caplog.text
+
+
+def test_flush_after_a_run_makes_its_events_readable(sink: EventSink) -> None:
+    gated = _Gated(sink)
+    observer = EventObserver(gated)  # type: ignore[arg-type]
+    run = RunInfo("s1", 1, ["aws"], ["soc2"])
+    observer.started(run)
+    observer.event(run, "scan.progress", {"percent": 50, "triggered_by_token": "sekrit"})
+    observer.finished(run, _row("completed"), 0.5)
+    assert sink.read_after(None, 10) == []  # queued, not written yet
+    assert flush_pending_events(0.2) is False  # the sink is stalled: the timeout holds
+    gated.opened.set()
+    assert flush_pending_events(10)
+    got = sink.read_after(None, 10)
+    assert [e.type for e in got] == ["scan.started", "scan.progress", "scan.completed"]
+    assert all("sekrit" not in e.to_json() for e in got)
+    assert flush_pending_events(0)  # nothing pending: no wait
+
+
+def test_one_emitter_per_sink_in_a_process(sink: EventSink) -> None:
+    first, second = EventObserver(sink), EventObserver(sink)
+    assert first.emitter is second.emitter is background_emitter_for(sink)
+    run = RunInfo("s1", 1, [], [])
+    first.started(run)
+    second.event(run, "scan.progress", {"n": 1})
+    first.finished(run, _row("completed"), 0.1)
+    assert second.flush(10)
+    assert [e.type for e in sink.read_after(None, 10)] == [
+        "scan.started",
+        "scan.progress",
+        "scan.completed",
+    ]
+
+
+def test_a_forked_child_writes_its_own_events_and_not_its_parents(
+    redis_url: str, tmp_path: Path
+) -> None:
+    sink = build_event_sink(_settings(f"sqlite:///{tmp_path / 'x.db'}", redis_url))
+    gated, emitter = _gated(sink)
+    emitter.emit("scan.progress", "s", {"who": "parent-1"})
+    assert gated.entered.wait(10)  # the parent's sender is inside a write
+    emitter.emit("scan.progress", "s", {"who": "parent-2"})  # and this one waits in the queue
+    pid = os.fork()
+    if pid == 0:  # the child: as a prefork pool process after the fork
+        code = 1
+        try:
+            if emitter.pending == 0 and emitter.emit("scan.progress", "s", {"who": "child"}):
+                code = 0 if emitter.flush(10) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [e.data["who"] for e in sink.read_after(None, 10)] == ["child"]
+    gated.opened.set()
+    assert emitter.flush(10)
+    assert [e.data["who"] for e in sink.read_after(None, 10)] == ["child", "parent-1", "parent-2"]
+
+
+def test_the_pool_process_exit_path_flushes(sink: EventSink) -> None:
+    from scanqueue.celery import _pool_process_down
+
+    gated, emitter = _gated(sink)
+    emitter.emit("scan.completed", "s", {"attempt": 1})
+    threading.Timer(0.2, gated.opened.set).start()
+    _pool_process_down(pid=None)
+    assert [e.type for e in sink.read_after(None, 10)] == ["scan.completed"]
