@@ -115,6 +115,8 @@ def render(res: dict[str, Any], micro: dict[str, Any] | None) -> str:
         for who, name in (
             ("scanqueue_c2", "scanqueue, --autoscale=2,2"),
             ("scanqueue_c2_standalone_bridge", "scanqueue, 2,2, standalone bridge (CPU incl.)"),
+            ("scanqueue_c2_events_flower", "scanqueue, 2,2, task events on, Flower attached"),
+            ("raw_celery_c2_E_flower", "raw Celery, 2,2, -E, Flower attached"),
             ("raw_celery_c2", "raw Celery, --autoscale=2,2"),
             ("old_pool", "old pool model, 2 workers"),
             ("scanqueue_c6", "scanqueue, --autoscale=6,6"),
@@ -151,7 +153,8 @@ def render(res: dict[str, Any], micro: dict[str, Any] | None) -> str:
             f"\nscanqueue/raw Celery: c2 {g(r, 'c2_vs_raw_celery')}, c6 "
             f"{g(r, 'c6_vs_raw_celery')}; scanqueue/old pool: c2 {g(r, 'c2_vs_old_pool')}, "
             f"c6 {g(r, 'c6_vs_old_pool')}; standalone bridge/raw Celery: c2 "
-            f"{g(r, 'c2_standalone_bridge_vs_raw_celery')}.\n"
+            f"{g(r, 'c2_standalone_bridge_vs_raw_celery')}; task events + Flower vs raw "
+            f"Celery -E + Flower: c2 {g(r, 'c2_events_flower_vs_raw_celery_E')}.\n"
         )
         st = d.get("stub50", {})
         out.append(

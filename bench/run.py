@@ -48,6 +48,7 @@ from bench.harness import (
     clean_env,
     create_pg_database,
     drop_pg_database,
+    free_port,
     loadavg,
     pg_version,
     ratio,
@@ -334,7 +335,9 @@ def db_throughput(
 class RawCelery:
     """A raw Celery worker (bench/raw_celery_app.py) and a publisher for it."""
 
-    def __init__(self, b: Bench, backend: str, autoscale: str) -> None:
+    def __init__(
+        self, b: Bench, backend: str, autoscale: str, extra_flags: tuple[str, ...] = ()
+    ) -> None:
         from bench.raw_celery_app import make_app
 
         self.out = Path(tempfile.mkdtemp(prefix="raw-", dir=b.tmp))
@@ -357,10 +360,12 @@ class RawCelery:
                 "-n",
                 f"raw{uuid.uuid4().hex[:6]}@%h",
                 f"--autoscale={autoscale}",
+                *extra_flags,
             ],
             env,
             "raw-worker",
         )
+        self.env = env
         self._seq = -1000
         self.warm_up(4)
 
@@ -618,6 +623,8 @@ def phase_throughput(b: Bench, backend: str) -> dict[str, Any]:
                 out["scanqueue_c2_standalone_bridge"] = db_throughput(db, n, w, timeout, bridge)
                 b.stop(w)
                 b.stop(bridge)
+                if backend == "postgresql":  # kombu's SQL transport has no fanout for events
+                    out.update(with_flower(b, db, n, timeout))
         finally:
             b.drop_db(db)
     out["ratios"] = {
@@ -629,7 +636,49 @@ def phase_throughput(b: Bench, backend: str) -> dict[str, Any]:
             out["scanqueue_c2_standalone_bridge"]["per_s"], out["raw_celery_c2"]["per_s"]
         ),
     }
+    if "scanqueue_c2_events_flower" in out:
+        out["ratios"]["c2_events_flower_vs_raw_celery_E"] = ratio(
+            out["scanqueue_c2_events_flower"]["per_s"], out["raw_celery_c2_E_flower"]["per_s"]
+        )
     return out
+
+
+def with_flower(b: Bench, db: Db, n: int, timeout: float) -> dict[str, Any]:
+    """Task events on and Flower attached: scanqueue against raw Celery with ``-E``."""
+    out: dict[str, Any] = {}
+    w = start_scanqueue(b, db, "2,2", CELERY_TASK_EVENTS="1")
+    flower = start_flower(b, "scanqueue", b.env(db))
+    out["scanqueue_c2_events_flower"] = db_throughput(db, n, w, timeout)
+    b.stop(flower)
+    b.stop(w)
+    raw = RawCelery(b, "postgresql", "2,2", ("-E",))
+    flower = start_flower(b, "bench.raw_celery_app", raw.env)
+    out["raw_celery_c2_E_flower"] = raw.throughput(n, timeout)
+    b.stop(flower)
+    b.stop(raw.proc)
+    return out
+
+
+def start_flower(b: Bench, app: str, env: dict[str, str]) -> Proc:
+    port = free_port()
+    flower = b.start(
+        [str(BIN / "celery"), "-A", app, "flower", f"--port={port}", "--address=127.0.0.1"],
+        env,
+        "flower",
+    )
+    wait_for(lambda: _http_ok(f"http://127.0.0.1:{port}/healthcheck"), 60, what="flower up")
+    time.sleep(1.0)  # let it subscribe to the event stream
+    return flower
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
 
 
 def start_standalone(b: Bench, db: Db, autoscale: str) -> tuple[Proc, Proc]:
@@ -925,6 +974,14 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                 0.6,
                 ">=",
             )
+        if tp.get("ratios", {}).get("c2_events_flower_vs_raw_celery_E") is not None:
+            add(
+                f"{backend} no-op throughput c2, task events + Flower ≥ 0.6 × raw Celery -E",
+                tp["ratios"]["c2_events_flower_vs_raw_celery_E"],
+                0.6,
+                ">=",
+                "both with Flower attached to the same broker",
+            )
         if tp.get("ratios", {}).get("c2_standalone_bridge_vs_raw_celery") is not None:
             add(
                 f"{backend} no-op throughput c2, standalone bridge ≥ 0.6 × raw Celery (ratio)",
@@ -1052,7 +1109,9 @@ def print_table(res: dict[str, Any]) -> None:
         for who in (
             "scanqueue_c2",
             "scanqueue_c2_standalone_bridge",
+            "scanqueue_c2_events_flower",
             "raw_celery_c2",
+            "raw_celery_c2_E_flower",
             "old_pool",
             "scanqueue_c6",
             "raw_celery_c6",
