@@ -117,6 +117,7 @@ def render(res: dict[str, Any], micro: dict[str, Any] | None) -> str:
             ("scanqueue_c2_standalone_bridge", "scanqueue, 2,2, standalone bridge (CPU incl.)"),
             ("scanqueue_c2_events_flower", "scanqueue, 2,2, task events on, Flower attached"),
             ("raw_celery_c2_E_flower", "raw Celery, 2,2, -E, Flower attached"),
+            ("procrastinate_c2", "Procrastinate, concurrency 2"),
             ("raw_celery_c2", "raw Celery, --autoscale=2,2"),
             ("old_pool", "old pool model, 2 workers"),
             ("scanqueue_c6", "scanqueue, --autoscale=6,6"),
@@ -154,7 +155,9 @@ def render(res: dict[str, Any], micro: dict[str, Any] | None) -> str:
             f"{g(r, 'c6_vs_raw_celery')}; scanqueue/old pool: c2 {g(r, 'c2_vs_old_pool')}, "
             f"c6 {g(r, 'c6_vs_old_pool')}; standalone bridge/raw Celery: c2 "
             f"{g(r, 'c2_standalone_bridge_vs_raw_celery')}; task events + Flower vs raw "
-            f"Celery -E + Flower: c2 {g(r, 'c2_events_flower_vs_raw_celery_E')}.\n"
+            f"Celery -E + Flower: c2 {g(r, 'c2_events_flower_vs_raw_celery_E')}; scanqueue/"
+            f"Procrastinate: c2 {g(r, 'c2_vs_procrastinate')} (Procrastinate/raw Celery "
+            f"{g(r, 'procrastinate_c2_vs_raw_celery')}).\n"
         )
         st = d.get("stub50", {})
         out.append(

@@ -51,6 +51,7 @@ from bench.harness import (
     free_port,
     loadavg,
     pg_version,
+    psycopg_dsn,
     ratio,
     sqlite_version,
     summary_ms,
@@ -625,6 +626,7 @@ def phase_throughput(b: Bench, backend: str) -> dict[str, Any]:
                 b.stop(bridge)
                 if backend == "postgresql":  # kombu's SQL transport has no fanout for events
                     out.update(with_flower(b, db, n, timeout))
+                    out["procrastinate_c2"] = procrastinate_throughput(b, n, timeout)
         finally:
             b.drop_db(db)
     out["ratios"] = {
@@ -636,11 +638,90 @@ def phase_throughput(b: Bench, backend: str) -> dict[str, Any]:
             out["scanqueue_c2_standalone_bridge"]["per_s"], out["raw_celery_c2"]["per_s"]
         ),
     }
+    if "per_s" in out.get("procrastinate_c2", {}):
+        out["ratios"]["c2_vs_procrastinate"] = ratio(
+            out["scanqueue_c2"]["per_s"], out["procrastinate_c2"]["per_s"]
+        )
+        out["ratios"]["procrastinate_c2_vs_raw_celery"] = ratio(
+            out["procrastinate_c2"]["per_s"], out["raw_celery_c2"]["per_s"]
+        )
     if "scanqueue_c2_events_flower" in out:
         out["ratios"]["c2_events_flower_vs_raw_celery_E"] = ratio(
             out["scanqueue_c2_events_flower"]["per_s"], out["raw_celery_c2_E_flower"]["per_s"]
         )
     return out
+
+
+def procrastinate_throughput(b: Bench, n: int, timeout: float) -> dict[str, Any]:
+    """Procrastinate (bench/procrastinate_app.py), concurrency 2, on a database of its own."""
+    try:
+        from procrastinate import App, PsycopgConnector
+    except ImportError:
+        return {"skipped": "procrastinate not installed (pip install procrastinate)"}
+    url = create_pg_database()
+    b.pg_dbs.append(url)
+    dsn = psycopg_dsn(url)
+    env = clean_env(url, BENCH_PG_DSN=dsn)
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "bench.procrastinate_app", "schema"],
+            env=env,
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        worker = b.start(
+            [sys.executable, "-m", "bench.procrastinate_app", "worker", "2"], env, "procrastinate"
+        )
+        client = App(connector=PsycopgConnector(conninfo=dsn))
+        db = Db(url)
+        with client.open():
+            noop = client.configure_task("bench.noop")
+            noop.batch_defer(*[{"seq": -i} for i in range(1, 5)])
+            wait_for(lambda: _procrastinate_done(db) >= 4, 120, interval=0.2, what="warm-up")
+            load_before = loadavg()
+            cpu0 = tree_cpu_s(worker.pid)
+            noop.batch_defer(*[{"seq": i} for i in range(n)])
+            wait_for(
+                lambda: _procrastinate_done(db) >= n + 4,
+                timeout,
+                interval=0.5,
+                what=f"{n} procrastinate jobs",
+            )
+            cpu_ms = (tree_cpu_s(worker.pid) - cpu0) * 1000.0 / n
+        b.stop(worker)
+        with db.conn() as conn:
+            cur = conn.cursor()
+            cur.execute(
+                "SELECT EXTRACT(EPOCH FROM max(at) FILTER (WHERE type = 'succeeded')"
+                " - min(at) FILTER (WHERE type = 'deferred')),"
+                " count(*) FILTER (WHERE type = 'started'),"
+                " count(DISTINCT job_id) FILTER (WHERE type = 'started')"
+                " FROM procrastinate_events e JOIN procrastinate_jobs j ON j.id = e.job_id"
+                " WHERE (j.args->>'seq')::int >= 0"
+            )
+            seconds, starts, jobs_started = cur.fetchone()
+        return {
+            "n": n,
+            "per_s": round(n / float(seconds), 1),
+            "seconds": round(float(seconds), 3),
+            "cpu_ms_per_scan": round(cpu_ms, 3),
+            "load_before": load_before,
+            "load_after": loadavg(),
+            "exactly_once": {"ok": starts == n and jobs_started == n, "starts": starts},
+        }
+    finally:
+        drop_pg_database(url)
+        with contextlib.suppress(ValueError):
+            b.pg_dbs.remove(url)
+
+
+def _procrastinate_done(db: Db) -> int:
+    with db.conn() as conn:
+        cur = conn.cursor()
+        cur.execute("SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'")
+        return int(cur.fetchone()[0])
 
 
 def with_flower(b: Bench, db: Db, n: int, timeout: float) -> dict[str, Any]:
@@ -974,6 +1055,15 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                 0.6,
                 ">=",
             )
+        if tp.get("ratios", {}).get("c2_vs_procrastinate") is not None:
+            add(
+                f"{backend} no-op throughput c2 ≥ Procrastinate c2 (ratio)",
+                tp["ratios"]["c2_vs_procrastinate"],
+                1.0,
+                ">=",
+                f"Procrastinate itself {tp['ratios']['procrastinate_c2_vs_raw_celery']} "
+                "× raw Celery",
+            )
         if tp.get("ratios", {}).get("c2_events_flower_vs_raw_celery_E") is not None:
             add(
                 f"{backend} no-op throughput c2, task events + Flower ≥ 0.6 × raw Celery -E",
@@ -1112,6 +1202,7 @@ def print_table(res: dict[str, Any]) -> None:
             "scanqueue_c2_events_flower",
             "raw_celery_c2",
             "raw_celery_c2_E_flower",
+            "procrastinate_c2",
             "old_pool",
             "scanqueue_c6",
             "raw_celery_c6",
