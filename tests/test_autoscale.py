@@ -4,7 +4,10 @@ fake pool, and real workers growing under a backlog of slow scans and shrinking 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,11 +25,10 @@ from scanqueue.autoscale import (
     Sample,
     ScaleState,
     decide,
-    shrink_idle_processes,
 )
 from scanqueue.config import normalize_database_url
 from scanqueue.errors import ConfigError
-from tests.conftest import Proc, base_env, free_port, start_worker, upgrade, wait_for
+from tests.conftest import REPO, Proc, base_env, free_port, start_worker, upgrade, wait_for
 
 POLICY = Policy(min_processes=2, max_processes=6, threshold=0, grow_after_s=3, keepalive_s=10)
 
@@ -361,53 +363,38 @@ def test_celery_class_drops_a_shrink_when_a_scan_arrived_after_the_sample() -> N
         scaler.stop()
 
 
-def _alive(pids: set[int]) -> set[int]:
-    found = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                if fh.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    found.add(pid)
-        except OSError:
-            continue
-    return found
+def _probe(scenario: str) -> dict[str, Any]:
+    # A real billiard pool, in a fresh interpreter: forked from this test process it
+    # would inherit locks held by other tests' threads and could hang on exit.
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.billiard_probe", scenario],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def test_two_quick_shrinks_end_two_live_processes_not_the_same_one_twice() -> None:
     # billiard's Pool.shrink picks a process it already told to end while that one
     # is still in its exit path (about a second): the second shrink is then lost and
-    # a live process stays that the pool no longer counts. Real billiard pool here.
-    from billiard.pool import Pool
-
-    pool = Pool(3)
-    try:
-        pids = {p.pid for p in pool._pool}
-        assert shrink_idle_processes(pool, 1) == 1
-        assert shrink_idle_processes(pool, 1) == 1  # the first is still exiting
-        assert pool._processes == 1
-        wait_for(lambda: len(_alive(pids)) == 1, 10, what="one process left")
-        time.sleep(1)
-        assert len(_alive(pids)) == 1 and len(pool._pool) == 1
-        assert shrink_idle_processes(pool, 1) == 1  # MIN is the autoscaler's rule, not this
-        wait_for(lambda: not _alive(pids), 10, what="none left")
-    finally:
-        pool.terminate()
+    # a live process stays that the pool no longer counts.
+    seen = _probe("two_quick_shrinks")
+    assert seen == {
+        "ended": [1, 1],
+        "told_to_end": 2,
+        "second_chose_another": True,
+        "counted_after_two": 1,
+        "left_untold": 1,
+    }
 
 
 def test_a_shrink_never_ends_a_process_holding_a_job() -> None:
-    from billiard.pool import Pool
-
-    pool = Pool(2)
-    try:
-        result = pool.apply_async(time.sleep, (3,))
-        wait_for(lambda: bool(result.worker_pids()), 10, what="job accepted")
-        (busy,) = result.worker_pids()
-        assert shrink_idle_processes(pool, 2) == 1
-        wait_for(lambda: len(_alive({p.pid for p in pool._pool})) == 1, 10, what="idle one ended")
-        assert busy in _alive({busy})
-        result.get(10)
-    finally:
-        pool.terminate()
+    seen = _probe("busy_process_kept")
+    assert seen == {"ended": 1, "busy_alive": True, "job_finished": True}
 
 
 def test_worker_autoscales_between_the_settings_without_the_option() -> None:
