@@ -30,7 +30,7 @@ Settings (environment; a bad value stops the worker with one line naming it):
 ==================================  ========  =============================================
 ``SCANQUEUE_AUTOSCALE_SOURCE``      ``db``    ``db`` (queued rows) or ``broker`` (queue length)
 ``SCANQUEUE_AUTOSCALE_THRESHOLD``   ``0``     waiting scans tolerated before growing
-``SCANQUEUE_AUTOSCALE_GROW_AFTER``  ``3``     seconds the backlog must stay above it
+``SCANQUEUE_AUTOSCALE_GROW_AFTER``  ``1``     seconds the backlog must stay above it
 ``SCANQUEUE_AUTOSCALE_SAMPLE_EVERY`` ``1``    seconds between backlog samples
 ``SCANQUEUE_AUTOSCALE_TICK``        ``1``     seconds between decisions
 ``AUTOSCALE_KEEPALIVE``             ``30``    Celery's: seconds a surplus must last before
@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("db", "broker")
 DEFAULT_SOURCE = "db"
 DEFAULT_THRESHOLD = 0
-DEFAULT_GROW_AFTER_S = 3.0
+DEFAULT_GROW_AFTER_S = 1.0
 DEFAULT_SAMPLE_EVERY_S = 1.0
 DEFAULT_TICK_S = 1.0
 # After a scan arrives, leave the pool alone this long even if the request looks
