@@ -237,7 +237,7 @@ def test_an_empty_or_missing_redis_queue_reads_as_zero(redis_url: str) -> None:
 
 
 def test_config_defaults_and_env() -> None:
-    assert AutoscaleConfig.from_env({}) == AutoscaleConfig("db", 0, 3.0, 1.0, 1.0)
+    assert AutoscaleConfig.from_env({}) == AutoscaleConfig("db", 0, 1.0, 1.0, 1.0)
     config = AutoscaleConfig.from_env(
         {
             "SCANQUEUE_AUTOSCALE_SOURCE": "Broker",
