@@ -75,10 +75,12 @@ def test_a_failed_batch_counts_none_as_sent(tmp_path: Path) -> None:
     # releases every id for the next claim (a duplicate is harmless, a loss is not).
     server = RedisServer(tmp_path)
     server.start()
-    app = _app(server.url, tmp_path)
-    publish = make_publisher(app)
-    publish(["warm-up"])
-    server.stop()
+    try:
+        app = _app(server.url, tmp_path)
+        publish = make_publisher(app)
+        publish(["warm-up"])
+    finally:
+        server.stop()
     with pytest.raises(PublishError) as caught:
         publish(["a", "b", "c"])
     assert caught.value.published == 0
