@@ -48,6 +48,7 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from time import monotonic
@@ -427,20 +428,68 @@ def shrink_idle_processes(pool: Any, n: int) -> int:
     sleeps a second in its exit path).  Two shrinks within that second then
     count the same process twice and leave a live one the pool no longer counts:
     it is never ended, and never replaced either.  Only live processes that are
-    not ending already and hold no job are chosen here.
+    not ending already and hold no job are counted here.
+
+    How a process is ended depends on the pool:
+
+    * Celery's event-loop pool (``AsynPool``, the Redis and AMQP brokers) gives
+      each process its own queues, so a chosen process is told to end with
+      SIGTERM;
+    * the blocking pool (the embedded SQLite broker) has one shared job queue
+      whose idle readers queue on one lock, and a process signalled while it
+      waits for that lock stays blocked until the lock comes to it, which is
+      when the next scan arrives.  There a "leave" job goes through the queue
+      instead: whichever idle process reads it exits cleanly, no signal needed.
     """
+    if getattr(pool, "threads", False):
+        return _send_leave_jobs(pool, n)
     ended = 0
-    for process in list(pool._pool):
+    for process in _idle_processes(pool, set()):
         if ended >= n:
             break
-        if getattr(process, "_controlled_termination", False) or process.exitcode is not None:
-            continue
-        if pool._worker_active(process):
-            continue
-        pool._processes -= 1
-        if pool._putlock:
-            pool._putlock.shrink()
+        _count_one_less(pool)
         process.terminate_controlled()
-        pool.on_shrink(1)
         ended += 1
     return ended
+
+
+def leave_pool() -> None:
+    """A pool job: the process that runs it reports it done and exits with 0."""
+    raise SystemExit(0)
+
+
+# Leave jobs sent to each blocking pool and not yet known to be over.
+_leaving: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+
+
+def _send_leave_jobs(pool: Any, n: int) -> int:
+    live = {process.pid for process in pool._pool if process.exitcode is None}
+    # A leave job stays on the books until the process that took it is gone.
+    leaving = [job for job in _leaving.get(pool, []) if set(job.worker_pids()) <= live]
+    waiting = sum(1 for job in leaving if not job.worker_pids())
+    ending = {pid for job in leaving for pid in job.worker_pids()}
+    idle = len(_idle_processes(pool, ending)) - waiting
+    sent = max(0, min(n, idle))
+    for _ in range(sent):
+        _count_one_less(pool)
+        leaving.append(pool.apply_async(leave_pool, waitforslot=False))
+    _leaving[pool] = leaving
+    return sent
+
+
+def _idle_processes(pool: Any, ending: set[int]) -> list[Any]:
+    return [
+        process
+        for process in list(pool._pool)
+        if process.exitcode is None
+        and not getattr(process, "_controlled_termination", False)
+        and process.pid not in ending
+        and not pool._worker_active(process)
+    ]
+
+
+def _count_one_less(pool: Any) -> None:
+    pool._processes -= 1
+    if pool._putlock:
+        pool._putlock.shrink()
+    pool.on_shrink(1)

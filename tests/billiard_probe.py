@@ -1,4 +1,6 @@
-"""Shrinks on a real billiard pool, run in a fresh interpreter by tests/test_autoscale.py.
+"""Shrinks on a real billiard blocking pool (the one Celery uses on the SQLite broker).
+
+Run in a fresh interpreter by tests/test_autoscale.py.
 
 A pool forked from the test process would inherit its threads' locks (logging,
 event senders of earlier tests) and could hang in its exit path; a clean
@@ -7,7 +9,7 @@ pool processes with SIGKILL and leaves with ``os._exit``: the plain billiard
 pool's idle processes share one queue lock, so its own ``terminate()`` can wait
 for ever on it (Celery's AsynPool gives each process its own queues).
 
-    python -m tests.billiard_probe two_quick_shrinks | busy_process_kept
+    python -m tests.billiard_probe two_quick_shrinks | busy_process_kept | repeated_shrinks
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -40,22 +43,21 @@ def alive(pids: set[int]) -> set[int]:
 
 
 def two_quick_shrinks(pool: Any) -> dict[str, Any]:
-    # Which processes each shrink told to end, read from the pool's own flags.  Not
-    # whether they are gone yet: idle processes of the plain pool wait on one shared
-    # queue lock, and one told to end while waiting leaves only once it gets it.
-    def ending() -> set[int]:
-        return {p.pid for p in pool._pool if getattr(p, "_controlled_termination", False)}
-
-    first = shrink_idle_processes(pool, 1)
-    after_first = ending()
-    second = shrink_idle_processes(pool, 1)  # the first one is still in its exit path
-    after_second = ending()
+    # The second shrink comes while the first process to leave is still in its exit
+    # path: it must end another one, not count the same one twice.
+    first_three = list(pool._pool)
+    ended = [shrink_idle_processes(pool, 1), shrink_idle_processes(pool, 1)]
+    counted = pool._processes
+    pids = {p.pid for p in first_three}
+    wait_for(lambda: len(alive(pids)) == 1, 15, what="two processes gone")
+    wait_for(lambda: len(pool._pool) == 1, 15, what="pool joined them")
+    time.sleep(1.5)  # nothing replaces them
     return {
-        "ended": [first, second],
-        "told_to_end": len(after_second),
-        "second_chose_another": len(after_second - after_first) == 1,
-        "counted_after_two": pool._processes,
-        "left_untold": len({p.pid for p in pool._pool} - after_second),
+        "ended": ended,
+        "counted_after_two": counted,
+        "exit_codes": sorted(p.exitcode for p in first_three if p.exitcode is not None),
+        "left": len(alive(pids | {p.pid for p in pool._pool})),
+        "still_runs_jobs": pool.apply_async(os.getpid).get(10) in alive(pids),
     }
 
 
@@ -71,15 +73,45 @@ def busy_process_kept(pool: Any) -> dict[str, Any]:
     return {"ended": ended, "busy_alive": still, "job_finished": result.successful()}
 
 
+def repeated_shrinks(pool: Any) -> dict[str, Any]:
+    # Grow to 3 and shrink back to 1, CYCLES times, each within a bound: a process
+    # told to end while waiting for the shared queue lock would stay (issue 4).
+    cycles = int(os.environ.get("CYCLES", "5"))
+    slowest = 0.0
+    for _ in range(cycles):
+        pool.grow(2)
+        wait_for(lambda: len(alive({p.pid for p in pool._pool})) == 3, 15, what="grown to 3")
+        t0 = time.monotonic()
+        pids = {p.pid for p in pool._pool}
+        shrink_idle_processes(pool, 1)
+        shrink_idle_processes(pool, 1)
+        wait_for(lambda: len(alive(pids)) == 1, 10, interval=0.05, what="back to 1")
+        wait_for(lambda: len(pool._pool) == 1, 10, interval=0.05, what="pool joined them")
+        slowest = max(slowest, time.monotonic() - t0)
+    return {"cycles": cycles, "slowest_s": round(slowest, 2), "counted": pool._processes}
+
+
+def start_a_thread() -> None:
+    # Like a scanqueue pool process (lease thread, event sender): with a second
+    # thread, a SIGTERM can land on that thread and not wake the main one out of
+    # its wait for the queue lock, so a signalled idle process stays (issue 4).
+    def tick() -> None:
+        while True:
+            time.sleep(0.001)
+
+    threading.Thread(target=tick, daemon=True).start()
+
+
 SCENARIOS: dict[str, tuple[Callable[[Any], dict[str, Any]], int]] = {
     "two_quick_shrinks": (two_quick_shrinks, 3),
     "busy_process_kept": (busy_process_kept, 2),
+    "repeated_shrinks": (repeated_shrinks, 1),
 }
 
 
 def main(scenario: str) -> None:
     run, processes = SCENARIOS[scenario]
-    pool = Pool(processes)
+    pool = Pool(processes, initializer=start_a_thread)
     started = {p.pid for p in pool._pool}
     code = 1
     try:
