@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,6 +47,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool
 
 from .config import mask_url
+from .direct_sql import DirectStatement, HeldConnections
 from .errors import ConflictError, NotFoundError, UnavailableError
 from .schema import (
     FINISHED_STATUSES,
@@ -105,7 +106,10 @@ class ScanRow:
 
     @classmethod
     def from_row(cls, row: Row[Any] | Any) -> ScanRow:
-        m = row._mapping
+        return cls.from_mapping(row._mapping)
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[Any, Any]) -> ScanRow:
         return cls(
             id=m["id"],
             status=m["status"],
@@ -256,6 +260,15 @@ class Store:
             else make_engine(database_url, autocommit=True)
         )
         self._build_hot_statements()
+        # PostgreSQL: the per-scan statements skip SQLAlchemy's per-call work.  Only
+        # on this store's own autocommit engine (a given engine's connections do not
+        # autocommit).
+        self._direct: HeldConnections | None = None
+        if self.dialect == "postgresql" and engine is None:
+            self._direct = HeldConnections(self._autocommit_engine)
+            self._direct_start = DirectStatement(self._start_stmt, self._autocommit_engine)
+            self._direct_heartbeat = DirectStatement(self._heartbeat_stmt, self._autocommit_engine)
+            self._direct_finish = DirectStatement(self._finish_stmt, self._autocommit_engine)
 
     def _build_hot_statements(self) -> None:
         """The per-scan statements, built once (building them is most of their CPU cost)."""
@@ -327,6 +340,8 @@ class Store:
 
     def dispose(self, close: bool = True) -> None:
         """Drop both connection pools (``close=False`` after a fork: the parent owns them)."""
+        if self._direct is not None:
+            self._direct.dispose(close=close)
         self.engine.dispose(close=close)
         self._autocommit_engine.engine.dispose(close=close)
 
@@ -345,10 +360,21 @@ class Store:
                 with self.engine.begin() as conn:
                     yield conn
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-            if getattr(exc, "connection_invalidated", False) or _is_connect_error(exc):
-                raise UnavailableError(
-                    f"cannot reach database {self.masked_url}: {describe_db_error(exc)}"
-                ) from exc
+            self._raise_unavailable_if_gone(exc)
+            raise
+
+    def _raise_unavailable_if_gone(self, exc: sa_exc.DBAPIError) -> None:
+        if getattr(exc, "connection_invalidated", False) or _is_connect_error(exc):
+            raise UnavailableError(
+                f"cannot reach database {self.masked_url}: {describe_db_error(exc)}"
+            ) from exc
+
+    def _run_direct(self, statement: DirectStatement, values: dict[str, Any]) -> tuple[Any, int]:
+        assert self._direct is not None
+        try:
+            return self._direct.run(statement, values)
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            self._raise_unavailable_if_gone(exc)
             raise
 
     # -- health -----------------------------------------------------------------
@@ -514,27 +540,35 @@ class Store:
 
     def start_run(self, scan_id: str, worker_id: str) -> StartedRun | None:
         """CAS ``queued → running``; None when the scan is not queued (a duplicate)."""
-        with self._tx(single=True) as conn:
-            row = conn.execute(
-                self._start_stmt, {"scan_id": scan_id, "worker_id": worker_id}
-            ).first()
+        values = {"scan_id": scan_id, "worker_id": worker_id}
+        row: Any
+        if self._direct is not None:
+            row, _ = self._run_direct(self._direct_start, values)
+        else:
+            with self._tx(single=True) as conn:
+                found = conn.execute(self._start_stmt, values).first()
+            row = None if found is None else found._mapping
         if row is None:
             return None
         return StartedRun(
-            scan_id=row.id,
-            attempt=row.attempts,
-            providers_raw=row.providers_scanned,
-            frameworks_raw=row.frameworks_scanned,
-            triggered_by_user=row.triggered_by_user,
-            triggered_by_token=row.triggered_by_token,
-            created_at=row.created_at,
-            started_at=row.started_at,
+            scan_id=row["id"],
+            attempt=row["attempts"],
+            providers_raw=row["providers_scanned"],
+            frameworks_raw=row["frameworks_scanned"],
+            triggered_by_user=row["triggered_by_user"],
+            triggered_by_token=row["triggered_by_token"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
         )
 
     def heartbeat(self, scan_id: str, attempt: int) -> bool:
         """Renew the lease of run ``attempt``; False once it is no longer ours."""
+        values = {"scan_id": scan_id, "attempt": attempt}
+        if self._direct is not None:
+            _, rowcount = self._run_direct(self._direct_heartbeat, values)
+            return rowcount == 1
         with self._tx(single=True) as conn:
-            result = conn.execute(self._heartbeat_stmt, {"scan_id": scan_id, "attempt": attempt})
+            result = conn.execute(self._heartbeat_stmt, values)
         return result.rowcount == 1
 
     def status_of(self, scan_id: str) -> tuple[str, int] | None:
@@ -560,6 +594,9 @@ class Store:
             "error": None if error is None else error[:MAX_ERROR_CHARS],
             "findings_count": findings_count,
         }
+        if self._direct is not None:
+            found, _ = self._run_direct(self._direct_finish, params)
+            return None if found is None else ScanRow.from_mapping(found)
         with self._tx(single=True) as conn:
             row = conn.execute(self._finish_stmt, params).first()
         return None if row is None else ScanRow.from_row(row)
