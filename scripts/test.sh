@@ -17,4 +17,6 @@ echo "== ruff"
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"
-exec .venv/bin/pytest "$@"
+# Test files run in parallel, each whole in one process (its fixtures and real
+# workers stay together); every test has its own database, queue and servers.
+exec .venv/bin/pytest -n "${SCANQUEUE_TEST_PROCESSES:-2}" --dist loadfile "$@"
