@@ -4,14 +4,22 @@ Two fixes over the stock transport, which otherwise passes every transport
 option to ``create_engine``: ``polling_interval`` is accepted (the stock one
 raises ``TypeError`` and polls every second, doubling pickup latency), and
 SQLite files get WAL and a busy timeout so the worker and bridge processes can
-share them.  One addition: kombu's ``Producer.batch()`` publishes a batch in
-one commit (the stock transport commits once per message).  Registered for the
+share them.  Two additions: kombu's ``Producer.batch()`` publishes a batch in
+one commit (the stock transport commits once per message), and the consumer's
+wait between polls ends early when this process frees a prefetch slot (an ack
+or reject) or publishes: otherwise, once a worker holds its prefetch, every
+scan waited up to a whole poll interval for the next message after the last
+one finished (26 scans/s at concurrency 2 with the 0.1 s default; 63/s with a
+0.02 s poll).  Registered for the
 ``sqla+`` / ``sqlalchemy+`` URL prefixes by :func:`register`; with other options
 it behaves exactly as the stock transport.
 """
 
 from __future__ import annotations
 
+import threading
+from queue import Empty
+from time import monotonic
 from typing import Any
 
 from kombu.transport import TRANSPORT_ALIASES
@@ -32,6 +40,10 @@ _NOT_ENGINE_OPTIONS = (
     "retry_errors",
     "polling_interval",
 )
+
+
+# Set by anything in this process that may make a poll worthwhile at once.
+_activity = threading.Event()
 
 
 class Channel(kombu_sqlalchemy.Channel):
@@ -57,10 +69,19 @@ class Channel(kombu_sqlalchemy.Channel):
     def create_publish_batch(self, max_size: int) -> PublishBatch:
         return PublishBatch(self, max_size)
 
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        super().basic_ack(delivery_tag, multiple)  # type: ignore[no-untyped-call]
+        _activity.set()
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        super().basic_reject(delivery_tag, requeue)  # type: ignore[no-untyped-call]
+        _activity.set()
+
     def _put(self, queue: Any, message: Any, **kwargs: Any) -> None:  # type: ignore[override]
         batch = kwargs.pop("_publish_batch", None)
         if batch is None:
             super()._put(queue, message, **kwargs)  # type: ignore[no-untyped-call]
+            _activity.set()
             return
         body = dumps(message)  # type: ignore[no-untyped-call]
         self.session.add(self.message_cls(body, self._get_or_create(queue)))  # type: ignore[no-untyped-call]
@@ -90,6 +111,7 @@ class PublishBatch:
             self.discard()
             raise
         self.pending = 0
+        _activity.set()
 
     def discard(self) -> None:
         self.channel.session.rollback()
@@ -102,6 +124,24 @@ class PublishBatch:
 
 class Transport(kombu_sqlalchemy.Transport):
     Channel = Channel
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> None:  # type: ignore[override]
+        """kombu's loop, with the wait between polls cut short by ``_activity``."""
+        started = monotonic()
+        polling_interval = self.polling_interval
+        if timeout and polling_interval and polling_interval > timeout:
+            polling_interval = timeout
+        while True:
+            _activity.clear()  # before the poll: activity during it means poll again
+            try:
+                self.cycle.get(self._deliver, timeout=timeout)  # type: ignore[union-attr]
+            except Empty:
+                if timeout is not None and monotonic() - started >= timeout:
+                    raise TimeoutError() from None
+                if polling_interval is not None:
+                    _activity.wait(polling_interval)
+            else:
+                return
 
 
 def register() -> None:
