@@ -15,6 +15,7 @@ it: the store's error mapping applies unchanged.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -44,8 +45,9 @@ class DirectStatement:
 class HeldConnections:
     """One DB-API connection per thread, checked out of ``engine`` and kept."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, recycle_s: float = 1800.0) -> None:
         self._engine = engine
+        self.recycle_s = recycle_s
         self._local = threading.local()
         self._lock = threading.Lock()
         self._held: list[tuple[threading.Thread, Any]] = []
@@ -87,9 +89,15 @@ class HeldConnections:
 
     def _connection(self) -> Any:
         conn = getattr(self._local, "conn", None)
+        if conn is not None and time.monotonic() - self._local.since > self.recycle_s:
+            # Like the pool's own recycling: a connection idle for long may have been
+            # cut by a firewall or the server; give it back and let the pool decide.
+            self._give_back(conn)
+            conn = None
         if conn is None:
             conn = self._engine.raw_connection()
             self._local.conn = conn
+            self._local.since = time.monotonic()
             with self._lock:
                 # Give back what threads that have ended were holding.
                 for thread, old in [held for held in self._held if not held[0].is_alive()]:
@@ -99,10 +107,17 @@ class HeldConnections:
         return conn
 
     def _drop(self, conn: Any) -> None:
+        self._forget(conn)
+        conn.invalidate()  # the pool closes it, ignoring errors from a dead socket
+
+    def _give_back(self, conn: Any) -> None:
+        self._forget(conn)
+        conn.close()
+
+    def _forget(self, conn: Any) -> None:
         self._local.conn = None
         with self._lock:
             self._held = [held for held in self._held if held[1] is not conn]
-        conn.invalidate()  # the pool closes it, ignoring errors from a dead socket
 
     def dispose(self, close: bool = True) -> None:
         """Give every held connection back (``close=False`` after a fork: keep them)."""

@@ -133,3 +133,20 @@ def test_a_forked_child_leaves_the_parents_connection_working(url: str) -> None:
     assert store.heartbeat(scan_id, 1)  # the parent's held connection still works
     assert backend_pid(store) == parent_pid
     assert store.status_of(child_scan) == ("running", 1)
+
+
+def test_a_connection_held_past_the_recycle_age_goes_back_to_the_pool(url: str) -> None:
+    store = store_for(url)
+    direct = store._direct
+    assert direct is not None
+    scan_id = insert(store)
+    assert store.start_run(scan_id, "w/1") is not None
+    pool: Any = store._autocommit_engine.pool
+    first = direct._connection()
+    direct.recycle_s = 0.0
+    try:
+        assert store.heartbeat(scan_id, 1)
+        assert direct._connection() is not first  # checked out again
+        assert pool.checkedout() == 1  # the old one went back: none leaked
+    finally:
+        direct.recycle_s = 1800.0
