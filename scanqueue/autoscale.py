@@ -352,6 +352,17 @@ class QueueDepthAutoscaler(celery_autoscale.Autoscaler):  # type: ignore[misc]
             last_received=self._last_task_received,
         )
 
+    def maybe_scale(self, req: Any = None) -> None:
+        if req is not None:
+            self.on_task_received(req)
+        # Celery then maintains the pool from this thread.  billiard's blocking pool
+        # (the SQLite broker) already does that from its supervisor thread every
+        # 0.1 s, and two maintainers race: a process created twice, "KeyError: None"
+        # in _join_exited_workers, AssertionError in _avail_index.  Its supervisor
+        # starts the new processes on its own.
+        if self._maybe_scale(req) and not _maintains_itself(self.pool):
+            self.pool.maintain_pool()
+
     def _maybe_scale(self, req: Any = None) -> bool:
         now = monotonic()
         sample = self.sample(now)
@@ -418,6 +429,11 @@ class QueueDepthAutoscaler(celery_autoscale.Autoscaler):  # type: ignore[misc]
             self.sampler.stop()
         if self.is_alive():  # a thread only without the event loop
             super().stop()
+
+
+def _maintains_itself(pool: Any) -> bool:
+    """Whether Celery's pool is billiard's blocking pool, with its own supervisor thread."""
+    return bool(getattr(getattr(pool, "_pool", None), "threads", False))
 
 
 def shrink_idle_processes(pool: Any, n: int) -> int:

@@ -83,17 +83,24 @@ class Channel(kombu_sqlalchemy.Channel):
             super()._put(queue, message, **kwargs)  # type: ignore[no-untyped-call]
             _activity.set()
             return
-        body = dumps(message)  # type: ignore[no-untyped-call]
-        self.session.add(self.message_cls(body, self._get_or_create(queue)))  # type: ignore[no-untyped-call]
+        batch.rows.append((queue, dumps(message)))  # type: ignore[no-untyped-call]
 
 
 class PublishBatch:
-    """kombu's publish-batch protocol over the channel's session: one commit a batch."""
+    """kombu's publish-batch protocol over the channel's session: one commit a batch.
+
+    Messages are only collected until the flush, which then writes them all in
+    one short transaction.  Adding each to the session as it came would take
+    SQLite's write lock at the second message (the queue lookup autoflushes) and
+    hold it while the rest were built, and a consumer waiting in its busy handler
+    would then rarely get in while the bridge published a backlog.
+    """
 
     def __init__(self, channel: Channel, max_size: int) -> None:
         self.channel = channel
         self.max_size = max(1, max_size)
         self.pending = 0
+        self.rows: list[tuple[Any, str]] = []  # (queue name, message body)
 
     def publish(self, message: Any, **kwargs: Any) -> Any:
         result = self.channel.basic_publish(message, _publish_batch=self, **kwargs)  # type: ignore[no-untyped-call]
@@ -105,17 +112,25 @@ class PublishBatch:
     def flush(self) -> None:
         if not self.pending:
             return
+        channel = self.channel
         try:
-            self.channel.session.commit()
+            # Queue rows first, while nothing is pending: reads do not take the lock.
+            queues = {name: channel._get_or_create(name) for name, _ in self.rows}  # type: ignore[no-untyped-call]
+            channel.session.add_all(
+                [channel.message_cls(body, queues[name]) for name, body in self.rows]
+            )
+            channel.session.commit()
         except OperationalError:
             self.discard()
             raise
         self.pending = 0
+        self.rows.clear()
         _activity.set()
 
     def discard(self) -> None:
         self.channel.session.rollback()
         self.pending = 0
+        self.rows.clear()
 
     def close(self) -> None:
         if self.pending:

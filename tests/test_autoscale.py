@@ -273,6 +273,7 @@ class FakePool:
     def __init__(self, processes: int) -> None:
         self.num_processes = processes
         self.calls: list[tuple[str, int]] = []
+        self.maintained = 0
 
     def grow(self, n: int) -> None:
         self.num_processes += n
@@ -283,7 +284,7 @@ class FakePool:
         self.calls.append(("shrink", n))
 
     def maintain_pool(self) -> None:
-        pass
+        self.maintained += 1
 
 
 class FakeRequest:
@@ -359,6 +360,37 @@ def test_celery_class_drops_a_shrink_when_a_scan_arrived_after_the_sample() -> N
         assert not scaler._maybe_scale()  # within the receive guard now
         scaler._last_task_received = time.monotonic() - 10
         assert scaler._maybe_scale() and pool.calls == [("shrink", 2)]
+    finally:
+        scaler.stop()
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_the_blocking_pool_is_left_to_its_own_supervisor_after_growing(
+    reserved: set[Any], blocking: bool
+) -> None:
+    # billiard's blocking pool starts new processes from its supervisor thread;
+    # maintaining it from the autoscaler thread as well raced with that.
+    from celery.worker import state
+
+    pool = FakePool(1)
+    pool._pool = type("BilliardPool", (), {"threads": blocking})()  # type: ignore[attr-defined]
+    scaler = QueueDepthAutoscaler(
+        pool,
+        4,
+        1,
+        keepalive=30,
+        config=AutoscaleConfig(grow_after_s=0),
+        read_backlog=lambda: 10,
+    )
+    try:
+        scaler._ensure_sampler().sample_once()
+        req = FakeRequest()
+        reserved.add(req)
+        state.reserved_requests.add(req)
+        state.active_requests.add(req)
+        scaler.maybe_scale()
+        assert pool.calls == [("grow", 3)]
+        assert pool.maintained == (0 if blocking else 1)
     finally:
         scaler.stop()
 
