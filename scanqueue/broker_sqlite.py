@@ -99,18 +99,16 @@ class PublishBatch:
     def __init__(self, channel: Channel, max_size: int) -> None:
         self.channel = channel
         self.max_size = max(1, max_size)
-        self.pending = 0
         self.rows: list[tuple[Any, str]] = []  # (queue name, message body)
 
     def publish(self, message: Any, **kwargs: Any) -> Any:
         result = self.channel.basic_publish(message, _publish_batch=self, **kwargs)  # type: ignore[no-untyped-call]
-        self.pending += 1
-        if self.pending >= self.max_size:
+        if len(self.rows) >= self.max_size:
             self.flush()
         return result
 
     def flush(self) -> None:
-        if not self.pending:
+        if not self.rows:
             return
         channel = self.channel
         try:
@@ -123,17 +121,15 @@ class PublishBatch:
         except OperationalError:
             self.discard()
             raise
-        self.pending = 0
         self.rows.clear()
         _activity.set()
 
     def discard(self) -> None:
         self.channel.session.rollback()
-        self.pending = 0
         self.rows.clear()
 
     def close(self) -> None:
-        if self.pending:
+        if self.rows:
             self.discard()
 
 
