@@ -165,6 +165,7 @@ def base_env(database_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
         DATABASE_URL=database_url,
         SCANQUEUE_QUEUE=f"sq-test-{uuid.uuid4().hex[:8]}",
         SCANQUEUE_CONNECT_TIMEOUT="15",
+        SCANQUEUE_METRICS_ADDR="127.0.0.1",
         SCANQUEUE_TEST_JOURNAL=str(tmp_path / "journal.jsonl"),
         PYTHONPATH=str(REPO),
         PATH=f"{BIN}:{env.get('PATH', '')}",

@@ -23,10 +23,36 @@ class WaitTimeout(AssertionError, TimeoutError):
     """A condition did not come true in time (an assertion failure in tests)."""
 
 
+# Ports handed out below Linux's ephemeral range (32768+), so no outgoing connection can
+# take one between free_port() and the server's bind; each pytest-xdist worker walks its own
+# block, so two test processes never pick the same port either.
+_PORT_BASE = 20000
+_PORT_BLOCK = 1000
+_PORT_BLOCKS = 12
+_port_cursor: list[int] = []
+
+
+def _port_block_start() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    return _PORT_BASE + (index % _PORT_BLOCKS) * _PORT_BLOCK
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    start = _port_block_start()
+    if not _port_cursor:
+        # A random start, so a re-run does not meet the last run's ports in TIME_WAIT.
+        _port_cursor.append(int.from_bytes(os.urandom(2), "big") % _PORT_BLOCK)
+    for _ in range(_PORT_BLOCK):
+        port = start + _port_cursor[0]
+        _port_cursor[0] = (_port_cursor[0] + 1) % _PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}-{start + _PORT_BLOCK - 1}")
 
 
 def wait_for(

@@ -209,6 +209,17 @@ def test_serve_metrics_names_the_variable_when_the_port_is_taken() -> None:
             serve_metrics(port, addr="127.0.0.1")
 
 
+def test_metrics_listen_on_all_interfaces_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from scanqueue.metrics import metrics_addr
+
+    monkeypatch.delenv("SCANQUEUE_METRICS_ADDR", raising=False)
+    assert metrics_addr() == "0.0.0.0"
+    monkeypatch.setenv("SCANQUEUE_METRICS_ADDR", " 127.0.0.1 ")
+    assert metrics_addr() == "127.0.0.1"
+
+
 MULTIPROCESS_SCRIPT = textwrap.dedent(
     """
     import os, sys, json
@@ -339,7 +350,7 @@ def test_worker_serves_what_its_pool_processes_did(
         lambda: value(try_scrape(port), "scanqueue_queue_depth") == 0, 10, what="queue depth 0"
     )
     assert_no_unbounded_labels(scrape(port), [token, *ids])
-    assert "metrics on http://0.0.0.0:" in worker.output()
+    assert "metrics on http://127.0.0.1:" in worker.output()
     assert token not in worker.output()
 
 
