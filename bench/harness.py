@@ -181,7 +181,7 @@ class Db:
                 "SELECT id, status, attempts,"
                 " EXTRACT(EPOCH FROM (started_at - created_at)),"
                 " EXTRACT(EPOCH FROM started_at), EXTRACT(EPOCH FROM finished_at),"
-                " EXTRACT(EPOCH FROM created_at)"
+                " EXTRACT(EPOCH FROM created_at), worker_id"
                 " FROM scans WHERE id LIKE %s"
             )
         else:
@@ -190,7 +190,7 @@ class Db:
                 " (julianday(started_at) - julianday(created_at)) * 86400.0,"
                 " (julianday(started_at) - 2440587.5) * 86400.0,"
                 " (julianday(finished_at) - 2440587.5) * 86400.0,"
-                " (julianday(created_at) - 2440587.5) * 86400.0"
+                " (julianday(created_at) - 2440587.5) * 86400.0, worker_id"
                 " FROM scans WHERE id LIKE ?"
             )
         rows = self.execute(sql, (prefix + "%",))
@@ -205,6 +205,7 @@ class Db:
                     "started": None if r[4] is None else float(r[4]),
                     "finished": None if r[5] is None else float(r[5]),
                     "created": None if r[6] is None else float(r[6]),
+                    "worker_id": r[7],
                 }
             )
         return out
@@ -312,6 +313,65 @@ def wait_for_load(max_load: float, timeout_s: float) -> list[float]:
             break
         time.sleep(2)
     return loadavg()
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of one process; 0 when it is gone."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def pids_named(comm: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == comm:
+                    out.append(int(entry.name))
+    return out
+
+
+class CpuSplit:
+    """Where the machine's CPU went during a run: this worker, PostgreSQL, Redis, the rest.
+
+    PostgreSQL is every ``postgres`` process and Redis every ``redis-server`` (the
+    machine's own servers count too, idle when nobody else runs); backends that
+    ended during the run are missed.  ``machine`` is all CPUs' busy time from
+    ``/proc/stat``; ``other`` what is left of it (the benchmark's own polling, the
+    raw publisher, other users of the machine).
+    """
+
+    def __init__(self, worker_pid: int, also_pid: int | None = None) -> None:
+        self.worker_pid, self.also_pid = worker_pid, also_pid
+        self.start = self._sample()
+
+    def _sample(self) -> dict[str, float]:
+        worker = tree_cpu_s(self.worker_pid)
+        if self.also_pid is not None:
+            worker += tree_cpu_s(self.also_pid)
+        return {
+            "worker": worker,
+            "postgres": sum(proc_cpu_s(p) for p in pids_named("postgres")),
+            "redis": sum(proc_cpu_s(p) for p in pids_named("redis-server")),
+            "machine": machine_busy_s(),
+        }
+
+    def ms_per_item(self, n: int, extra_worker_s: float = 0.0) -> dict[str, float]:
+        end = self._sample()
+        d = {k: end[k] - self.start[k] for k in end}
+        d["worker"] += extra_worker_s
+        d["other"] = d["machine"] - d["worker"] - d["postgres"] - d["redis"]
+        return {k: round(v * 1000.0 / n, 3) for k, v in d.items()}
+
+
+def machine_busy_s() -> float:
+    """Busy CPU seconds of all CPUs since boot (everything but idle and iowait)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    values = [int(x) for x in fields[:8]]
+    busy = sum(values) - values[3] - values[4]
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu_s(pid: int) -> float:

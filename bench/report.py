@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,52 @@ def render(res: dict[str, Any], micro: dict[str, Any] | None) -> str:
                 rows,
             )
         )
+        cpus = os.cpu_count() or 1
+        split_rows = []
+        for who, name in (
+            ("scanqueue_c2", "scanqueue, 2,2"),
+            ("raw_celery_c2", "raw Celery, 2,2"),
+            ("scanqueue_c2_standalone_bridge", "scanqueue, 2,2, standalone bridge"),
+            ("procrastinate_c2", "Procrastinate, concurrency 2"),
+            ("scanqueue_c6", "scanqueue, 6,6"),
+            ("raw_celery_c6", "raw Celery, 6,6"),
+        ):
+            split = g(tp, who, "cpu_split_ms_per_scan")
+            if not isinstance(split, dict):
+                continue
+            per_s = g(tp, who, "per_s")
+            busy = (
+                round(100.0 * split["machine"] * per_s / (1000.0 * cpus))
+                if isinstance(per_s, (int, float))
+                else None
+            )
+            split_rows.append(
+                [
+                    name,
+                    split["worker"],
+                    split["postgres"],
+                    split["redis"],
+                    split["other"],
+                    split["machine"],
+                    busy,
+                ]
+            )
+        if split_rows:
+            out.append(f"\nWhere the machine's CPU went, ms per scan ({cpus} CPUs)\n")
+            out.append(
+                table(
+                    [
+                        "system",
+                        "worker (incl. publisher/bridge)",
+                        "PostgreSQL",
+                        "Redis",
+                        "other",
+                        "machine",
+                        "CPUs busy %",
+                    ],
+                    split_rows,
+                )
+            )
         r = tp.get("ratios", {})
         out.append(
             f"\nscanqueue/raw Celery: c2 {g(r, 'c2_vs_raw_celery')}, c6 "
@@ -163,7 +210,13 @@ def render(res: dict[str, Any], micro: dict[str, Any] | None) -> str:
         out.append(
             f"50 ms stub, `--autoscale=6,2`, {g(st, 'scanqueue', 'n')} scans: scanqueue "
             f"{g(st, 'scanqueue', 'per_s')}/s, raw Celery (50 ms sleep task) "
-            f"{g(st, 'raw_celery', 'per_s')}/s, ratio **{g(st, 'ratio_vs_raw_celery')}**.\n"
+            f"{g(st, 'raw_celery', 'per_s')}/s, ratio **{g(st, 'ratio_vs_raw_celery')}**. "
+            f"With `SCANQUEUE_AUTOSCALE_GROW_AFTER=0` (grow at the first busy sample): "
+            f"{g(st, 'scanqueue_grow_at_once', 'per_s')}/s, ratio "
+            f"{g(st, 'grow_at_once_ratio_vs_raw_celery')}. Seconds from the backlog to each "
+            f"process's first scan: scanqueue {g(st, 'scanqueue', 'process_first_start_s')}, "
+            f"grow at once {g(st, 'scanqueue_grow_at_once', 'process_first_start_s')}, raw "
+            f"Celery {g(st, 'raw_celery', 'process_first_start_s')}.\n"
         )
         gr = d.get("growth", {})
         rows = []

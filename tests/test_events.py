@@ -422,9 +422,33 @@ def test_a_burst_from_many_threads_arrives_complete_in_order_and_batched(
     for e in got:
         per_scan.setdefault(e.scan_id, []).append(e.data["i"])
     assert per_scan == {f"s{w}": list(range(per_writer)) for w in range(writers)}
-    # The first event went alone (the sender was idle); the rest in a few big batches.
+    # The first write took what came within the sender's linger; the rest went in a few
+    # big batches.
     assert sum(gated.batches) == writers * per_writer
     assert max(gated.batches) <= 500 and len(gated.batches) <= 4
+
+
+def test_events_that_follow_closely_share_one_write(sink: EventSink) -> None:
+    # A short scan's start and end, 1 ms apart, with the sender idle before them.
+    gated = _Gated(sink)
+    gated.opened.set()
+    emitter = BackgroundEmitter(gated, linger_s=0.05)  # type: ignore[arg-type]
+    emitter.emit("scan.started", "close-1", {"attempt": 1})
+    time.sleep(0.001)
+    emitter.emit("scan.completed", "close-1", {"attempt": 1})
+    assert emitter.flush(10)
+    assert gated.batches == [2]
+    assert [e.type for e in sink.read_after(None, 10)] == ["scan.started", "scan.completed"]
+
+    # Without the wait, the idle sender writes the first event on its own.
+    gated_now = _Gated(sink)
+    gated_now.opened.set()
+    no_wait = BackgroundEmitter(gated_now, linger_s=0)  # type: ignore[arg-type]
+    no_wait.emit("scan.started", "close-2", {"attempt": 1})
+    assert no_wait.flush(10)
+    no_wait.emit("scan.completed", "close-2", {"attempt": 1})
+    assert no_wait.flush(10)
+    assert gated_now.batches == [1, 1]
 
 
 def test_the_time_is_when_the_event_happened_not_when_it_was_written(sink: EventSink) -> None:

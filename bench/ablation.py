@@ -1,0 +1,88 @@
+"""What each part of a no-op scan costs in throughput (PostgreSQL, concurrency 2).
+
+Runs, ROUNDS times and interleaved: raw Celery, scanqueue as shipped, and scanqueue
+with events, metrics, the lease keeper, or all three switched off
+(``bench/ablation_runners.py``).  Prints each run and the medians as ratios against
+raw Celery.  An experiment for the bound analysis in ``bench/README.md``.
+
+    .venv/bin/python -m bench.ablation
+    BENCH_ABLATION_ARMS=shipped,no_events BENCH_AB_ROUNDS=5 .venv/bin/python -m bench.ablation
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from bench.harness import RedisServer
+from bench.run import Bench, RawCelery, Sizes, db_throughput, start_scanqueue
+
+ARMS = {
+    "shipped": "",
+    "no_events": "events",
+    "no_metrics": "metrics",
+    "no_lease": "lease",
+    "none": "events,metrics,lease",
+}
+
+
+def scanqueue_run(b: Bench, n: int, ablate: str) -> float:
+    db = b.new_db("postgresql")
+    try:
+        worker = start_scanqueue(
+            b,
+            db,
+            "2,2",
+            runner="bench.ablation_runners:noop",
+            BENCH_ABLATE=ablate,
+        )
+        run = db_throughput(db, n, worker, timeout_s=n / 20.0)
+        b.stop(worker)
+    finally:
+        b.drop_db(db)
+    assert run["exactly_once"]["ok"], run["exactly_once"]
+    return float(run["per_s"])
+
+
+def main() -> None:
+    rounds = int(os.environ.get("BENCH_AB_ROUNDS", "3"))
+    n = int(os.environ.get("BENCH_AB_N", "4000"))
+    tmp = Path(tempfile.mkdtemp(prefix="scanqueue-bench-"))
+    b = Bench(Sizes.for_mode(False), tmp)
+    b.redis = RedisServer(tmp)
+    b.redis.start()
+    chosen = [a for a in os.environ.get("BENCH_ABLATION_ARMS", ",".join(ARMS)).split(",") if a]
+    runs: dict[str, list[float]] = {"raw": [], **{arm: [] for arm in chosen}}
+    try:
+        for i in range(rounds):
+            raw = RawCelery(b, "postgresql", "2,2")
+            runs["raw"].append(raw.throughput(n, n / 20.0)["per_s"])
+            b.stop(raw.proc)
+            arms = chosen if i % 2 == 0 else list(reversed(chosen))
+            for arm in arms:
+                runs[arm].append(scanqueue_run(b, n, ARMS[arm]))
+            print(
+                f"round {i + 1}: " + ", ".join(f"{k} {v[-1]}/s" for k, v in runs.items()),
+                flush=True,
+            )
+    finally:
+        b.cleanup()
+    med = {arm: statistics.median(v) for arm, v in runs.items()}
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "runs": runs,
+                "median_per_s": med,
+                "vs_raw": {arm: round(v / med["raw"], 3) for arm, v in med.items()},
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
