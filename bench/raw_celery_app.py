@@ -78,3 +78,42 @@ def sleep(seq: int, t_pub: float, seconds: float) -> None:
     t_start = time.time()
     time.sleep(seconds)
     _record(seq, t_pub, t_start)
+
+
+# The two compare-and-set writes any database-backed run makes (start, finish), as the
+# old pool makes them: plain psycopg2 on a connection held per process.
+PG_START_BY_ID = """
+UPDATE scans SET status = 'running', attempts = attempts + 1,
+       started_at = clock_timestamp(), heartbeat_at = clock_timestamp(), worker_id = %s
+ WHERE id = %s AND status = 'queued'
+RETURNING attempts, providers_scanned, frameworks_scanned
+"""
+PG_FINISH_BY_ID = """
+UPDATE scans SET status = 'completed', finished_at = clock_timestamp(), findings_count = 0
+ WHERE id = %s AND status = 'running' AND attempts = %s
+"""
+_pg: tuple[int, Any] | None = None
+
+
+def _pg_conn(dsn: str) -> Any:
+    global _pg
+    if _pg is None or _pg[0] != os.getpid():
+        import psycopg2
+
+        conn = psycopg2.connect(dsn)
+        conn.autocommit = True
+        _pg = (os.getpid(), conn)
+    return _pg[1]
+
+
+@app.task(name="bench.two_writes")  # type: ignore[untyped-decorator]
+def two_writes(seq: int, t_pub: float, dsn: str, prefix: str) -> None:
+    """A no-op run that records itself: the start and finish CAS on row ``prefix + seq``."""
+    t_start = time.time()
+    scan_id = f"{prefix}{seq}"
+    with _pg_conn(dsn).cursor() as cur:
+        cur.execute(PG_START_BY_ID, (f"raw:{os.getpid()}", scan_id))
+        row = cur.fetchone()
+        if row is not None:
+            cur.execute(PG_FINISH_BY_ID, (scan_id, row[0]))
+    _record(seq, t_pub, t_start)

@@ -392,6 +392,8 @@ class RawCelery:
         )
         self.env = env
         self._seq = -1000
+        # Each throughput run numbers its tasks from here, apart from earlier runs'.
+        self.next_base = 1_000_000
         self.warm_up(4)
 
     def publish(
@@ -451,7 +453,8 @@ class RawCelery:
         self, n: int, timeout_s: float, task: str = "bench.noop", *extra: Any
     ) -> dict[str, Any]:
         load_before = loadavg()
-        base = 1_000_000
+        base = self.next_base
+        self.next_base += 10 * n
         cpu0 = tree_cpu_s(self.proc.pid)
         split = CpuSplit(self.proc.pid)
         t0 = time.time()
@@ -465,13 +468,13 @@ class RawCelery:
         def done() -> bool:
             if not self.proc.alive():
                 raise RuntimeError(f"raw worker exited:\n{self.proc.output()[-3000:]}")
-            return sum(1 for r in self.records() if r[0] >= base) >= n
+            return sum(1 for r in self.records() if base <= r[0] < base + n) >= n
 
         wait_for(done, timeout_s, interval=0.5, what=f"{n} raw Celery tasks")
         cpu_ms = (tree_cpu_s(self.proc.pid) - cpu0 + pub_cpu) * 1000.0 / n
         # The publisher (this process) is moved from "other" to the worker's share.
         cpu_split = split.ms_per_item(n, extra_worker_s=pub_cpu)
-        recs = [r for r in self.records() if r[0] >= base]
+        recs = [r for r in self.records() if base <= r[0] < base + n]
         last = max(r[3] for r in recs)
         first_start = min(r[2] for r in recs)
         return {
@@ -643,6 +646,8 @@ def phase_throughput(b: Bench, backend: str) -> dict[str, Any]:
             raw = RawCelery(b, backend, f"{conc},{conc}")
             out[f"raw_celery_c{conc}"] = raw.throughput(n, timeout)
             out[f"raw_celery_c{conc}"]["memory"] = worker_memory(raw.proc.pid)
+            if conc == 2 and backend == "postgresql":
+                out["raw_celery_c2_two_writes"] = raw_two_writes(raw, db, n, timeout)
             b.stop(raw.proc)
             if conc == 2:
                 pool = start_old_pool(b, db)
@@ -667,6 +672,10 @@ def phase_throughput(b: Bench, backend: str) -> dict[str, Any]:
             out["scanqueue_c2_standalone_bridge"]["per_s"], out["raw_celery_c2"]["per_s"]
         ),
     }
+    if "raw_celery_c2_two_writes" in out:
+        out["ratios"]["c2_vs_raw_celery_two_writes"] = ratio(
+            out["scanqueue_c2"]["per_s"], out["raw_celery_c2_two_writes"]["per_s"]
+        )
     if "per_s" in out.get("procrastinate_c2", {}):
         out["ratios"]["c2_vs_procrastinate"] = ratio(
             out["scanqueue_c2"]["per_s"], out["procrastinate_c2"]["per_s"]
@@ -679,6 +688,22 @@ def phase_throughput(b: Bench, backend: str) -> dict[str, Any]:
             out["scanqueue_c2_events_flower"]["per_s"], out["raw_celery_c2_E_flower"]["per_s"]
         )
     return out
+
+
+def raw_two_writes(raw: RawCelery, db: Db, n: int, timeout: float) -> dict[str, Any]:
+    """Raw Celery whose task makes a run's two CAS writes (start, finish) on ``scans``.
+
+    The like-for-like yardstick for a no-op scan: the same two durable statements on
+    the critical path of every pool process's cycle, with nothing of scanqueue's.
+    """
+    prefix = f"rw-{uuid.uuid4().hex[:6]}-"
+    base = raw.next_base  # the first sequence number of the next throughput run
+    db.insert_queued_bulk([f"{prefix}{base + i}" for i in range(n)])
+    run = raw.throughput(n, timeout, "bench.two_writes", psycopg_dsn(db.url), prefix)
+    rows = db.lifecycle(prefix)
+    run["exactly_once"] = exactly_once(rows, n)
+    run["run_ms"] = summary_ms([r["finished"] - r["started"] for r in rows])
+    return run
 
 
 def procrastinate_throughput(b: Bench, n: int, timeout: float) -> dict[str, Any]:
