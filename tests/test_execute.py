@@ -94,9 +94,10 @@ def test_the_runner_sees_the_token_but_the_row_json_never_does(store: Store) -> 
 
 def test_cancel_tells_a_cooperative_runner_to_stop(store: Store) -> None:
     insert_raw(store, "c")
-    stopped = threading.Event()
+    entered, stopped = threading.Event(), threading.Event()
 
     def patient(job: Job, ctx: ScanContext) -> ScanResult:
+        entered.set()
         if ctx.wait(30):
             stopped.set()
         return ScanResult(findings_count=9)
@@ -104,7 +105,7 @@ def test_cancel_tells_a_cooperative_runner_to_stop(store: Store) -> None:
     result: list[Outcome] = []
     t = threading.Thread(target=lambda: result.append(run(store, "c", patient)))
     t.start()
-    time.sleep(0.3)
+    assert entered.wait(10)  # the run owns the scan before it is canceled
     store.cancel("c")
     t.join(10)
     assert stopped.is_set() and result == [Outcome.CANCELED]
@@ -114,16 +115,18 @@ def test_cancel_tells_a_cooperative_runner_to_stop(store: Store) -> None:
 
 def test_lease_loss_stops_the_run_and_voids_its_outcome(store: Store) -> None:
     insert_raw(store, "lost")
-    t0 = time.monotonic()
+    entered = threading.Event()
 
     def patient(job: Job, ctx: ScanContext) -> ScanResult:
+        entered.set()
         ctx.wait(30)
         return ScanResult(findings_count=1)
 
     result: list[Outcome] = []
     t = threading.Thread(target=lambda: result.append(run(store, "lost", patient)))
     t.start()
-    time.sleep(0.3)
+    assert entered.wait(10)  # running, with a lease to lose
+    t0 = time.monotonic()
     store.reap_orphans(lease_s=0, max_attempts=3)  # as if the heartbeat went stale
     t.join(10)
     assert result == [Outcome.LOST] and time.monotonic() - t0 < 5
@@ -359,9 +362,10 @@ def test_finish_survives_a_brief_database_outage(pg_server: Any) -> None:
     upgrade(url)
     store = Store(normalize_database_url(url))
     insert_raw(store, "blip")
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     def waits(job: Job, ctx: ScanContext) -> ScanResult:
+        entered.set()
         release.wait(30)
         return ScanResult(findings_count=2)
 
@@ -369,7 +373,7 @@ def test_finish_survives_a_brief_database_outage(pg_server: Any) -> None:
     result: list[Outcome] = []
     t = threading.Thread(target=lambda: result.append(run(store, "blip", waits, settings)))
     t.start()
-    time.sleep(0.5)
+    assert entered.wait(10)
     pg_server.stop("fast")
     release.set()
     time.sleep(1.5)  # the finish is retried meanwhile
