@@ -7,8 +7,11 @@ misbehave on purpose).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +30,7 @@ from scanqueue.providers.sarif import SarifError, iter_findings
 from scanqueue.providers.sarif_command import SarifCommandProvider, scrubbed_environ
 from scanqueue.runner_store import LeaseLostError, RunnerStore
 from scanqueue.schema import scans
+from tests.conftest import REPO
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "sarif"
 TREE = FIXTURES / "tree"
@@ -411,6 +415,41 @@ def test_cancel_kills_a_running_command_promptly(tmp_path: Path) -> None:
     assert collect(config, ctx) == []
     assert time.monotonic() - started < 10
     wait_dead(read_pids(pidfile))
+
+
+def test_the_command_dies_with_a_sigkilled_pool_process(tmp_path: Path) -> None:
+    # A stand-in for a pool process, running the provider in its main thread, with a
+    # second thread as pool processes have (lease keeper, event sender).
+    pidfile = tmp_path / "pids"
+    code = (
+        "import sys, threading, time\n"
+        "from scanqueue.providers.sarif_command import SarifCommandProvider\n"
+        "from scanqueue.runner import ScanContext\n"
+        "threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n"
+        "config = {'command': [sys.executable, sys.argv[1], sys.argv[2]], 'timeout': 600}\n"
+        "list(SarifCommandProvider('probe', config).collect(ScanContext('scan-x')))\n"
+    )
+    pool = subprocess.Popen(
+        [PY, "-c", code, str(FIXTURES / "hang.py"), str(pidfile)],
+        cwd=REPO,
+        start_new_session=True,
+    )
+    pids: list[int] = []
+    try:
+        pids = read_pids(pidfile)
+        assert alive(pids[0])
+        pool.send_signal(signal.SIGKILL)
+        pool.wait(10)
+        wait_dead(pids[:1])
+    finally:
+        pool.kill()
+        pool.wait(10)
+        # The command's own background child is not covered by the signal (and the
+        # command itself, if this failed): end them here, as this test started them.
+        for pid in pids:
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_background_children_do_not_outlive_the_command(tmp_path: Path) -> None:

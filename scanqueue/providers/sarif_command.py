@@ -14,7 +14,12 @@ stripped of scanqueue's URLs and of anything that looks like a secret.  Its
 stdout is pumped into a temporary file as it comes (never held in memory) and
 capped at ``max_output_bytes``; stderr keeps only its tail, for error
 messages.  A timeout, a cancel or an oversized output kills the whole process
-group; so does the leader's exit, so nothing it left behind keeps running.
+group; so does the leader's exit, so nothing it left behind keeps running.  On
+Linux the kernel also kills the command if the process that started it dies
+(``PR_SET_PDEATHSIG``): a pool process killed with SIGKILL, by the OOM killer
+or by scanqueue's own overdue-run fence, does not leave its scanner running
+beside the next attempt.  Processes the command started itself are not
+covered by that signal.
 
 A non-zero exit with valid SARIF is a scanner that found problems: its
 results count.  Every failure raises :class:`ProviderError` naming the provider.
@@ -23,6 +28,7 @@ results count.  Every failure raises :class:`ProviderError` naming the provider.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import logging
 import math
@@ -31,9 +37,10 @@ import re
 import selectors
 import signal
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -218,6 +225,7 @@ class _CommandRun:
                 stderr=subprocess.PIPE,
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=_die_with(os.getpid()),
             )
         except OSError as exc:
             raise ProviderError(
@@ -291,6 +299,46 @@ class _CommandRun:
                 f"{self.config.max_output_bytes} bytes on stdout (max_output_bytes); killed it"
             )
         self.stdout.write(data)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+_prctl = _load_prctl()  # looked up once, not in the forked child
+
+
+def _die_with(parent_pid: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL the command when its starter dies.
+
+    It runs in the child between fork and exec, with other threads of the pool
+    process gone: it only calls the prebuilt ``prctl`` and ``getppid``, taking no
+    lock.  The signal follows the thread that started the command, which in a
+    pool process is the main thread that runs the scan.  If the starter died
+    before the signal was armed, the child exits at once.
+    """
+    prctl = _prctl
+    if prctl is None:
+        return None
+    kill = int(signal.SIGKILL)
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, kill, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return arm
 
 
 def _leader_exited(proc: subprocess.Popen[bytes]) -> bool:
