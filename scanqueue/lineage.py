@@ -2,7 +2,8 @@
 
 This module owns the lineage observer: ``START`` when a run starts,
 ``COMPLETE``/``FAIL`` when it finishes and ``ABORT`` when it is canceled or its
-outcome is discarded (the spec wants one terminal event per run).  Job
+outcome is discarded (the spec wants one terminal event per run); the bridge
+sends ``ABORT``/``FAIL`` for a run the reaper took back from a dead worker.  Job
 namespace ``scanqueue``, job name ``scan``; the run id is a uuid5 of
 ``(scan_id, attempt)``, so a re-sent event names the same run; the run facet
 ``scanqueue`` holds scan id, attempt, providers and frameworks — never the token.
@@ -47,6 +48,7 @@ PRODUCER = "https://github.com/scanqueue/scanqueue"
 FACET_SCHEMA_URL = "https://github.com/scanqueue/scanqueue/blob/main/docs/api.md#lineage"
 RUN_ID_NAMESPACE = uuid.UUID("6c1f4a52-3f7e-4c53-9d8e-5ca7ae0e0001")
 QUEUE_MAX = 1000
+LOST_RUN_ERROR = "worker lost"  # as the reaper's scan.failed event and the row say
 FLUSH_AT_EXIT_S = 2.0
 
 dropped = 0
@@ -156,6 +158,19 @@ class LineageObserver:
     def discarded(self, run: RunInfo, duration_s: float) -> None:
         # Canceled, or the lease went to another run: this run ends without an outcome.
         self._submit(build_run_event(RunState.ABORT, run))
+
+    def lost(self, run: RunInfo, requeued: bool) -> None:
+        """The reaper took back a run whose worker died: its terminal event.
+
+        ``ABORT`` when the scan was re-queued (the next attempt is a run of its
+        own), ``FAIL`` when it was failed for good.  Sent by the bridge, which
+        knows only the scan id and attempt, so the facet's lists are empty; the
+        run id ties the event to the run's ``START``.
+        """
+        if requeued:
+            self._submit(build_run_event(RunState.ABORT, run))
+        else:
+            self._submit(build_run_event(RunState.FAIL, run, error=LOST_RUN_ERROR))
 
     # -- sending ------------------------------------------------------------------------
 

@@ -6,13 +6,17 @@ Kept apart from :mod:`scanqueue.bridge` so the bridge never imports Celery.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .bridge import BridgeService, PublishError
 from .config import Settings
+from .observe import RunInfo
 from .store import ReapedScan, store_for
 from .watch import watcher_for
 from .wiring import build_leadership
+
+if TYPE_CHECKING:
+    from .lineage import LineageObserver
 
 
 def make_publisher(app: Any) -> Any:
@@ -57,11 +61,23 @@ def make_broker_depth(app: Any) -> Any:
 
 
 def _lost_run_events(settings: Settings) -> Any:
-    """Events for runs the reaper took back: ``scan.requeued`` or ``scan.failed``."""
+    """Events for runs the reaper took back: ``scan.requeued`` or ``scan.failed``.
+
+    With OpenLineage configured, also each run's terminal lineage event (the dead
+    worker sent its ``START`` and nothing after).
+    """
     from .events import emit_standalone
+
+    lineage: LineageObserver | None = None
+    if settings.lineage_enabled:
+        from .lineage import LineageObserver
+
+        lineage = LineageObserver()
 
     def lost_runs(reaped: Sequence[ReapedScan]) -> None:
         for run in reaped:
+            if lineage is not None:
+                lineage.lost(RunInfo(run.scan_id, run.attempt, [], []), run.requeued)
             if run.requeued:
                 emit_standalone(
                     settings,

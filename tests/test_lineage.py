@@ -274,3 +274,28 @@ def test_a_real_worker_completes_scans_with_the_receiver_down(
     )
     assert time.monotonic() - began < 10
     wait_for(lambda: "not delivered" in worker.output(), 30, what="the failure logged")
+
+
+def test_the_reaper_ends_a_dead_workers_runs_in_lineage(store: Any, receiver: Receiver) -> None:
+    from scanqueue.service import _lost_run_events
+
+    os.environ["OPENLINEAGE_URL"] = receiver.url
+    settings = Settings.from_env(
+        {"DATABASE_URL": store.database_url, "OPENLINEAGE_URL": receiver.url}
+    )
+    lost_runs = _lost_run_events(settings)
+    again, gone = store.enqueue(["aws"], ["cis"]), store.enqueue(["aws"], ["cis"])
+    assert store.start_run(again.id, "dead-worker") is not None
+    reaped = store.reap_orphans(lease_s=0, max_attempts=3)  # its heartbeat went stale
+    assert store.start_run(gone.id, "dead-worker") is not None
+    reaped += store.reap_orphans(lease_s=0, max_attempts=1)  # its last attempt
+    assert [(r.scan_id, r.requeued) for r in reaped] == [(again.id, True), (gone.id, False)]
+
+    lost_runs(reaped)
+    wait_for(lambda: len(receiver.received) == 2, 10, what="two lineage events")
+    (aborted,) = receiver.of(again.id)
+    (failed,) = receiver.of(gone.id)
+    # The next attempt of a re-queued scan is a run of its own: this one is aborted.
+    assert aborted["eventType"] == "ABORT" and aborted["run"]["runId"] == run_id(again.id, 1)
+    assert failed["eventType"] == "FAIL" and failed["run"]["runId"] == run_id(gone.id, 1)
+    assert failed["run"]["facets"]["errorMessage"]["message"] == "worker lost"
