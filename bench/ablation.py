@@ -2,11 +2,15 @@
 
 Runs, ROUNDS times and interleaved: raw Celery, scanqueue as shipped, and scanqueue
 with events, metrics, the lease keeper, or all three switched off
-(``bench/ablation_runners.py``).  Prints each run and the medians as ratios against
-raw Celery.  An experiment for the bound analysis in ``bench/README.md``.
+(``bench/ablation_runners.py``), or on a database with ``synchronous_commit = off``
+(commits do not wait for the WAL flush; the statements are otherwise unchanged).
+Each run is N no-op scans through a warmed-up worker, as in ``bench.run``'s
+throughput phase.  Prints each run and the medians as ratios against raw Celery.
+An experiment for the bound analysis in ``bench/README.md``.
 
-    .venv/bin/python -m bench.ablation
+    .venv/bin/python -m bench.ablation                  # every arm, 3 rounds of 4,000
     BENCH_ABLATION_ARMS=shipped,no_events BENCH_AB_ROUNDS=5 .venv/bin/python -m bench.ablation
+    BENCH_ABLATION_ARMS=shipped,sync_commit_off .venv/bin/python -m bench.ablation
 """
 
 from __future__ import annotations
@@ -15,29 +19,51 @@ import json
 import os
 import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.harness import RedisServer
+import psycopg2
+
+from bench.harness import RedisServer, psycopg_dsn
 from bench.run import Bench, RawCelery, Sizes, db_throughput, start_scanqueue
 
+
+@dataclass(frozen=True)
+class Arm:
+    ablate: str = ""  # BENCH_ABLATE: the parts switched off
+    synchronous_commit: str = "on"  # the benchmark database's setting
+
+
 ARMS = {
-    "shipped": "",
-    "no_events": "events",
-    "no_metrics": "metrics",
-    "no_lease": "lease",
-    "none": "events,metrics,lease",
+    "shipped": Arm(),
+    "no_events": Arm("events"),
+    "no_metrics": Arm("metrics"),
+    "no_lease": Arm("lease"),
+    "none": Arm("events,metrics,lease"),
+    "sync_commit_off": Arm(synchronous_commit="off"),
 }
 
 
-def scanqueue_run(b: Bench, n: int, ablate: str) -> float:
+def set_synchronous_commit(url: str, value: str) -> None:
+    dsn = psycopg_dsn(url)
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'ALTER DATABASE "{dsn.rsplit("/", 1)[-1]}" SET synchronous_commit = {value}')
+    conn.close()
+
+
+def scanqueue_run(b: Bench, n: int, arm: Arm) -> float:
     db = b.new_db("postgresql")
     try:
+        if arm.synchronous_commit != "on":
+            set_synchronous_commit(db.url, arm.synchronous_commit)
         worker = start_scanqueue(
             b,
             db,
             "2,2",
             runner="bench.ablation_runners:noop",
-            BENCH_ABLATE=ablate,
+            BENCH_ABLATE=arm.ablate,
         )
         run = db_throughput(db, n, worker, timeout_s=n / 20.0)
         b.stop(worker)
