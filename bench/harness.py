@@ -315,11 +315,16 @@ def wait_for_load(max_load: float, timeout_s: float) -> list[float]:
     return loadavg()
 
 
-def proc_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of one process; 0 when it is gone."""
+def proc_cpu_s(pid: int, reaped_children: bool = False) -> float:
+    """CPU seconds (user + system) of one process, and of its reaped children if
+    asked; 0 when it is gone."""
     with contextlib.suppress(OSError, ValueError, IndexError):
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        # fields[11..14] = utime, stime, cutime, cstime (stat fields 14–17)
+        used = int(fields[11]) + int(fields[12])
+        if reaped_children:
+            used += int(fields[13]) + int(fields[14])
+        return used / os.sysconf("SC_CLK_TCK")
     return 0.0
 
 
@@ -376,14 +381,4 @@ def machine_busy_s() -> float:
 
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) of a process, its live children and reaped ones."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for i, p in enumerate([pid, *children_of(pid)]):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            # fields[11..14] = utime, stime, cutime, cstime (stat fields 14–17)
-            used = int(fields[11]) + int(fields[12])
-            if i == 0:
-                used += int(fields[13]) + int(fields[14])
-            total += used / tick
-    return total
+    return proc_cpu_s(pid, reaped_children=True) + sum(proc_cpu_s(p) for p in children_of(pid))

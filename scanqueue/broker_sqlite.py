@@ -1,21 +1,24 @@
 """kombu's SQLAlchemy transport, made usable as the embedded SQLite broker.
 
-Two fixes over the stock transport, which otherwise passes every transport
-option to ``create_engine``: ``polling_interval`` is accepted (the stock one
-raises ``TypeError`` and polls every second, doubling pickup latency), and
-SQLite files get WAL and a busy timeout so the worker and bridge processes can
-share them.  Two additions: kombu's ``Producer.batch()`` publishes a batch in
-one commit (the stock transport commits once per message), and the consumer's
-wait between polls ends early when this process frees a prefetch slot (an ack
-or reject) or publishes: otherwise, once a worker holds its prefetch, every
-scan waited up to a whole poll interval for the next message after the last
-one finished (26 scans/s at concurrency 2 with the 0.1 s default; 63/s with a
-0.02 s poll).  And a message is deleted when it is taken: the stock transport
-only marks it invisible and never deletes it, so the file grew by about 1.4 KB
-a scan and every empty poll scanned all of them under SQLite's write lock (97 ms
-per poll, ten polls a second, after 200,000 scans).  Registered for the
-``sqla+`` / ``sqlalchemy+`` URL prefixes by :func:`register`; with other options
-it behaves exactly as the stock transport.
+Registered for the ``sqla+`` / ``sqlalchemy+`` URL prefixes by :func:`register`.
+Three fixes over the stock transport:
+
+* it passes every transport option to ``create_engine``: ``polling_interval``
+  is accepted here (the stock one raises ``TypeError`` and polls every second,
+  doubling pickup latency), and SQLite files get WAL and a busy timeout so the
+  worker and bridge processes can share them;
+* it marks a taken message invisible and never deletes it, so the file grew by
+  about 1.4 KB a scan and every empty poll scanned all of them under SQLite's
+  write lock (97 ms per poll, ten polls a second, after 200,000 scans): here a
+  message is deleted when it is taken;
+* it commits once per published message: kombu's ``Producer.batch()``
+  publishes a batch in one commit here.
+
+And one addition: the consumer's wait between polls ends early when this
+process frees a prefetch slot (an ack or reject) or publishes.  Otherwise,
+once a worker holds its prefetch, every scan waited up to a whole poll interval
+for the next message after the last one finished (26 scans/s at concurrency 2
+with the 0.1 s default; 63/s with a 0.02 s poll).
 """
 
 from __future__ import annotations
