@@ -66,6 +66,7 @@ DEFAULT_SOURCE = "db"
 DEFAULT_THRESHOLD = 0
 DEFAULT_GROW_AFTER_S = 1.0
 DEFAULT_SAMPLE_EVERY_S = 1.0
+DEPTH_MAX_AGE_S = 1.0  # a queue-depth count this recent (the bridge's) is reused
 DEFAULT_TICK_S = 1.0
 # After a scan arrives, leave the pool alone this long even if the request looks
 # accepted: belt and braces for celery#7266.
@@ -271,7 +272,12 @@ def backlog_reader(source: str) -> Callable[[], int | None]:
     from .store import store_for
 
     store = store_for(settings.database_url)
-    return store.queue_depth
+
+    def depth() -> int:
+        # Shared with the embedded bridge's gauge: one count per interval per process.
+        return store.queue_depth(max_age_s=DEPTH_MAX_AGE_S)
+
+    return depth
 
 
 # -- the Celery autoscaler ----------------------------------------------------------------

@@ -3,20 +3,53 @@
 It is handed a ``publish`` callable and never imports Celery.  Two loops, each
 a ``run_once`` plus a thin loop that only waits, stops and logs:
 
-* dispatch — woken by the watcher (NOTIFY or poll); while leader, claims the
-  oldest undispatched queued rows in batches and publishes them;
-* maintenance — every second: renew or contest leadership; as leader, reap
-  orphaned runs and re-send scans whose messages the broker lost; on every
-  replica, refresh the queue-depth gauge.
+* dispatch — on **every** live bridge, woken by the watcher (NOTIFY or poll):
+  claims the oldest undispatched queued rows, never more than the dispatch
+  window allows, and publishes them.  Pickup is not gated on a leader (as in
+  River, Solid Queue, Oban): claims are serialized in the database (see
+  :meth:`Store.claim_within_window`), so the window stays exact however many
+  bridges claim, and when one dies the others go on claiming at once — no
+  lock TTL to wait out.
+* maintenance — every second: renew or contest leadership; refresh the live
+  workers' slots (the window's default); as leader only, reap orphaned runs
+  and re-send scans whose messages the broker lost; on every replica, refresh
+  the queue-depth gauge.
 
-    follower ──leadership won──▶ leader: drain at once, then on every wake-up
-       ▲                            │
-       └────── leadership lost ◀────┘   (dispatching stops on the next check)
+Per scan::
+
+    queued ──claim (room in window)──▶ queued+dispatched ──worker CAS──▶ running
+      ▲  (waits in the table while       │  │
+      │   the window is full)            │  └─ lost/overtaken ─▶ re-sent (leader)
+      └───────── publish failed: released┘
+
+Per bridge::
+
+    dispatch:    wait for NOTIFY/poll ─▶ drain ─▶ window full? ─yes─▶ look again
+                      ▲                     │                          in 0.1 s
+                      └────────── no ───────┘
+    maintenance: follower ──leadership won──▶ leader (reap, re-send)
+                    ▲                            │
+                    └────── leadership lost ◀────┘
+
+**The window** (CONTRACT §7) bounds scans dispatched but not started:
+``SCANQUEUE_DISPATCH_WINDOW``, or by default twice the slots of the live
+workers (``scanqueue_workers`` rows with a fresh heartbeat), at least
+:data:`MIN_WINDOW`.  The broker never holds the backlog: a later row of
+higher priority waits behind at most a window's worth of messages, and a
+bridge's memory does not grow with the backlog.  A scan that *starts* frees
+room without notifying anyone, so while the window is full the dispatch loop
+looks again every :data:`WINDOW_RECHECK_S`.
+
+**Re-sending** (leader): a dispatched scan that has not started is re-sent
+after ``SCANQUEUE_REDISPATCH_AFTER`` seconds (backing off per re-send), or
+after only :data:`LOST_AFTER_S` when there is evidence its message is gone —
+a scan dispatched later already runs (overtaken), or slots are free.  Unlike
+before the window, this never waits for the broker queue to empty, which under
+steady load never happens.  A duplicate costs nothing: the task's
+compare-and-set absorbs it.
 
 A claim that could not be published is released at once, so the next pass
-retries it; a message the broker drops after accepting it is re-sent by
-:meth:`BridgeService.redispatch_once`.  Correctness never rests on the
-bridge: duplicates are absorbed by the task's compare-and-set.
+retries it.  Correctness never rests on the bridge.
 """
 
 from __future__ import annotations
@@ -38,6 +71,17 @@ log = logging.getLogger(__name__)
 MAX_BATCHES_PER_DRAIN = 1000  # bounds one drain; the next wake-up continues
 MAINTENANCE_EVERY_S = 1.0
 REDISPATCH_CHECK_EVERY_S = 5.0
+MIN_WINDOW = 4  # the default window's floor (CONTRACT §7), also with no live worker
+WINDOW_PER_SLOT = 2
+WINDOW_RECHECK_S = 0.1  # while the window is full: a start frees room silently
+LOST_AFTER_S = 5.0  # re-send sooner when a message is evidently lost (overtaken, idle slots)
+OVERTAKEN_MARGIN_S = 1.0  # dispatch-order slack before "a later scan runs" counts
+# A worker refreshes its registration every WORKER_HEARTBEAT_EVERY_S; one silent for
+# WORKER_STALE_AFTER_S no longer counts towards the window, and the leader deletes
+# it after WORKER_FORGET_AFTER_S.
+WORKER_HEARTBEAT_EVERY_S = 5.0
+WORKER_STALE_AFTER_S = 20.0
+WORKER_FORGET_AFTER_S = 3600.0
 
 
 class PublishError(ScanqueueError):
@@ -49,20 +93,29 @@ class PublishError(ScanqueueError):
 
 
 Publish = Callable[[Sequence[str]], None]  # raises PublishError on partial failure
-BrokerDepth = Callable[[], int | None]  # None when the broker cannot tell
+
+
+def default_window(live_slots: int) -> int:
+    """Twice the live workers' slots, at least :data:`MIN_WINDOW`."""
+    return max(MIN_WINDOW, WINDOW_PER_SLOT * live_slots)
 
 
 class Bridge:
-    """Claim → publish, one batch at a time."""
+    """Claim → publish, one batch at a time, within the window."""
 
-    def __init__(self, store: Store, publish: Publish, batch: int) -> None:
+    def __init__(
+        self, store: Store, publish: Publish, batch: int, window: Callable[[], int]
+    ) -> None:
         self.store = store
         self.publish = publish
         self.batch = batch
+        self.window = window
+        self.window_full = False  # the last claim left no room
 
     def dispatch_once(self) -> int:
-        """Claim up to one batch and publish it; returns how many were published."""
-        ids = self.store.claim_for_dispatch(self.batch)
+        """Claim up to one batch (within the window) and publish it; returns how many."""
+        ids, room = self.store.claim_within_window(self.batch, self.window())
+        self.window_full = room == 0
         return self._publish_claimed(ids)
 
     def _publish_claimed(self, ids: list[str]) -> int:
@@ -79,23 +132,28 @@ class Bridge:
         return len(ids)
 
     def drain(self) -> int:
-        """Dispatch batches until a claim comes back short (bounded)."""
+        """Dispatch batches until a claim comes back short or the window is full."""
         total = 0
         for _ in range(MAX_BATCHES_PER_DRAIN):
             sent = self.dispatch_once()
             total += sent
-            if sent < self.batch:
+            if sent < self.batch or self.window_full:
                 break
         return total
 
-    def redispatch_once(self, older_than_s: float) -> int:
-        ids = self.store.claim_for_redispatch(older_than_s, self.batch)
+    def redispatch_once(self, older_than_s: float, live_slots: int | None = None) -> int:
+        ids = self.store.claim_for_redispatch(
+            older_than_s,
+            self.batch,
+            lost_after_s=min(LOST_AFTER_S, older_than_s),
+            live_slots=live_slots,
+            overtaken_margin_s=OVERTAKEN_MARGIN_S,
+        )
         if ids:
             log.warning(
-                "re-sending %d scan(s) dispatched over %.0fs ago and never started "
-                "(the broker lost their messages)",
+                "re-sending %d scan(s) dispatched and never started (their messages"
+                " were lost or overtaken)",
                 len(ids),
-                older_than_s,
             )
         return self._publish_claimed(ids)
 
@@ -125,31 +183,43 @@ class BridgeService:
         lease_s: float,
         max_attempts: int,
         reap_every_s: float,
-        broker_depth: BrokerDepth | None = None,
+        window: int | None = None,
         redispatch_after_s: float = DEFAULT_REDISPATCH_AFTER_S,
         hooks: BridgeHooks | None = None,
     ) -> None:
-        self.bridge = Bridge(store, publish, batch)
+        self.bridge = Bridge(store, publish, batch, self.window)
         self.store = store
         self.leadership = leadership
         self.watcher = watcher
         self.lease_s = lease_s
         self.max_attempts = max_attempts
         self.reap_every_s = reap_every_s
-        self.broker_depth = broker_depth
+        self.fixed_window = window or None  # 0 or None: from the live workers
         self.redispatch_after_s = redispatch_after_s
         self.hooks = hooks or BridgeHooks()
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._was_leader = False
         self._last_reap = 0.0
         self._last_redispatch_check = 0.0
+        self._live_slots: int | None = None  # refreshed by maintenance
+
+    # -- the window ---------------------------------------------------------------
+
+    def window(self) -> int:
+        if self.fixed_window is not None:
+            return self.fixed_window
+        if self._live_slots is None:
+            self.refresh_live_slots()
+        return default_window(self._live_slots or 0)
+
+    def refresh_live_slots(self) -> int:
+        self._live_slots = self.store.live_worker_slots(WORKER_STALE_AFTER_S)
+        return self._live_slots
 
     # -- one step each ------------------------------------------------------------
 
     def dispatch_step(self) -> int:
-        if not self.leadership.is_leader():
-            return 0
+        """Claim and publish what the window allows (any replica, leader or not)."""
         sent = self.bridge.drain()
         if sent:
             log.debug("dispatched %d scan(s)", sent)
@@ -161,10 +231,10 @@ class BridgeService:
         leader = self.leadership.tick()
         if self.hooks.leader:
             self.hooks.leader(leader)
-        if leader and not self._was_leader:
-            self._was_leader = True
-            self.dispatch_step()  # a new leader catches up at once
-        self._was_leader = leader
+        try:
+            self.refresh_live_slots()
+        except ScanqueueError as exc:
+            log.warning("bridge: cannot read the live workers: %s", exc)
         now = time.monotonic()
         if leader and now - self._last_reap >= self.reap_every_s:
             self._last_reap = now
@@ -174,7 +244,8 @@ class BridgeService:
             self._last_redispatch_check = now
             self.redispatch_step()
         if self.hooks.queue_depth:
-            self.hooks.queue_depth(self.store.queue_depth())
+            # One count per interval, shared with the autoscaler and /metrics.
+            self.hooks.queue_depth(self.store.queue_depth(max_age_s=MAINTENANCE_EVERY_S))
 
     def reap_step(self) -> None:
         reaped = self.store.reap_orphans(self.lease_s, self.max_attempts)
@@ -202,22 +273,17 @@ class BridgeService:
             self.hooks.lost_runs(reaped)
         if requeued:
             self.dispatch_step()
+        self.store.forget_workers(WORKER_FORGET_AFTER_S)
 
     def redispatch_step(self) -> int:
-        depth = None
-        if self.broker_depth is not None:
-            try:
-                depth = self.broker_depth()
-            except Exception as exc:
-                log.debug("broker queue depth unavailable: %s", exc)
-        if depth:
-            return 0  # messages are still waiting on the broker: nothing is lost yet
-        return self.bridge.redispatch_once(self.redispatch_after_s)
+        return self.bridge.redispatch_once(self.redispatch_after_s, self._live_slots)
 
     # -- loops --------------------------------------------------------------------
 
     def _dispatch_loop(self) -> None:
-        while self.watcher.wait(self.stop_event):
+        while self.watcher.wait(
+            self.stop_event, WINDOW_RECHECK_S if self.bridge.window_full else None
+        ):
             self._guarded("dispatch", self.dispatch_step)
 
     def _maintenance_loop(self) -> None:

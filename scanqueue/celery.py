@@ -131,9 +131,10 @@ app.user_options["worker"].add(
 
 def _register_steps() -> None:
     from .metrics_step import MetricsStep
-    from .worker_steps import BridgeStep, ReadinessStep
+    from .worker_steps import BridgeStep, ReadinessStep, RegistryStep
 
     app.steps["worker"].add(ReadinessStep)
+    app.steps["worker"].add(RegistryStep)
     app.steps["worker"].add(BridgeStep)
     app.steps["worker"].add(MetricsStep)
 

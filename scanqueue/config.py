@@ -31,6 +31,7 @@ DEFAULT_CONNECT_TIMEOUT_S = 60.0
 DEFAULT_METRICS_PORT = 0
 DEFAULT_BROKER_POLL_EVERY_S = 0.1  # kombu's SQL transport polls; 1 s (its default) doubles pickup
 DEFAULT_DISPATCH_BATCH = 100
+DEFAULT_DISPATCH_WINDOW = 0  # 0: twice the live workers' slots, at least 4 (bridge.py)
 DEFAULT_LOG_FORMAT = "text"
 DEFAULT_QUEUE = "scanqueue"
 DEFAULT_LEADER_TTL_S = 15.0  # a standby takes over within one TTL of the leader's death
@@ -60,6 +61,7 @@ class Settings:
     metrics_port: int = DEFAULT_METRICS_PORT
     broker_poll_every_s: float = DEFAULT_BROKER_POLL_EVERY_S
     dispatch_batch: int = DEFAULT_DISPATCH_BATCH
+    dispatch_window: int = DEFAULT_DISPATCH_WINDOW
     log_format: str = DEFAULT_LOG_FORMAT
     queue: str = DEFAULT_QUEUE
     leader_ttl_s: float = DEFAULT_LEADER_TTL_S
@@ -136,6 +138,9 @@ class Settings:
                 env, "SCANQUEUE_BROKER_POLL_EVERY", DEFAULT_BROKER_POLL_EVERY_S, minimum=0.01
             ),
             dispatch_batch=_int(env, "SCANQUEUE_DISPATCH_BATCH", DEFAULT_DISPATCH_BATCH, minimum=1),
+            dispatch_window=_int(
+                env, "SCANQUEUE_DISPATCH_WINDOW", DEFAULT_DISPATCH_WINDOW, minimum=0
+            ),
             log_format=log_format,
             api_token=_text(env, "SCANQUEUE_API_TOKEN"),
         )

@@ -1,6 +1,9 @@
 """Leader election among bridges: a Redis lock, or a lease row without Redis.
 
-Leadership only saves work — two leaders at once still never run a scan
+Leadership governs only the maintenance work (reaping, re-sending; later
+schedules and retention) — never pickup: every live bridge claims queued scans
+(see :mod:`scanqueue.bridge`), so a leader's death costs no pickup gap, only
+up to one TTL of maintenance.  Two leaders at once still never run a scan
 twice, because every state change is a compare-and-set in the store.
 
     follower ──tick: acquire ok──▶ leader ──tick: renew ok──▶ leader
@@ -11,7 +14,7 @@ twice, because every state change is a compare-and-set in the store.
 
 The leader acts only inside a *trust window*: until ``TRUST_SHARE`` of the TTL
 after its last successful renewal (measured from before the renewal was sent),
-so it stops dispatching before the lock can expire and a standby take over.
+so it stops maintaining before the lock can expire and a standby take over.
 Renew and release are token-checked (redis-py's Lua scripts; a CAS on the
 holder for the lease row), so a process that lost the lock can never extend
 or drop the new owner's.

@@ -165,6 +165,22 @@ Index(
     sqlite_where=scans.c.status == STATUS_RUNNING,
 )
 Index("scans_status_created_idx", scans.c.status, scans.c.created_at)
+# The unfiltered newest-first list (``scanqueue list``, the console's poll): read
+# backwards, so a page costs the same at 10**3 and 10**6 finished rows.
+Index("scans_created_id_idx", scans.c.created_at, scans.c.id)
+
+# Live workers and their slots (CONTRACT §7): the default dispatch window is twice
+# the slots of the workers whose heartbeat is fresh; ``scanqueue queue`` shows them.
+workers = Table(
+    "scanqueue_workers",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("hostname", Text, nullable=True),
+    Column("pid", Integer, nullable=True),
+    Column("slots", Integer, nullable=False, server_default=text("1")),
+    Column("started_at", UTCDateTime, nullable=False, server_default=utcnow_default()),
+    Column("heartbeat_at", UTCDateTime, nullable=False, server_default=utcnow_default()),
+)
 
 # Leadership without Redis: one lease row per election name.
 leader_lease = Table(

@@ -1,4 +1,4 @@
-"""Assembles a BridgeService wired to the Celery app (publish, broker depth).
+"""Assembles a BridgeService wired to the Celery app (publish), and the broker-depth reader.
 
 Kept apart from :mod:`scanqueue.bridge` so the bridge never imports Celery.
 """
@@ -111,7 +111,7 @@ def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
         lease_s=settings.lease_s,
         max_attempts=settings.max_attempts,
         reap_every_s=settings.reap_every_s,
-        broker_depth=make_broker_depth(app),
+        window=settings.dispatch_window or None,
         redispatch_after_s=settings.redispatch_after_s,
         hooks=hooks,
     )

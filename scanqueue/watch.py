@@ -15,6 +15,10 @@ poll is followed by a full look.
   because a query on a stalled one would block without end.  After any
   reconnect the watcher reports a wake-up so the bridge catches up on rows
   inserted meanwhile.
+
+``wait(stop, timeout_s)`` also returns after ``timeout_s``: while its dispatch
+window is full the bridge looks again soon whether or not a row was inserted,
+because a scan *starting* frees room and notifies nobody.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ PING_PAYLOAD = "scanqueue-liveness"
 
 
 class Watcher(Protocol):
-    def wait(self, stop: threading.Event) -> bool:
-        """Block until it is time to look (True) or ``stop`` is set (False)."""
+    def wait(self, stop: threading.Event, timeout_s: float | None = None) -> bool:
+        """Block until it is time to look (True; also after ``timeout_s``) or ``stop``
+        is set (False)."""
         ...
 
     def close(self) -> None: ...
@@ -52,8 +57,10 @@ class PollWatcher:
         self.interval_s = interval_s
         self._next = time.monotonic()
 
-    def wait(self, stop: threading.Event) -> bool:
+    def wait(self, stop: threading.Event, timeout_s: float | None = None) -> bool:
         now = time.monotonic()
+        if timeout_s is not None and now + timeout_s < self._next + self.interval_s:
+            return not stop.wait(timeout_s)  # an early look; the schedule stays
         self._next += self.interval_s
         if self._next < now:  # fell behind (a long pass): restart the schedule, don't burst
             self._next = now + self.interval_s
@@ -137,9 +144,10 @@ class ListenWatcher:
                 log.debug("closing broken LISTEN connection failed", exc_info=True)
         self._conn = None
 
-    def wait(self, stop: threading.Event) -> bool:
+    def wait(self, stop: threading.Event, timeout_s: float | None = None) -> bool:
         import psycopg2
 
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not stop.is_set():
             if self._conn is None:
                 try:
@@ -173,6 +181,8 @@ class ListenWatcher:
                     self._drop("liveness ping did not come back")
                     continue
                 timeout = self._next_timeout(now)
+                if deadline is not None:
+                    timeout = min(timeout, max(0.0, deadline - now))
                 readable, _, _ = select.select([self._conn], [], [], min(timeout, 0.5))
                 if readable:
                     self._conn.poll()
@@ -182,6 +192,8 @@ class ListenWatcher:
                         return True
                 if time.monotonic() - self._last_poll >= self.safety_poll_s:
                     self._last_poll = time.monotonic()
+                    return True
+                if deadline is not None and time.monotonic() >= deadline:
                     return True
             except (psycopg2.Error, OSError, ValueError) as exc:
                 self._drop(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))

@@ -14,6 +14,10 @@ context.configure(
     target_metadata=metadata,
     version_table=VERSION_TABLE,
     render_as_batch=connection.dialect.name == "sqlite",
+    # One transaction per revision: a revision that builds an index CONCURRENTLY
+    # (outside any transaction) commits what came before it, and a lock timeout
+    # retried by scanqueue.migrate repeats only the revision that hit it.
+    transaction_per_migration=True,
 )
 with context.begin_transaction():
     context.run_migrations()
