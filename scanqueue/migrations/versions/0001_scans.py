@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from scanqueue.migrations.online import create_index_online
 from scanqueue.schema import NOTIFY_CHANNEL, JSONList, UTCDateTime, utcnow_default
 
 revision = "0001"
@@ -61,36 +62,17 @@ def _adopt_scans(existing: set[str]) -> None:
 
 
 def _create_indexes() -> None:
-    undispatched = sa.text("status = 'queued' AND dispatched_at IS NULL")
-    queued = sa.text("status = 'queued'")
-    running = sa.text("status = 'running'")
-    op.create_index(
-        "scans_undispatched_idx",
-        "scans",
-        ["created_at"],
-        postgresql_where=undispatched,
-        sqlite_where=undispatched,
-        if_not_exists=True,
+    # Concurrently on PostgreSQL: adopting a host application's large, busy scans
+    # table must not block its writes for the length of four index builds.
+    undispatched = "status = 'queued' AND dispatched_at IS NULL"
+    create_index_online("scans_undispatched_idx", "scans", ["created_at"], undispatched)
+    create_index_online(
+        "scans_queued_dispatched_idx", "scans", ["dispatched_at"], "status = 'queued'"
     )
-    op.create_index(
-        "scans_queued_dispatched_idx",
-        "scans",
-        ["dispatched_at"],
-        postgresql_where=queued,
-        sqlite_where=queued,
-        if_not_exists=True,
+    create_index_online(
+        "scans_running_heartbeat_idx", "scans", ["heartbeat_at"], "status = 'running'"
     )
-    op.create_index(
-        "scans_running_heartbeat_idx",
-        "scans",
-        ["heartbeat_at"],
-        postgresql_where=running,
-        sqlite_where=running,
-        if_not_exists=True,
-    )
-    op.create_index(
-        "scans_status_created_idx", "scans", ["status", "created_at"], if_not_exists=True
-    )
+    create_index_online("scans_status_created_idx", "scans", ["status", "created_at"])
 
 
 def _create_notify_trigger() -> None:
