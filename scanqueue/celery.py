@@ -191,6 +191,13 @@ def _pool_process_down(pid: int | None = None, **_: Any) -> None:
             log.warning("pool process %s exits with scan events not yet written", pid)
     except Exception as exc:  # the process is leaving either way
         log.warning("could not write pending scan events: %s", exc)
+    lineage = sys.modules.get("scanqueue.lineage")  # loaded only when configured
+    if lineage is not None:
+        try:
+            if not lineage.flush_all():
+                log.warning("pool process %s exits with lineage events not yet sent", pid)
+        except Exception as exc:
+            log.warning("could not send pending lineage events: %s", exc)
     if pid is not None:
         from .metrics import mark_process_dead  # a no-op outside multiprocess mode
 

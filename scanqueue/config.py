@@ -108,6 +108,16 @@ class Settings:
         queue = _text(env, "SCANQUEUE_QUEUE") or DEFAULT_QUEUE
         if not all(c.isalnum() or c in "-_.:" for c in queue):
             raise ConfigError("SCANQUEUE_QUEUE", f"letters, digits and -_.: only, got {queue!r}")
+        # A run whose lease is in doubt must be stopped and terminated before the lease
+        # can pass to another worker: a grace that leaves no room for that is an error.
+        from .execute import check_fence  # the fence's arithmetic lives with the fence
+
+        fence_lease_s = _float(env, "SCANQUEUE_LEASE_SECONDS", DEFAULT_LEASE_S, minimum=MIN_LEASE_S)
+        check_fence(
+            fence_lease_s,
+            _float(env, "SCANQUEUE_CANCEL_GRACE_SECONDS", DEFAULT_CANCEL_GRACE_S, minimum=0),
+            min(fence_lease_s / 3.0, 2.0),  # heartbeat_every_s
+        )
         return cls(
             queue=queue,
             events_maxlen=_int(env, "SCANQUEUE_EVENTS_MAXLEN", DEFAULT_EVENTS_MAXLEN, minimum=1),

@@ -11,10 +11,23 @@ autocommit engine for as long as it works, so a call is one cursor execute.
 Any driver error drops that thread's connection (invalidated in the pool), so
 the next call starts on a fresh one, and is raised as SQLAlchemy would raise
 it: the store's error mapping applies unchanged.
+
+Every statement has a client-side deadline (``deadline_s``): a database that
+accepts bytes and never answers (a stalled proxy, a half-open socket whose
+peer's kernel still acknowledges) would otherwise hold the caller for ever,
+since libpq waits in ``poll()`` without a timeout and ``tcp_user_timeout`` only
+covers unacknowledged bytes.  One daemon thread per process (:class:`_Deadlines`)
+shuts the socket down when a deadline passes: libpq's wait returns at once, the
+statement fails as a lost connection and the connection is dropped.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+import math
+import os
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -24,6 +37,13 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.expression import ClauseElement
+
+log = logging.getLogger(__name__)
+
+# Longest a statement on a held connection may take, from send to last row.  The
+# server's own statement_timeout (60 s) is longer; this one also covers a server
+# that never answers at all.
+DEFAULT_DEADLINE_S = 10.0
 
 # Connections a forked child inherited: the parent still uses their sockets, so
 # the child keeps them referenced and never closes one.
@@ -46,9 +66,12 @@ class DirectStatement:
 class HeldConnections:
     """One DB-API connection per thread, checked out of ``engine`` and kept."""
 
-    def __init__(self, engine: Engine, recycle_s: float = 1800.0) -> None:
+    def __init__(
+        self, engine: Engine, recycle_s: float = 1800.0, deadline_s: float = DEFAULT_DEADLINE_S
+    ) -> None:
         self._engine = engine
         self.recycle_s = recycle_s
+        self.deadline_s = deadline_s
         self._local = threading.local()
         self._lock = threading.Lock()
         self._held: list[tuple[threading.Thread, Any]] = []
@@ -58,8 +81,11 @@ class HeldConnections:
         params = statement.params(values)
         dbapi = self._engine.dialect.loaded_dbapi
         conn = None
+        armed: int | None = None
+        expired = False
         try:
             conn = self._connection()
+            armed = deadlines().arm(conn.dbapi_connection.fileno(), self.deadline_s)
             cursor = conn.cursor()
             try:
                 cursor.execute(statement.sql, params)
@@ -68,7 +94,17 @@ class HeldConnections:
                 rowcount = cursor.rowcount
             finally:
                 cursor.close()
+                expired = armed is not None and deadlines().disarm(armed)
+                armed = None
         except dbapi.Error as exc:
+            if armed is not None:
+                expired = deadlines().disarm(armed)
+            if expired:
+                log.warning(
+                    "a statement on a held connection took over %gs (the database or the"
+                    " network stalled); connection dropped",
+                    self.deadline_s,
+                )
             # No connection at all (the pool could not open one) counts as gone too.
             disconnect = conn is None or self._engine.dialect.is_disconnect(
                 exc, conn.dbapi_connection, None
@@ -84,6 +120,10 @@ class HeldConnections:
                 connection_invalidated=disconnect,
                 dialect=self._engine.dialect,
             ) from exc
+        if expired and conn is not None:
+            # The socket was shut down just as the answer came: the result stands, the
+            # connection does not.
+            self._drop(conn)
         if row is None:
             return None, rowcount
         return {name: _utc(value) for name, value in zip(names, row, strict=True)}, rowcount
@@ -137,3 +177,99 @@ def _utc(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     return value
+
+
+class _Deadlines:
+    """One daemon thread that shuts down the socket of a statement past its deadline.
+
+    ``arm`` and ``disarm`` cost a lock each; the thread sleeps until the earliest
+    deadline.  Shutting a socket down (not closing its descriptor) is safe from
+    another thread: libpq still owns and closes the descriptor, and ``disarm``
+    under the same lock guarantees a descriptor is never touched after its
+    statement returned (so never after it could be reused).
+    """
+
+    MAX_WAIT_S = 60.0
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._cond = threading.Condition()
+        self._armed: dict[int, tuple[float, int]] = {}
+        self._fired: set[int] = set()
+        self._tokens = itertools.count()
+        self._wake_at = math.inf
+        self._thread: threading.Thread | None = None
+
+    def arm(self, fd: int, seconds: float) -> int:
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            token = next(self._tokens)
+            self._armed[token] = (deadline, fd)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name=f"scanqueue-deadlines-{self.pid}", daemon=True
+                )
+                self._thread.start()
+            elif deadline < self._wake_at:
+                self._cond.notify()
+        return token
+
+    def disarm(self, token: int) -> bool:
+        """Forget a statement; True if its deadline had passed (its socket is shut)."""
+        with self._cond:
+            self._armed.pop(token, None)
+            if token in self._fired:
+                self._fired.discard(token)
+                return True
+            return False
+
+    def _loop(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for token, (deadline, fd) in list(self._armed.items()):
+                    if deadline <= now:
+                        del self._armed[token]
+                        self._fired.add(token)
+                        _shut(fd)
+                nearest = min((d for d, _ in self._armed.values()), default=math.inf)
+                self._wake_at = min(nearest, now + self.MAX_WAIT_S)
+                self._cond.wait(max(0.0, self._wake_at - now))
+
+
+def _shut(fd: int) -> None:
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()  # closes the duplicate only
+
+
+_deadlines: _Deadlines | None = None
+_deadlines_lock = threading.Lock()
+
+
+def deadlines() -> _Deadlines:
+    """This process's deadline thread (a forked child gets its own)."""
+    global _deadlines
+    found = _deadlines
+    if found is not None and found.pid == os.getpid():
+        return found
+    with _deadlines_lock:
+        if _deadlines is None or _deadlines.pid != os.getpid():
+            _deadlines = _Deadlines()
+        return _deadlines
+
+
+def _after_fork_in_child() -> None:
+    global _deadlines, _deadlines_lock
+    _deadlines_lock = threading.Lock()
+    _deadlines = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

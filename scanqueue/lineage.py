@@ -15,6 +15,10 @@ called after each database transition has committed; it only queues the event,
 and one background thread per process sends them in order, so an unreachable
 receiver (retried by the client's transport, then logged) never fails or
 delays a scan.  The queue is bounded: past it, events are dropped and counted.
+
+A pool process leaves with ``os._exit`` (no ``atexit``): the worker's
+``worker_process_shutdown`` hook calls :func:`flush_all`, and a run terminated
+past its grace period queues its ``ABORT`` and flushes before the process ends.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import logging
 import os
 import queue
 import threading
+import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -125,12 +131,27 @@ def _count_drop() -> None:
         dropped += 1
 
 
+_observers: weakref.WeakSet[LineageObserver] = weakref.WeakSet()
+
+
+def flush_all(timeout_s: float = FLUSH_AT_EXIT_S) -> bool:
+    """Send what every lineage observer of this process has queued, within ``timeout_s``
+    in all; True if everything went.  For a pool process about to end (autoscale
+    shrink, shutdown, a run terminated past its grace), which skips ``atexit``."""
+    deadline = time.monotonic() + timeout_s
+    sent = True
+    for observer in list(_observers):
+        sent = observer.flush(max(0.0, deadline - time.monotonic())) and sent
+    return sent
+
+
 class LineageObserver:
     """A :class:`~scanqueue.observe.ScanObserver` that queues run events for a sender thread."""
 
     def __init__(
         self, client_factory: Callable[[], Any] = _default_client, queue_max: int = QUEUE_MAX
     ) -> None:
+        _observers.add(self)
         self._client_factory = client_factory
         self._client: Any = None
         self._queue: queue.Queue[RunEvent | None] = queue.Queue(maxsize=queue_max)
@@ -156,7 +177,10 @@ class LineageObserver:
             self._submit(build_run_event(RunState.FAIL, run, error=row.error))
 
     def discarded(self, run: RunInfo, duration_s: float) -> None:
-        # Canceled, or the lease went to another run: this run ends without an outcome.
+        # Stopped, or the lease went to another run: this run ends without an outcome.
+        self._submit(build_run_event(RunState.ABORT, run))
+
+    def canceled(self, run: RunInfo, duration_s: float) -> None:
         self._submit(build_run_event(RunState.ABORT, run))
 
     def lost(self, run: RunInfo, requeued: bool) -> None:
@@ -239,8 +263,9 @@ class LineageObserver:
             self._queue.join()
             done.set()
 
-        if self._thread is None or not self._thread.is_alive():
-            return self._queue.empty()
+        if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+            # Nothing sends in this process (a forked child that queued nothing yet).
+            return self._pid != os.getpid() or self._queue.empty()
         threading.Thread(target=_join, daemon=True).start()
         return done.wait(timeout_s)
 

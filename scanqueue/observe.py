@@ -65,6 +65,9 @@ class ScanObserver(Protocol):
 
     def discarded(self, run: RunInfo, duration_s: float) -> None: ...
 
+    # Optional: ``canceled(run, duration_s)``, for a run whose scan was canceled;
+    # the execution path falls back to ``discarded`` for an observer without it.
+
 
 class NullObserver:
     def started(self, run: RunInfo) -> None:
@@ -107,3 +110,12 @@ class SafeObservers:
 
     def discarded(self, run: RunInfo, duration_s: float) -> None:
         self._each("discarded", run, duration_s)
+
+    def canceled(self, run: RunInfo, duration_s: float) -> None:
+        """A run whose scan was canceled (optional hook; ``discarded`` where missing)."""
+        for observer in self.observers:
+            hook = getattr(observer, "canceled", None)
+            try:
+                (hook if callable(hook) else observer.discarded)(run, duration_s)
+            except Exception:
+                log.exception("observer %s.canceled failed", type(observer).__name__)

@@ -33,8 +33,10 @@ from sqlalchemy import (
     Engine,
     Integer,
     Row,
+    Text,
     and_,
     bindparam,
+    case,
     create_engine,
     delete,
     event,
@@ -75,6 +77,7 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 PG_CONNECT_TIMEOUT_S = 5
 PG_STATEMENT_TIMEOUT_MS = 60_000
 PG_LOCK_TIMEOUT_MS = 10_000
+PG_TCP_USER_TIMEOUT_MS = 10_000
 MAX_ERROR_CHARS = 4000
 # pg_advisory_xact_lock key that serializes dispatch claims across bridges (any
 # constant; apart from scanqueue.migrate's).  Held for the claim's transaction
@@ -236,7 +239,10 @@ def make_engine(database_url: str, *, pool: bool = True, autocommit: bool = Fals
             "connect_timeout": PG_CONNECT_TIMEOUT_S,
             "application_name": "scanqueue",
             # A half-open connection would otherwise hang a statement for the kernel's
-            # two-hour default.
+            # two-hour default: keepalives find an idle one, and tcp_user_timeout ends
+            # one whose sent bytes go unacknowledged.  (A peer that acknowledges and
+            # never answers is bounded by the held connections' client-side deadline.)
+            "tcp_user_timeout": PG_TCP_USER_TIMEOUT_MS,
             "keepalives": 1,
             "keepalives_idle": 10,
             "keepalives_interval": 5,
@@ -310,12 +316,23 @@ class Store:
                 scans.c.started_at,
             )
         )
+        # A run is (scan, attempt, worker): a graceful hand-back gives its attempt
+        # back (no crash budget spent), so the next run may reuse the number, and
+        # only the worker id still tells a straggler of the old run from the new one.
+        # A NULL worker id matches any (callers outside a worker, the tests).
+        run_worker = bindparam("run_worker", value=None, type_=Text, required=False)
         this_run = (
             scans.c.id == bindparam("scan_id"),
             scans.c.status == STATUS_RUNNING,
             scans.c.attempts == bindparam("attempt"),
+            or_(run_worker.is_(None), scans.c.worker_id == run_worker),
         )
         self._heartbeat_stmt = update(scans).where(*this_run).values(heartbeat_at=now)
+        self._hand_back_run_stmt = (
+            update(scans)
+            .where(*this_run)
+            .values(status=STATUS_QUEUED, dispatched_at=None, heartbeat_at=None, worker_id=None)
+        )
         self._finish_stmt = (
             update(scans)
             .where(*this_run)
@@ -744,9 +761,9 @@ class Store:
             started_at=row["started_at"],
         )
 
-    def heartbeat(self, scan_id: str, attempt: int) -> bool:
+    def heartbeat(self, scan_id: str, attempt: int, *, worker_id: str | None = None) -> bool:
         """Renew the lease of run ``attempt``; False once it is no longer ours."""
-        values = {"scan_id": scan_id, "attempt": attempt}
+        values = {"scan_id": scan_id, "attempt": attempt, "run_worker": worker_id}
         if self._direct is not None:
             _, rowcount = self._run_direct(self._direct_heartbeat, values)
             return rowcount == 1
@@ -767,12 +784,14 @@ class Store:
         *,
         error: str | None = None,
         findings_count: int | None = None,
+        worker_id: str | None = None,
     ) -> ScanRow | None:
         """CAS ``running(attempt) → status``; None if the run no longer owns the scan."""
         assert status in FINISHED_STATUSES, status
         params = {
             "scan_id": scan_id,
             "attempt": attempt,
+            "run_worker": worker_id,
             "new_status": status,
             "error": None if error is None else error[:MAX_ERROR_CHARS],
             "findings_count": findings_count,
@@ -784,8 +803,22 @@ class Store:
             row = conn.execute(self._finish_stmt, params).first()
         return None if row is None else ScanRow.from_row(row)
 
+    def hand_back_run(self, scan_id: str, attempt: int, worker_id: str | None = None) -> bool:
+        """CAS ``running(attempt) → queued`` for a run told to stop while its lease was
+        in doubt: its outcome is void and the scan runs again (the attempt stays spent,
+        like a lost worker's).  False when the run no longer owns the scan."""
+        values = {"scan_id": scan_id, "attempt": attempt, "run_worker": worker_id}
+        with self._tx(single=True) as conn:
+            result = conn.execute(self._hand_back_run_stmt, values)
+        return result.rowcount == 1
+
     def hand_back(self, owner: str) -> list[str]:
-        """Re-queue the running scans of ``owner``'s pool processes (a worker shutting down)."""
+        """Re-queue the running scans of ``owner``'s pool processes (a worker shutting down).
+
+        A graceful hand-back spends no crash budget: the attempt is given back, and
+        the worker id is cleared so that a straggler of the interrupted run can no
+        longer renew or finish (see ``this_run``).
+        """
         prefix = owner + "/"
         with self._tx(single=True) as conn:
             rows = conn.execute(
@@ -794,7 +827,13 @@ class Store:
                     scans.c.status == STATUS_RUNNING,
                     func.substr(scans.c.worker_id, 1, len(prefix)) == prefix,
                 )
-                .values(status=STATUS_QUEUED, dispatched_at=None, heartbeat_at=None, worker_id=None)
+                .values(
+                    status=STATUS_QUEUED,
+                    dispatched_at=None,
+                    heartbeat_at=None,
+                    worker_id=None,
+                    attempts=case((scans.c.attempts > 0, scans.c.attempts - 1), else_=0),
+                )
                 .returning(scans.c.id)
             ).all()
         return [r.id for r in rows]

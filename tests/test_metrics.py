@@ -88,7 +88,10 @@ def all_finished(url: str, n: int) -> bool:
 def assert_no_unbounded_labels(exposition: str, secrets: list[str]) -> None:
     for secret in secrets:
         assert secret not in exposition
-    allowed = {"status": {"completed", "failed", "discarded"}, "outcome": {"requeued", "failed"}}
+    allowed = {
+        "status": {"completed", "failed", "canceled", "discarded"},
+        "outcome": {"requeued", "failed"},
+    }
     for family in text_string_to_metric_families(exposition):
         if not family.name.startswith("scanqueue_"):
             continue
@@ -131,6 +134,7 @@ def test_observer_counts_outcomes_by_status_with_durations_and_pickup_latency() 
         "completed": get("scanqueue_scans_finished_total", status="completed"),
         "failed": get("scanqueue_scans_finished_total", status="failed"),
         "discarded": get("scanqueue_scans_finished_total", status="discarded"),
+        "canceled": get("scanqueue_scans_finished_total", status="canceled"),
         "started": get("scanqueue_scans_started_total"),
         "durations": get("scanqueue_scan_duration_seconds_count"),
         "pickups": get("scanqueue_pickup_latency_seconds_count"),
@@ -145,6 +149,7 @@ def test_observer_counts_outcomes_by_status_with_durations_and_pickup_latency() 
     observer.finished(_run(secret_id, 1), _Row("failed"), 1.0)  # type: ignore[arg-type]
     observer.finished(_run(secret_id, 1), _Row("weird"), 1.0)  # type: ignore[arg-type]
     observer.discarded(_run(secret_id, 1), 0.5)
+    observer.canceled(_run(secret_id, 1), 0.25)  # its own label, not "discarded"
 
     assert get("scanqueue_scans_started_total") - before["started"] == 2
     assert get("scanqueue_pickup_latency_seconds_count") - before["pickups"] == 1
@@ -153,7 +158,8 @@ def test_observer_counts_outcomes_by_status_with_durations_and_pickup_latency() 
     # An unknown status is folded into "failed" so the label set stays fixed.
     assert get("scanqueue_scans_finished_total", status="failed") - before["failed"] == 2
     assert get("scanqueue_scans_finished_total", status="discarded") - before["discarded"] == 1
-    assert get("scanqueue_scan_duration_seconds_count") - before["durations"] == 4
+    assert get("scanqueue_scans_finished_total", status="canceled") - before["canceled"] == 1
+    assert get("scanqueue_scan_duration_seconds_count") - before["durations"] == 5
     assert_no_unbounded_labels(generate_latest(REGISTRY).decode(), [secret_id])
 
 
