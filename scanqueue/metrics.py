@@ -61,7 +61,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_ADDR_ENV = "SCANQUEUE_METRICS_ADDR"
 DEFAULT_METRICS_ADDR = "0.0.0.0"  # noqa: S104 - see above
 
-FINISHED_STATUSES = ("completed", "failed", "canceled", "discarded")
+FINISHED_STATUSES = ("completed", "failed", "discarded")
 REAP_OUTCOMES = ("requeued", "failed")
 # Scans take seconds to hours; pickup is usually sub-second but a backlog stretches it.
 DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, float("inf"))
@@ -190,8 +190,8 @@ def scan_metrics() -> ScanMetrics:
 
     finished = Counter(
         "scanqueue_scans_finished",
-        "Runs that ended, by outcome (canceled: the scan was canceled while it ran; "
-        "discarded: the run was stopped or lost its lease, and the scan runs again).",
+        "Runs that ended, by outcome (discarded: the run no longer owned its scan, "
+        "because it was canceled or its lease was lost).",
         ["status"],
     )
     for status in FINISHED_STATUSES:
@@ -298,11 +298,6 @@ class MetricsObserver:
             self.metrics.finished.labels("discarded").inc()
             self.metrics.duration.observe(duration_s)
 
-    def canceled(self, run: RunInfo, duration_s: float) -> None:
-        with _writing():
-            self.metrics.finished.labels("canceled").inc()
-            self.metrics.duration.observe(duration_s)
-
 
 def bridge_hooks() -> BridgeHooks:
     """Hooks through which a bridge reports depth, leadership, dispatches and reaps."""
@@ -355,6 +350,9 @@ def registry() -> CollectorRegistry:
     return aggregate
 
 
+DEPTH_MAX_AGE_S = 1.0  # a scrape reuses a queue-depth count this recent
+
+
 def render_metrics(store: Store | None = None) -> tuple[bytes, str]:
     """The text exposition and its content type, for a web process's ``GET /metrics``.
 
@@ -364,7 +362,8 @@ def render_metrics(store: Store | None = None) -> tuple[bytes, str]:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     if store is not None:
-        depth = store.queue_depth()
+        # Shared per interval with the bridge and the autoscaler in this process.
+        depth = store.queue_depth(max_age_s=DEPTH_MAX_AGE_S)
         with _writing():
             queue_depth_gauge().set(depth)
     return generate_latest(registry()), CONTENT_TYPE_LATEST
