@@ -61,7 +61,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_ADDR_ENV = "SCANQUEUE_METRICS_ADDR"
 DEFAULT_METRICS_ADDR = "0.0.0.0"  # noqa: S104 - see above
 
-FINISHED_STATUSES = ("completed", "failed", "discarded")
+FINISHED_STATUSES = ("completed", "failed", "canceled", "discarded")
 REAP_OUTCOMES = ("requeued", "failed")
 # Scans take seconds to hours; pickup is usually sub-second but a backlog stretches it.
 DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, float("inf"))
@@ -190,8 +190,8 @@ def scan_metrics() -> ScanMetrics:
 
     finished = Counter(
         "scanqueue_scans_finished",
-        "Runs that ended, by outcome (discarded: the run no longer owned its scan, "
-        "because it was canceled or its lease was lost).",
+        "Runs that ended, by outcome (canceled: the scan was canceled while it ran; "
+        "discarded: the run was stopped or lost its lease, and the scan runs again).",
         ["status"],
     )
     for status in FINISHED_STATUSES:
@@ -296,6 +296,11 @@ class MetricsObserver:
     def discarded(self, run: RunInfo, duration_s: float) -> None:
         with _writing():
             self.metrics.finished.labels("discarded").inc()
+            self.metrics.duration.observe(duration_s)
+
+    def canceled(self, run: RunInfo, duration_s: float) -> None:
+        with _writing():
+            self.metrics.finished.labels("canceled").inc()
             self.metrics.duration.observe(duration_s)
 
 
