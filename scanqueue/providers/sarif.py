@@ -3,12 +3,26 @@
 The document is walked with a small pull parser: the top levels (the log
 object, ``runs``, each run, its ``results``) are stepped through token by
 token, and only one result (or one ``tool`` object) is decoded at a time.
+Every large member is streamed, not only ``results``: ``tool.driver.rules`` is
+read one rule at a time into a spool (with an index by position and id), and
+members scanqueue does not use (``artifacts``, ``invocations``, ``graphs``,
+``threadFlowLocations``, ``extensions`` …) are skipped without being decoded as
+a whole — small values with one C-speed decode, large containers element by
+element, long strings chunk by chunk.  Memory therefore stays bounded by the
+largest single result or rule, whatever the report's size.
+
 Because a run's ``tool.rules`` may come after its ``results`` (ruff writes them
 in that order), each run's raw results are spooled to a temporary file and
 mapped once the run is complete.  Every finding is written to a second spool,
 and nothing is yielded until the whole document has proved valid: invalid
 SARIF raises :class:`SarifError` before the first finding, so a broken report
 never leaves partial findings behind.
+
+Temporary disk: the spools (raw results, rules, mapped findings) live in the
+system's temporary directory (``TMPDIR``) and are deleted as soon as the
+report is read; together they may hold at most ``max_spool_bytes``
+(:data:`DEFAULT_MAX_SPOOL_BYTES`, 1 GiB) per report, past which the report is
+rejected with a :class:`SarifError` that says so.
 
 Mapping: ``ruleId`` → check id; ``level`` (or the rule's default level)
 error/warning/note/none → high/medium/low/info; ``locations[0]``'s artifact
@@ -24,6 +38,8 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -37,6 +53,12 @@ LEVEL_TO_SEVERITY = {"error": "high", "warning": "medium", "note": "low", "none"
 DEFAULT_LEVEL = "warning"  # SARIF §3.27.10: a result without a level is a warning
 FRAMEWORK_TAG_PREFIX = "framework:"
 STOP_CHECK_EVERY = 500  # results between two looks at the stop flag
+# A skipped value up to this many characters is decoded in one go (C speed); a larger
+# container is stepped through element by element, so it never sits in memory.
+SKIP_DECODE_LIMIT = 1 << 20
+DEFAULT_MAX_SPOOL_BYTES = 1 << 30  # temporary disk per report, all spools together
+RULE_CACHE = 1024  # decoded rules kept for lookups while mapping results
+_STRING_STOP = re.compile(r'["\\]')
 
 _NON_WS = re.compile(r"[^ \t\n\r]")
 _DECODER = json.JSONDecoder()
@@ -111,6 +133,62 @@ class _PullParser:
                 self._pos = end
                 return val
 
+    def skip(self) -> None:
+        """Consume the next JSON value without keeping it (checked, never held whole)."""
+        first = self.peek()
+        if not first:
+            raise SarifError(f"unexpected end of input at offset {self.offset}")
+        if first == '"':
+            self._skip_string()
+        elif first in "[{":
+            if self._decode_within(SKIP_DECODE_LIMIT):
+                return
+            if first == "[":
+                for _ in self.items():
+                    self.skip()
+            else:
+                for _ in self.members():
+                    self.skip()
+        else:
+            self.value()  # a number, true, false or null
+
+    def _decode_within(self, limit: int) -> bool:
+        """Decode and drop the next value if it ends within ``limit`` characters."""
+        while True:
+            try:
+                _, end = _DECODER.raw_decode(self._buf, self._pos)
+            except json.JSONDecodeError as exc:
+                if len(self._buf) - self._pos >= limit:
+                    return False  # large (or broken): step through it instead
+                if not self._fill():
+                    raise SarifError(
+                        f"invalid JSON at offset {self._dropped + exc.pos}: {exc.msg}"
+                    ) from None
+                continue
+            self._pos = end
+            return True
+
+    def _skip_string(self) -> None:
+        i = self._pos + 1  # past the opening quote
+        while True:
+            m = _STRING_STOP.search(self._buf, i)
+            if m is None:
+                self._pos = len(self._buf)  # all of it is string: let _fill drop it
+                if not self._fill():
+                    raise SarifError(f"unterminated string at offset {self.offset}")
+                i = self._pos
+                continue
+            if m.group() == '"':
+                self._pos = m.end()
+                return
+            if m.end() < len(self._buf):
+                i = m.end() + 1  # an escape: skip the escaped character
+                continue
+            self._pos = m.start()  # a backslash at the end: keep it, read on
+            if not self._fill():
+                raise SarifError(f"unterminated string at offset {self.offset}")
+            i = self._pos
+
     def members(self) -> Iterator[str]:
         """Step through an object: yields each key; the caller must consume its value."""
         self.expect("{")
@@ -152,45 +230,126 @@ class _PullParser:
             raise SarifError(f"unexpected data after the SARIF document at offset {self.offset}")
 
 
-class _Rules:
-    """A run's ``tool.driver.rules``, found by index or by id."""
+class _Spool:
+    """Temporary files of one report, with a cap on the bytes written to them all."""
 
-    def __init__(self, tool: Any) -> None:
-        if not isinstance(tool, dict) or not isinstance(tool.get("driver"), dict):
-            raise SarifError("run.tool.driver must be an object")
-        rules = tool["driver"].get("rules") or []
-        if not isinstance(rules, list):
-            raise SarifError("run.tool.driver.rules must be an array")
-        self.by_index: list[dict[str, Any]] = [r if isinstance(r, dict) else {} for r in rules]
-        self.by_id: dict[str, dict[str, Any]] = {}
-        for rule in self.by_index:
-            rid = rule.get("id")
-            if isinstance(rid, str):
-                self.by_id.setdefault(rid, rule)
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.written = 0
+
+    def charge(self, size: int) -> None:
+        self.written += size
+        if self.written > self.max_bytes:
+            raise SarifError(
+                f"the report needs more than {self.max_bytes} bytes of temporary disk to read;"
+                " it is too large"
+            )
+
+
+class _Rules:
+    """A run's ``tool.driver.rules``, spooled to disk, found by index or by id.
+
+    Only the index (an offset per rule, and the first position of each id) stays
+    in memory, with a small cache of decoded rules.
+    """
+
+    def __init__(self, spool: _Spool) -> None:
+        self._spool = spool
+        self._file: IO[bytes] | None = None
+        self._offsets = array("q")
+        self.by_id: dict[str, int] = {}
+        self._cache: OrderedDict[int, dict[str, Any]] = OrderedDict()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def add(self, rule: Any) -> None:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile("w+b")  # noqa: SIM115 - closed in close()
+        rule = rule if isinstance(rule, dict) else {}
+        data = json.dumps(rule, separators=(",", ":")).encode() + b"\n"
+        self._spool.charge(len(data))
+        self._file.seek(0, 2)
+        self._offsets.append(self._file.tell())
+        self._file.write(data)
+        rid = rule.get("id")
+        if isinstance(rid, str):
+            self.by_id.setdefault(rid, len(self._offsets) - 1)
+
+    def _get(self, index: int) -> dict[str, Any]:
+        found = self._cache.get(index)
+        if found is not None:
+            self._cache.move_to_end(index)
+            return found
+        assert self._file is not None
+        self._file.seek(self._offsets[index])
+        rule: dict[str, Any] = json.loads(self._file.readline())
+        self._cache[index] = rule
+        if len(self._cache) > RULE_CACHE:
+            self._cache.popitem(last=False)
+        return rule
 
     def find(self, index: Any, rule_id: str | None) -> dict[str, Any]:
-        if isinstance(index, int) and 0 <= index < len(self.by_index):
-            return self.by_index[index]
+        if isinstance(index, int) and 0 <= index < len(self._offsets):
+            return self._get(index)
         if rule_id is not None:
             # Hierarchical ids ("X/sub") fall back to their parent rule (SARIF §3.27.5).
-            return self.by_id.get(rule_id) or self.by_id.get(rule_id.split("/", 1)[0]) or {}
+            at = self.by_id.get(rule_id)
+            if at is None:
+                at = self.by_id.get(rule_id.split("/", 1)[0])
+            return {} if at is None else self._get(at)
         return {}
+
+
+def _read_tool(parser: _PullParser, rules: _Rules) -> None:
+    """Step through ``tool``: spool ``driver.rules`` one by one, skip everything else."""
+    if parser.peek() == "n":
+        parser.value()  # null: a run without rule metadata
+        return
+    if parser.peek() != "{":
+        raise SarifError("run.tool.driver must be an object")
+    saw_driver = False
+    for key in parser.members():
+        if key != "driver":
+            parser.skip()  # extensions and the like: not used
+            continue
+        if parser.peek() != "{":
+            raise SarifError("run.tool.driver must be an object")
+        saw_driver = True
+        for dkey in parser.members():
+            if dkey != "rules":
+                parser.skip()
+                continue
+            first = parser.peek()
+            if first == "n":
+                parser.value()  # null: no rules
+                continue
+            if first != "[":
+                raise SarifError("run.tool.driver.rules must be an array")
+            for _ in parser.items():
+                rules.add(parser.value())
+    if not saw_driver:
+        raise SarifError("run.tool.driver must be an object")
 
 
 def iter_findings(
     fh: IO[str],
     base_dir: str | Path | None = None,
     stop: Callable[[], bool] | None = None,
+    max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES,
 ) -> Iterator[Finding]:
     """Findings of a SARIF 2.1.0 document; SarifError (before the first one) if invalid.
 
     ``stop`` is polled while the document is read; once it returns True nothing
-    more is read and nothing is yielded.
+    more is read and nothing is yielded.  ``max_spool_bytes`` caps the temporary
+    disk the read may use (see the module's docstring).
     """
     base = Path(base_dir).resolve() if base_dir is not None else None
+    spool = _Spool(max_spool_bytes)
     with tempfile.TemporaryFile("w+", encoding="utf-8") as mapped:
         try:
-            _map_document(_PullParser(fh), mapped, base, stop or _never)
+            _map_document(_PullParser(fh), mapped, base, stop or _never, spool)
         except _Stopped:
             return
         mapped.seek(0)
@@ -217,7 +376,11 @@ def _check_stop(stop: Callable[[], bool], index: int) -> None:
 
 
 def _map_document(
-    parser: _PullParser, out: IO[str], base: Path | None, stop: Callable[[], bool]
+    parser: _PullParser,
+    out: IO[str],
+    base: Path | None,
+    stop: Callable[[], bool],
+    spool: _Spool,
 ) -> None:
     if parser.peek() != "{":
         raise SarifError("the document is not a JSON object")
@@ -234,9 +397,9 @@ def _map_document(
                     raise SarifError("runs must be an array")
                 saw_runs = True
                 for run_index in parser.items():
-                    _map_run(parser, run_index, raw, out, base, stop)
+                    _map_run(parser, run_index, raw, out, base, stop, spool)
             else:
-                parser.value()
+                parser.skip()
         parser.end()
     if version is None:
         raise SarifError(f"no version (expected {SARIF_VERSION!r})")
@@ -251,16 +414,33 @@ def _map_run(
     out: IO[str],
     base: Path | None,
     stop: Callable[[], bool],
+    spool: _Spool,
 ) -> None:
     if parser.peek() != "{":
         raise SarifError(f"runs[{run_index}] is not an object")
     raw.seek(0)
     raw.truncate()
-    tool: Any = None
+    rules = _Rules(spool)
+    try:
+        _map_run_members(parser, run_index, raw, out, base, stop, spool, rules)
+    finally:
+        rules.close()
+
+
+def _map_run_members(
+    parser: _PullParser,
+    run_index: int,
+    raw: IO[str],
+    out: IO[str],
+    base: Path | None,
+    stop: Callable[[], bool],
+    spool: _Spool,
+    rules: _Rules,
+) -> None:
     count = 0
     for key in parser.members():
         if key == "tool":
-            tool = parser.value()
+            _read_tool(parser, rules)
         elif key == "results":
             if parser.peek() == "n":  # null: results were not computed
                 parser.value()
@@ -272,13 +452,14 @@ def _map_run(
                 result = parser.value()
                 if not isinstance(result, dict):
                     raise SarifError(f"runs[{run_index}].results[{i}] is not an object")
-                raw.write(json.dumps(result, separators=(",", ":")))
+                line = json.dumps(result, separators=(",", ":"))
+                spool.charge(len(line) + 1)
+                raw.write(line)
                 raw.write("\n")
                 count += 1
         else:
-            parser.value()
+            parser.skip()  # artifacts, invocations, graphs …: streamed past, never held
     # SARIF requires a tool, but a run without one only lacks rule metadata.
-    rules = _Rules(tool if tool is not None else {"driver": {}})
     raw.seek(0)
     for i, line in enumerate(raw):
         if i >= count:
@@ -295,7 +476,9 @@ def _map_run(
             finding.status,
             finding.frameworks,
         ]
-        out.write(json.dumps(row, separators=(",", ":")))
+        line = json.dumps(row, separators=(",", ":"))
+        spool.charge(len(line) + 1)
+        out.write(line)
         out.write("\n")
 
 
