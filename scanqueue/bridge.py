@@ -25,7 +25,7 @@ Per scan::
 Per bridge::
 
     dispatch:    wait for NOTIFY/poll ─▶ drain ─▶ window full? ─yes─▶ look again
-                      ▲                     │                          in 0.1 s
+                      ▲                     │                    in 10–100 ms
                       └────────── no ───────┘
     maintenance: follower ──leadership won──▶ leader (reap, re-send)
                     ▲                            │
@@ -38,7 +38,7 @@ workers (``scanqueue_workers`` rows with a fresh heartbeat), at least
 higher priority waits behind at most a window's worth of messages, and a
 bridge's memory does not grow with the backlog.  A scan that *starts* frees
 room without notifying anyone, so while the window is full the dispatch loop
-looks again every :data:`WINDOW_RECHECK_S`.
+looks again every 10 ms, backing off to 100 ms while no room appears.
 
 **Re-sending** (leader): a dispatched scan that has not started is re-sent
 after ``SCANQUEUE_REDISPATCH_AFTER`` seconds (backing off per re-send), or
@@ -73,7 +73,12 @@ MAINTENANCE_EVERY_S = 1.0
 REDISPATCH_CHECK_EVERY_S = 5.0
 MIN_WINDOW = 4  # the default window's floor (CONTRACT §7), also with no live worker
 WINDOW_PER_SLOT = 2
-WINDOW_RECHECK_S = 0.1  # while the window is full: a start frees room silently
+# While the window is full, a scan's start frees room without notifying anyone: look
+# again after WINDOW_RECHECK_MIN_S, doubling up to WINDOW_RECHECK_MAX_S while no room
+# appears (saturated by long scans: 10 cheap looks a second), and back to the
+# minimum whenever a look found room (short scans draining fast).
+WINDOW_RECHECK_MIN_S = 0.01
+WINDOW_RECHECK_MAX_S = 0.1
 LOST_AFTER_S = 5.0  # re-send sooner when a message is evidently lost (overtaken, idle slots)
 OVERTAKEN_MARGIN_S = 1.0  # dispatch-order slack before "a later scan runs" counts
 # A worker refreshes its registration every WORKER_HEARTBEAT_EVERY_S; one silent for
@@ -202,6 +207,7 @@ class BridgeService:
         self._last_reap = 0.0
         self._last_redispatch_check = 0.0
         self._live_slots: int | None = None  # refreshed by maintenance
+        self._recheck_s = WINDOW_RECHECK_MIN_S
 
     # -- the window ---------------------------------------------------------------
 
@@ -282,9 +288,19 @@ class BridgeService:
 
     def _dispatch_loop(self) -> None:
         while self.watcher.wait(
-            self.stop_event, WINDOW_RECHECK_S if self.bridge.window_full else None
+            self.stop_event, self._recheck_s if self.bridge.window_full else None
         ):
-            self._guarded("dispatch", self.dispatch_step)
+            sent = 0
+
+            def step() -> None:
+                nonlocal sent
+                sent = self.dispatch_step()
+
+            self._guarded("dispatch", step)
+            if sent:
+                self._recheck_s = WINDOW_RECHECK_MIN_S
+            else:
+                self._recheck_s = min(self._recheck_s * 2, WINDOW_RECHECK_MAX_S)
 
     def _maintenance_loop(self) -> None:
         while not self.stop_event.is_set():

@@ -373,7 +373,9 @@ def test_killed_leader_bridge_hands_over_to_a_standby(
     insert_rows(pg_url, ["after-leader-death"])
     wait_for(lambda: all_finished(pg_url, 1), 30, interval=0.1, what="scan via the standby")
     report("leader bridge SIGKILLed → scan dispatched by standby", time.monotonic() - t0)
-    assert "is now the leader" in standby.output()
+    # Pickup never waited for leadership (every bridge claims); maintenance moves
+    # within the lock's TTL.
+    wait_for(lambda: "is now the leader" in standby.output(), 10, what="standby leads")
 
 
 def test_sigterm_leader_releases_at_once(
