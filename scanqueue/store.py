@@ -546,6 +546,13 @@ class Store:
             .select_from(scans)
             .where(scans.c.status == STATUS_QUEUED, scans.c.dispatched_at.is_not(None))
         )
+        # A look without the lock first: while the window is full (a saturated
+        # backlog, looked at many times a second) no lock is taken at all.  Safe:
+        # only claims (serialized) fill the window, so "full" can only be stale
+        # towards "room", which the next look finds.
+        with self._tx(single=True) as conn:
+            if int(conn.execute(in_flight_stmt).scalar_one()) >= window:
+                return [], 0
         with self._serialized_tx() as conn:
             in_flight = int(conn.execute(in_flight_stmt).scalar_one())
             take = max(0, min(limit, window - in_flight))
