@@ -68,9 +68,8 @@ def test_sigkill_of_the_leaders_tree_leaves_no_pickup_gap(
     if leadership == "redis":
         extra["REDIS_URL"] = request.getfixturevalue("redis_url")
     else:
-        # Without Redis the broker is the embedded SQLite one beside... a PostgreSQL
-        # database has none, so the broker is a throwaway Redis while the leader
-        # election runs on the lease row.
+        # No REDIS_URL: leadership runs on the lease row in PostgreSQL.  The broker
+        # is still a (throwaway) Redis, named as the broker only.
         extra["CELERY_BROKER_URL"] = request.getfixturevalue("redis_url")
     env = base_env(pg_url, tmp_path, **extra)  # default leader TTL (15 s)
     a = start_worker(procs, env, tmp_path, "--autoscale=2,2")
