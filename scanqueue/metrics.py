@@ -49,6 +49,8 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.multiprocess import MultiProcessCollector
 
     from .observe import RunInfo
     from .store import ScanRow, Store
@@ -157,6 +159,104 @@ def mark_process_dead(pid: int) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+# Files of dead processes are folded into one archive file per kind, so that autoscale
+# churn (a pool process forked and ended again and again) leaves a directory whose size
+# follows the live processes, not the uptime.  Totals are kept: counters, histograms and
+# summaries are summed, gauges combined by their mode (a dead process's "all" series
+# ends with it; "live*" files are already gone).  Compaction and the collector take
+# this lock, so a scrape in this process never meets a file being folded away.
+COMPACT_EVERY_S = 10.0
+_compact_lock = threading.Lock()
+_last_compact = [-float("inf")]
+_ARCHIVE = "archive"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def compact_multiprocess_dir(path: str | None = None) -> int:
+    """Fold the files of dead processes into the archive files; returns how many went.
+
+    Safe to call at any time from the process that serves ``/metrics``.  A pid that
+    was reused keeps its old files until that process ends too.
+    """
+    path = path or multiprocess_dir()
+    if path is None:
+        return 0
+    from time import monotonic  # (not at the top: the shared import block stays untouched)
+
+    with _compact_lock:
+        _last_compact[0] = monotonic()
+        return _compact(Path(path))
+
+
+def _compact(directory: Path) -> int:
+    from prometheus_client.mmap_dict import MmapedDict
+
+    groups: dict[str, list[Path]] = {}
+    drop: list[Path] = []
+    for f in directory.glob("*.db"):
+        parts = f.name[:-3].split("_")
+        if len(parts) < 2 or not parts[-1].isdigit() or _pid_alive(int(parts[-1])):
+            continue
+        prefix = "_".join(parts[:-1])  # "counter", "histogram", "gauge_max", …
+        if prefix.startswith("gauge_live") or prefix == "gauge_all":
+            drop.append(f)  # the series of a dead process ends with it
+        else:
+            groups.setdefault(prefix, []).append(f)
+    for prefix, files in groups.items():
+        archive = directory / f"{prefix}_{_ARCHIVE}.db"
+        combined: dict[str, tuple[float, float]] = {}
+        for source in ([archive] if archive.exists() else []) + files:
+            for key, value, stamp, _ in MmapedDict.read_all_values_from_file(str(source)):  # type: ignore[no-untyped-call]
+                combined[key] = _combine(prefix, combined.get(key), (value, stamp))
+        # Write the archive first, then remove the sources: a crash in between counts
+        # a dead process twice until restart, rather than losing it.
+        archive_dict = MmapedDict(str(archive))  # type: ignore[no-untyped-call]
+        try:
+            for key, (value, stamp) in combined.items():
+                archive_dict.write_value(key, value, stamp)  # type: ignore[no-untyped-call]
+        finally:
+            archive_dict.close()  # type: ignore[no-untyped-call]
+        drop.extend(files)
+    for f in drop:
+        f.unlink(missing_ok=True)
+    return len(drop)
+
+
+def _combine(
+    prefix: str, old: tuple[float, float] | None, new: tuple[float, float]
+) -> tuple[float, float]:
+    if old is None:
+        return new
+    if prefix == "gauge_max":
+        return max(old, new)
+    if prefix == "gauge_min":
+        return min(old, new)
+    if prefix == "gauge_mostrecent":
+        return new if new[1] >= old[1] else old
+    return (old[0] + new[0], max(old[1], new[1]))  # counters, histograms, summaries, sums
+
+
+def maybe_compact_multiprocess_dir(every_s: float = COMPACT_EVERY_S) -> None:
+    """:func:`compact_multiprocess_dir` at most every ``every_s`` seconds (never raises)."""
+    from time import monotonic
+
+    if multiprocess_dir() is None or monotonic() - _last_compact[0] < every_s:
+        return
+    try:
+        compact_multiprocess_dir()
+    except Exception:
+        log.exception("metrics: compacting the multiprocess directory failed; carrying on")
 
 
 # -- the metrics --------------------------------------------------------------------------
@@ -303,6 +403,11 @@ class MetricsObserver:
             self.metrics.finished.labels("canceled").inc()
             self.metrics.duration.observe(duration_s)
 
+    def canceled(self, run: RunInfo, duration_s: float) -> None:
+        with _writing():
+            self.metrics.finished.labels("canceled").inc()
+            self.metrics.duration.observe(duration_s)
+
 
 def bridge_hooks() -> BridgeHooks:
     """Hooks through which a bridge reports depth, leadership, dispatches and reaps."""
@@ -351,8 +456,20 @@ def registry() -> CollectorRegistry:
     if path is None:
         return REGISTRY
     aggregate = CollectorRegistry()
-    MultiProcessCollector(aggregate, path=path)  # type: ignore[no-untyped-call]
+    aggregate.register(_CompactingCollector(MultiProcessCollector(None, path=path)))  # type: ignore[no-untyped-call]
     return aggregate
+
+
+class _CompactingCollector:
+    """The multiprocess collector, serialized with compaction (which it runs when due)."""
+
+    def __init__(self, inner: MultiProcessCollector) -> None:
+        self.inner = inner
+
+    def collect(self) -> Iterator[Metric]:
+        maybe_compact_multiprocess_dir()
+        with _compact_lock:
+            return iter(list(self.inner.collect()))  # type: ignore[no-untyped-call]
 
 
 DEPTH_MAX_AGE_S = 1.0  # a scrape reuses a queue-depth count this recent

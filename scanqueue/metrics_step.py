@@ -71,11 +71,14 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def report_once(worker: Any) -> None:
         from celery.worker import state
 
-        from .metrics import report_pool
+        from .metrics import maybe_compact_multiprocess_dir, report_pool
 
         pool = getattr(worker, "pool", None)
         processes = int(getattr(pool, "num_processes", 0) or 0) if pool is not None else 0
         report_pool(processes, len(state.active_requests))
+        # Autoscale churn leaves files of ended pool processes: fold them in now and
+        # then, also when nobody scrapes.
+        maybe_compact_multiprocess_dir()
 
     def stop(self, worker: Any) -> None:
         self._stop.set()
