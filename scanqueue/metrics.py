@@ -403,11 +403,6 @@ class MetricsObserver:
             self.metrics.finished.labels("canceled").inc()
             self.metrics.duration.observe(duration_s)
 
-    def canceled(self, run: RunInfo, duration_s: float) -> None:
-        with _writing():
-            self.metrics.finished.labels("canceled").inc()
-            self.metrics.duration.observe(duration_s)
-
 
 def bridge_hooks() -> BridgeHooks:
     """Hooks through which a bridge reports depth, leadership, dispatches and reaps."""

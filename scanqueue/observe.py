@@ -68,9 +68,6 @@ class ScanObserver(Protocol):
     # Optional: ``canceled(run, duration_s)``, for a run whose scan was canceled;
     # the execution path falls back to ``discarded`` for an observer without it.
 
-    # Optional: ``canceled(run, duration_s)``, for a run whose scan was canceled;
-    # the execution path falls back to ``discarded`` for an observer without it.
-
 
 class NullObserver:
     def started(self, run: RunInfo) -> None:
@@ -113,15 +110,6 @@ class SafeObservers:
 
     def discarded(self, run: RunInfo, duration_s: float) -> None:
         self._each("discarded", run, duration_s)
-
-    def canceled(self, run: RunInfo, duration_s: float) -> None:
-        """A run whose scan was canceled (optional hook; ``discarded`` where missing)."""
-        for observer in self.observers:
-            hook = getattr(observer, "canceled", None)
-            try:
-                (hook if callable(hook) else observer.discarded)(run, duration_s)
-            except Exception:
-                log.exception("observer %s.canceled failed", type(observer).__name__)
 
     def canceled(self, run: RunInfo, duration_s: float) -> None:
         """A run whose scan was canceled (optional hook; ``discarded`` where missing)."""

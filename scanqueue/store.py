@@ -78,7 +78,6 @@ PG_CONNECT_TIMEOUT_S = 5
 PG_STATEMENT_TIMEOUT_MS = 60_000
 PG_LOCK_TIMEOUT_MS = 10_000
 PG_TCP_USER_TIMEOUT_MS = 10_000
-PG_TCP_USER_TIMEOUT_MS = 10_000
 MAX_ERROR_CHARS = 4000
 # pg_advisory_xact_lock key that serializes dispatch claims across bridges (any
 # constant; apart from scanqueue.migrate's).  Held for the claim's transaction
@@ -329,11 +328,6 @@ class Store:
             or_(run_worker.is_(None), scans.c.worker_id == run_worker),
         )
         self._heartbeat_stmt = update(scans).where(*this_run).values(heartbeat_at=now)
-        self._hand_back_run_stmt = (
-            update(scans)
-            .where(*this_run)
-            .values(status=STATUS_QUEUED, dispatched_at=None, heartbeat_at=None, worker_id=None)
-        )
         self._hand_back_run_stmt = (
             update(scans)
             .where(*this_run)
