@@ -142,11 +142,13 @@ scans = Table(
     Column("worker_id", Text, nullable=True),
 )
 
-# The bridge's hot path: the oldest queued rows not yet handed to the broker.
+# The bridge's hot path: the oldest queued rows not yet handed to the broker, in
+# the claim's whole order (rows inserted by one statement share created_at).
 # Partial, so finished (and already dispatched) rows never slow it down.
 Index(
     "scans_undispatched_idx",
     scans.c.created_at,
+    scans.c.id,
     postgresql_where=(scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_(None),
     sqlite_where=(scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_(None),
 )
