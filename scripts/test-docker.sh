@@ -25,7 +25,7 @@
 # Without CI=true a machine that cannot run an engine skips with a reason (and
 # SCANQUEUE_SKIP_DOCKER=1 skips on purpose); with CI=true both fail the run.
 # Knobs: SCANQUEUE_BASE_IMAGE (skip the base step), SCANQUEUE_DOCKER_CACHE,
-# SCANQUEUE_DEBIAN_MIRROR, SCANQUEUE_DOCKER_KEEP=1 (keep the temp dir for a look).
+# SCANQUEUE_DEBIAN_MIRROR and SCANQUEUE_DEBIAN_SECURITY_MIRROR, SCANQUEUE_DOCKER_KEEP=1 (keep the temp dir for a look).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -104,7 +104,7 @@ cleanup() {
   if [ -n "$DB_NAME" ]; then
     psql -q -h 127.0.0.1 -U postgres -d postgres \
       -c "DROP DATABASE IF EXISTS \"$DB_NAME\" WITH (FORCE)" >/dev/null 2>&1
-    redis-cli -h 127.0.0.1 -n "$REDIS_DB" --scan --pattern "*$QUEUE*" 2>/dev/null |
+    { redis-cli -h 127.0.0.1 -n "$REDIS_DB" --scan --pattern "*$QUEUE*"; echo _kombu.binding_deadlines; } 2>/dev/null |
       xargs -r redis-cli -h 127.0.0.1 -n "$REDIS_DB" del >/dev/null 2>&1
   fi
   # Whatever dockerd left mounted under the temp dir goes before the dir does.
@@ -140,8 +140,9 @@ if [ -z "$BASE_IMAGE" ]; then
     say "base: $OFFICIAL_BASE cannot be pulled ($(tail -c 160 "$WORK/pull.log" | tr '\n' ' ')); building it from Debian packages"
     CACHE=${SCANQUEUE_DOCKER_CACHE:-/var/cache/scanqueue-docker}
     MIRROR=${SCANQUEUE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+    SECURITY_MIRROR=${SCANQUEUE_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
     INCLUDE=python3,python3-venv,ca-certificates
-    KEY=$(printf '%s %s v1' "$INCLUDE" "$MIRROR" | sha256sum | cut -c1-8)
+    KEY=$(printf '%s %s %s v3' "$INCLUDE" "$MIRROR" "$SECURITY_MIRROR" | sha256sum | cut -c1-8)
     TARBALL=$CACHE/rootfs-bookworm-$KEY-$(date -u +%Y%m%d).tar
     mkdir -p "$CACHE"
     if [ -s "$TARBALL" ]; then
@@ -151,8 +152,19 @@ if [ -z "$BASE_IMAGE" ]; then
       ROOTFS=$WORK/rootfs
       debootstrap --variant=minbase --include="$INCLUDE" bookworm "$ROOTFS" "$MIRROR" \
         >"$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log"; fail "debootstrap failed"; }
+      # Security and stable updates, as the official image has them (debootstrap takes
+      # the release alone).
+      printf 'deb %s bookworm main\ndeb %s bookworm-updates main\ndeb %s bookworm-security main\n' \
+        "$MIRROR" "$MIRROR" "$SECURITY_MIRROR" >"$ROOTFS/etc/apt/sources.list"
+      if { chroot "$ROOTFS" apt-get update -q &&
+        DEBIAN_FRONTEND=noninteractive chroot "$ROOTFS" apt-get -y -q upgrade; } >"$WORK/upgrade.log" 2>&1; then
+        say "updates: $(grep -c '^Setting up' "$WORK/upgrade.log") packages upgraded"
+      else
+        tail -5 "$WORK/upgrade.log"
+        say "WARNING: apt-get upgrade failed in the new root file system: the base has no updates"
+      fi
       # What an image needs no copy of; the builder stage's apt-get update refetches lists.
-      rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/* \
+      rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/cache/apt/*.bin "$ROOTFS"/var/lib/apt/lists/* \
         "$ROOTFS"/usr/share/doc/* "$ROOTFS"/usr/share/man/* "$ROOTFS"/usr/share/info/*
       tar -C "$ROOTFS" --numeric-owner -cf "$TARBALL.part" . && mv "$TARBALL.part" "$TARBALL"
       rm -rf "$ROOTFS"
