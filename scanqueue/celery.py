@@ -20,8 +20,9 @@ import click
 from celery import Celery, signals
 
 from . import broker_sqlite
-from .config import Settings, mask_url
+from .config import Settings, mask_url, warn_unknown_variables
 from .errors import ConfigError
+from .harden import make_non_dumpable
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,11 @@ def _settings_or_exit() -> Settings:
         raise SystemExit(1) from None
 
 
+warn_unknown_variables()
 settings = _settings_or_exit()
+# The worker's environment holds DATABASE_URL's password: its scanners (same user)
+# must not read /proc/<pid>/environ. Inherited by the pool processes it forks.
+make_non_dumpable()
 QUEUE = settings.queue
 broker_sqlite.register()
 
@@ -146,6 +151,7 @@ _register_steps()
 def _in_pool_process(**_: Any) -> None:
     from . import execute
 
+    make_non_dumpable()  # inherited through fork already; again in case a pool spawned
     # A pool process may end itself to terminate a run that ignores its stop signal.
     execute.terminate_process_when_overdue = True
     # Build the runner, observers and database connection now rather than on the

@@ -16,9 +16,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
+from alembic.util import CommandError as AlembicCommandError
 from sqlalchemy import exc as sa_exc
 
-from .config import Settings, mask_url
+from .config import Settings, mask_url, warn_unknown_variables
 from .errors import ScanqueueError
 from .schema import STATUSES
 from .store import ScanRow, Store, describe_db_error, store_for
@@ -36,6 +37,12 @@ class ScanqueueGroup(click.Group):
             _fail(str(exc))
         except sa_exc.SQLAlchemyError as exc:
             _fail(_describe_sql_error(exc))
+        except AlembicCommandError as exc:  # e.g. a revision the migrations do not know
+            _fail(f"migration: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}")
+
+
+class CliError(ScanqueueError):
+    """A command-line value that parses but cannot be used; one line, exit 1."""
 
 
 def _fail(message: str) -> None:
@@ -63,6 +70,7 @@ def _store(settings: Settings) -> Store:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details to stderr.")
 def cli(verbose: bool) -> None:
     """Run compliance scans from the `scans` table on Celery workers."""
+    warn_unknown_variables()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -78,12 +86,41 @@ def db() -> None:
     """Database schema."""
 
 
+def _known_revisions() -> list[str]:
+    """Revision ids of the migrations, oldest first."""
+    from alembic.script import ScriptDirectory
+
+    from .migrate import alembic_config
+
+    script = ScriptDirectory.from_config(alembic_config())
+    return [r.revision for r in reversed(list(script.walk_revisions()))]
+
+
+def _explicit_revision(revision: str, *, allow: tuple[str, ...]) -> str:
+    """``revision`` if it names a migration (or one of ``allow``); one line otherwise.
+
+    Relative targets (``-1``, ``+2``, ``head-1``, ``0003@-1``) are refused: a
+    typo'd or misremembered step count must not decide how much schema goes.
+    """
+    known = _known_revisions()
+    if revision in known or revision in allow:
+        return revision
+    choices = ", ".join([*allow, *known])
+    if any(c in revision for c in "+-@"):
+        raise CliError(
+            f"give an explicit revision, not {revision!r} (relative steps are not accepted):"
+            f" one of {choices}"
+        )
+    raise CliError(f"unknown revision {revision!r}: expected one of {choices}")
+
+
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
 def db_upgrade(revision: str) -> None:
     """Create or migrate the schema (idempotent; safe on every deploy)."""
     from .migrate import upgrade
 
+    revision = _explicit_revision(revision, allow=("head",))
     settings = _settings()
     before, after = upgrade(_store(settings), revision)
     where = mask_url(settings.database_url)
@@ -95,13 +132,38 @@ def db_upgrade(revision: str) -> None:
 
 @db.command("downgrade")
 @click.argument("revision")
-def db_downgrade(revision: str) -> None:
-    """Step the schema back to REVISION (e.g. 0001), for a rollback. Keeps `scans`."""
-    from .migrate import downgrade
+@click.option("--yes", is_flag=True, help="Really drop what the later migrations added.")
+def db_downgrade(revision: str, yes: bool) -> None:
+    """Step the schema back to REVISION (a revision id, or `base`), for a rollback.
 
+    Destructive (scanqueue's own tables and columns added after REVISION go, with
+    their data), so it wants --yes.  Keeps the shared `scans` table and its rows.
+    """
+    from .migrate import current_revision, downgrade
+
+    revision = _explicit_revision(revision, allow=("base",))
     settings = _settings()
-    before, after = downgrade(_store(settings), revision)
-    click.echo(f"schema of {mask_url(settings.database_url)} downgraded from {before} to {after}")
+    store = _store(settings)
+    current = current_revision(store)
+    known = _known_revisions()
+    target_index = -1 if revision == "base" else known.index(revision)
+    current_index = known.index(current) if current in known else -1
+    if current is None or target_index >= current_index:
+        click.echo(
+            f"schema of {mask_url(settings.database_url)} is at {current or 'nothing'}: "
+            f"nothing to downgrade to {revision}"
+        )
+        return
+    if not yes:
+        dropped = ", ".join(known[target_index + 1 : current_index + 1])
+        raise CliError(
+            f"downgrading from {current} to {revision} undoes {dropped} and drops their"
+            " tables and columns with their data: add --yes to do it"
+        )
+    before, after = downgrade(store, revision)
+    click.echo(
+        f"schema of {mask_url(settings.database_url)} downgraded from {before} to {after or 'base'}"
+    )
 
 
 @db.command("current")
@@ -160,10 +222,18 @@ def enqueue(
     providers: tuple[str, ...], frameworks: tuple[str, ...], user: str | None, as_json: bool
 ) -> None:
     """Insert a queued scan and print its id."""
-    for value in (*providers, *frameworks):
-        if not value.strip():
-            raise click.BadParameter("must not be empty", param_hint="--provider/--framework")
-    row = _store(_settings()).enqueue(list(providers), list(frameworks), user=user)
+    from .scan_request import InvalidScanRequest, validate_scan_request
+
+    try:
+        # The API's validator, so both refuse the same names for the same reasons.
+        scan = validate_scan_request(
+            {"providers": list(providers), "frameworks": list(frameworks), "user": user}
+        )
+    except InvalidScanRequest as exc:
+        hints = {"providers": "--provider", "frameworks": "--framework", "user": "--user"}
+        first = exc.details[0]["field"].split("[", 1)[0]
+        raise click.BadParameter(str(exc), param_hint=hints.get(first, first)) from None
+    row = _store(_settings()).enqueue(scan.providers, scan.frameworks, user=scan.user)
     click.echo(json.dumps(row.to_json()) if as_json else row.id)
 
 
@@ -232,9 +302,12 @@ def bridge() -> None:
     settings = _settings()
     _setup_process_logging(settings)
     store = _store(settings)
-    store.wait_until_ready(settings.connect_timeout_s)
     from .celery import app
     from .service import build_bridge_service
+    from .wiring import wait_for_services
+
+    # Bounded start (SCANQUEUE_CONNECT_TIMEOUT): the database, Redis and the broker.
+    wait_for_services(settings, app)
 
     service = build_bridge_service(settings, app)
     _start_metrics_server(settings)
@@ -258,10 +331,12 @@ def _start_metrics_server(settings: Settings) -> None:
 
 def _register_commands() -> None:
     """Commands that live beside what they drive: serve (web) and the real runner's."""
+    from .queue_cli import queue_command
     from .runner_cli import register
     from .web import serve_command
 
     cli.add_command(serve_command)
+    cli.add_command(queue_command)
     register(cli)
 
 

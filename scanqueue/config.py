@@ -8,11 +8,14 @@ means psycopg2) and masked by :func:`mask_url` wherever they are shown.
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Mapping
+import re
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -38,7 +41,54 @@ DEFAULT_LEADER_TTL_S = 15.0  # a standby takes over within one TTL of the leader
 DEFAULT_REDISPATCH_AFTER_S = 30.0
 DEFAULT_EVENTS_MAXLEN = 100_000  # events kept in the Redis stream or the table
 MIN_LEASE_S = 2.0
+DEFAULT_SSE_MAX_SUBSCRIBERS = 100  # open event streams per serve process; past it 503
 
+# Every SCANQUEUE_* variable scanqueue reads (CONTRACT §1 and the tuning knobs
+# documented beside the code that reads them).  Anything else with the prefix is
+# warned about, with the closest of these names: a typo must not be silently
+# ignored.  Add a name here when you add a variable.
+KNOWN_VARIABLES = frozenset(
+    {
+        "SCANQUEUE_API_INSECURE",
+        "SCANQUEUE_API_TOKEN",
+        "SCANQUEUE_AUTOSCALE_GROW_AFTER",
+        "SCANQUEUE_AUTOSCALE_SAMPLE_EVERY",
+        "SCANQUEUE_AUTOSCALE_SOURCE",
+        "SCANQUEUE_AUTOSCALE_THRESHOLD",
+        "SCANQUEUE_AUTOSCALE_TICK",
+        "SCANQUEUE_BROKER_POLL_EVERY",
+        "SCANQUEUE_CANCEL_GRACE_SECONDS",
+        "SCANQUEUE_CONCURRENCY",
+        "SCANQUEUE_CONNECT_TIMEOUT",
+        "SCANQUEUE_DISPATCH_BATCH",
+        "SCANQUEUE_DISPATCH_WINDOW",
+        "SCANQUEUE_EVENTS_MAXLEN",
+        "SCANQUEUE_IMAGE",  # docker/compose.yaml's image name
+        "SCANQUEUE_LEADER_TTL",
+        "SCANQUEUE_LEASE_SECONDS",
+        "SCANQUEUE_LOG_FORMAT",
+        "SCANQUEUE_MAX_ATTEMPTS",
+        "SCANQUEUE_MAX_CONCURRENCY",
+        "SCANQUEUE_MAX_RETRIES",
+        "SCANQUEUE_MAX_RUNNING_PER_KEY",
+        "SCANQUEUE_METRICS_ADDR",
+        "SCANQUEUE_METRICS_PORT",
+        "SCANQUEUE_POLL_EVERY",
+        "SCANQUEUE_QUEUE",
+        "SCANQUEUE_REDISPATCH_AFTER",
+        "SCANQUEUE_RETAIN_DAYS",
+        "SCANQUEUE_RETAIN_PER_KEY",
+        "SCANQUEUE_RETRY_BACKOFF",
+        "SCANQUEUE_RUNNER",
+        "SCANQUEUE_SCAN_TIMEOUT",
+        "SCANQUEUE_SSE_MAX_SUBSCRIBERS",
+        "SCANQUEUE_STUB_SECONDS",
+    }
+)
+# Reserved for scanqueue's own test suite and scripts (tests/conftest.py, scripts/).
+RESERVED_PREFIXES = ("SCANQUEUE_TEST_",)
+
+_ENCODE_HINT = " (a password holding / # ? @ or : must be percent-encoded, e.g. @ as %40)"
 _POSTGRES_SCHEMES = {"postgres", "postgresql", "postgresql+psycopg2"}
 _REDIS_SCHEMES = {"redis", "rediss", "unix"}
 
@@ -69,6 +119,8 @@ class Settings:
     events_maxlen: int = DEFAULT_EVENTS_MAXLEN
     lineage_enabled: bool = False
     api_token: str | None = field(default=None, repr=False)
+    api_insecure: bool = False
+    sse_max_subscribers: int = DEFAULT_SSE_MAX_SUBSCRIBERS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -153,6 +205,10 @@ class Settings:
             ),
             log_format=log_format,
             api_token=_text(env, "SCANQUEUE_API_TOKEN"),
+            api_insecure=_bool(env, "SCANQUEUE_API_INSECURE", False),
+            sse_max_subscribers=_int(
+                env, "SCANQUEUE_SSE_MAX_SUBSCRIBERS", DEFAULT_SSE_MAX_SUBSCRIBERS, minimum=1
+            ),
         )
 
     @property
@@ -167,6 +223,49 @@ class Settings:
     @property
     def reap_every_s(self) -> float:
         return max(self.lease_s / 3.0, 0.5)
+
+
+def unknown_variable_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line per ``SCANQUEUE_*`` variable scanqueue does not know, naming the closest."""
+    env = os.environ if environ is None else environ
+    lines = []
+    for name in sorted(env):
+        if not name.startswith("SCANQUEUE_") or name in KNOWN_VARIABLES:
+            continue
+        if name.startswith(RESERVED_PREFIXES):
+            continue
+        # Spelling alone would take SCANQUEUE_MAX_WORKERS for MAX_RETRIES; say what it means.
+        wanted = name
+        for word, meant in _SYNONYMS.items():
+            wanted = wanted.replace(word, meant)
+        closest = difflib.get_close_matches(wanted, sorted(KNOWN_VARIABLES), n=1, cutoff=0.0)
+        hint = f" (did you mean {closest[0]}?)" if closest else ""
+        lines.append(f"warning: unknown variable {name} is ignored{hint}")
+    return lines
+
+
+_warned_unknown = False
+_SYNONYMS = {"WORKERS": "CONCURRENCY", "PROCESSES": "CONCURRENCY", "THREADS": "CONCURRENCY"}
+
+
+def warn_unknown_variables(
+    environ: Mapping[str, str] | None = None, emit: Callable[[str], None] | None = None
+) -> None:
+    """Print the warnings of :func:`unknown_variable_warnings` once per process.
+
+    Every entry point calls this (the CLI group, the Celery app, hence the worker);
+    ``emit`` defaults to one ``scanqueue: …`` line on stderr, since logging may not
+    be configured yet.
+    """
+    global _warned_unknown
+    if _warned_unknown:
+        return
+    _warned_unknown = True
+    for line in unknown_variable_warnings(environ):
+        if emit is not None:
+            emit(line)
+        else:
+            print(f"scanqueue: {line}", file=sys.stderr)
 
 
 def lineage_configured(env: Mapping[str, str]) -> bool:
@@ -184,8 +283,17 @@ def normalize_database_url(raw: str, variable: str = "DATABASE_URL") -> str:
     """Return a SQLAlchemy URL; ``postgres://``/``postgresql://`` mean psycopg2."""
     try:
         url = make_url(raw)
-    except ArgumentError as exc:
-        raise ConfigError(variable, f"not a database URL: {mask_url(raw)}") from exc
+    except ArgumentError:
+        raise ConfigError(variable, f"not a database URL: {mask_url(raw)}") from None
+    except ValueError:  # make_url calls int() on the port
+        raise ConfigError(
+            variable, f"the port must be a number in {mask_url(raw)}{_ENCODE_HINT}"
+        ) from None
+    if url.port is not None and not 0 < url.port <= 65535:
+        raise ConfigError(variable, f"the port must be from 1 to 65535 in {mask_url(raw)}")
+    if "@" in (url.database or "") or "@" in (url.host or ""):
+        # "u:p@ss/w@host/db": the password's '/' made everything after it the database.
+        raise ConfigError(variable, f"malformed URL {mask_url(raw)}{_ENCODE_HINT}")
     if url.drivername in _POSTGRES_SCHEMES:
         url = url.set(drivername="postgresql+psycopg2")
     elif url.drivername not in ("sqlite", "sqlite+pysqlite"):
@@ -208,30 +316,69 @@ def embedded_broker_url(database_url: str) -> str:
     return f"sqla+sqlite:///{broker_path.resolve()}"
 
 
+# What a URL's user name may hold (RFC 3986 userinfo without ':'); anything else
+# before the first ':' means the password itself is malformed.
+_USER_NAME = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=]*")
+_USER_IS_PASSWORD_SCHEMES = ("redis", "rediss", "unix", "amqp", "amqps", "sentinel")
+# A query parameter whose name holds one of these is a secret (?password=, ?token=,
+# ?sslkey=…).  Its value is hidden to the end of the string: an unencoded password
+# may hold '&', '#' or '@', so no later character can be trusted to end it.
+_SECRET_QUERY = re.compile(r"[?&][^=&]*?(?:pass|secret|token|key)[^=&]*=(.*)", re.I | re.S)
+
+
 def mask_url(raw: str) -> str:
-    """The URL with its password (and any password-like query value) replaced by ***."""
-    try:
-        parts = urlsplit(raw)
-    except ValueError:
-        return "<unparsable URL>"
-    netloc = parts.netloc
-    if not netloc and "pass" not in parts.query.lower() and "secret" not in parts.query.lower():
-        return raw  # sqlite:///file: nothing to hide (urlunsplit would drop the slashes)
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        elif userinfo and parts.scheme.startswith(("redis", "rediss", "amqp")):
-            userinfo = "***"  # redis://secret@host puts the password where the user goes
-        netloc = f"{userinfo}@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = "&".join(
-            f"{k}=***" if "pass" in k.lower() or "secret" in k.lower() else f"{k}={v}"
-            for k, v in pairs
-        )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    """The URL with its password (and any password-like query value) replaced by ``***``.
+
+    This never trusts a URL parser: a password may hold ``/``, ``#``, ``?`` or ``@``
+    unencoded, and the port may be garbage, which makes ``urlsplit`` put the
+    password into the path or the fragment.  Instead two kinds of region of the
+    raw string are hidden, and where they overlap, their union:
+
+    - the password: everything from the first ``:`` after ``://`` (or the whole
+      user part for ``redis://secret@host``) to the **last** ``@`` of the string;
+    - from the value of the first query parameter whose name looks secret to the
+      end (so ``?password=a&b@c`` does not fool the ``@`` rule).
+
+    When the last ``@`` is really in the path or query this hides more than needed
+    (the host too), never less.  Control characters are escaped so the result
+    stays on one line.
+    """
+    hidden: list[tuple[int, int]] = []
+    scheme_end = raw.find("://")
+    start = scheme_end + 3 if scheme_end >= 0 else raw.find(":") + 1
+    scheme = raw[: max(scheme_end, 0)].lower()
+    at = raw.rfind("@")
+    if at >= start > 0 and not scheme.startswith("sqlite"):
+        userinfo = raw[start:at]
+        colon = userinfo.find(":")
+        if scheme_end < 0:
+            hidden.append((start, at))  # "scheme:user:pass@host": hide it all
+        elif colon >= 0 and _USER_NAME.fullmatch(userinfo[:colon]):
+            hidden.append((start + colon + 1, at))  # keep the user name
+        elif colon >= 0:
+            hidden.append((start, at))  # not a user name: part of a malformed password
+        elif scheme.startswith(_USER_IS_PASSWORD_SCHEMES) or any(c in userinfo for c in "/?#"):
+            # redis://secret@host puts the password where the user goes; anything else
+            # with / ? # before the @ is malformed, so hide it all.
+            hidden.append((start, at))
+    for match in _SECRET_QUERY.finditer(raw):
+        hidden.append(match.span(1))
+    out: list[str] = []
+    pos = 0
+    for begin, finish in sorted(hidden):
+        if finish <= pos:
+            continue
+        begin = max(begin, pos)
+        if begin > pos or not out:
+            out.append(raw[pos:begin])
+            out.append("***")
+        pos = finish
+    out.append(raw[pos:])
+    return _one_line("".join(out))
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _text(env: Mapping[str, str], name: str) -> str | None:
@@ -258,6 +405,18 @@ def _int(
     return value
 
 
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _text(env, name)
+    if raw is None:
+        return default
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"expected true or false, got {raw!r}")
+
+
 def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
     raw = _text(env, name)
     if raw is None:
@@ -282,7 +441,9 @@ def _check_generic_url(raw: str, variable: str) -> SplitResult:
         parts = urlsplit(raw)
         _ = parts.port  # raises ValueError on a malformed port
     except ValueError:
-        raise ConfigError(variable, f"malformed URL {mask_url(raw)}") from None
+        raise ConfigError(variable, f"malformed URL {mask_url(raw)}{_ENCODE_HINT}") from None
+    if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
+        raise ConfigError(variable, f"malformed URL {mask_url(raw)}{_ENCODE_HINT}")
     if not parts.scheme or "://" not in raw:
         raise ConfigError(variable, f"malformed URL {mask_url(raw)}")
     return parts

@@ -21,6 +21,7 @@ Which process exports what:
 ==========================================  ======================================
 ``scanqueue_scans_*``, durations, latency   processes that run scans (pool processes)
 ``scanqueue_queue_depth``                   processes that run a bridge, and ``serve``
+``scanqueue_scans{status}`` (rows)          processes that run a bridge, and ``serve``
 ``scanqueue_bridge_leader``, dispatch/reap  processes that run a bridge
 ``scanqueue_worker_*``                      a worker's main process
 ==========================================  ======================================
@@ -36,6 +37,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -325,6 +327,78 @@ def queue_depth_gauge() -> Gauge:
 
 
 @cache
+def scans_gauge() -> Gauge:
+    """``scanqueue_scans{status}``: rows per status; values scanqueue does not know
+    (another program wrote ``QUEUED``) are summed under ``status="unknown"``."""
+    from prometheus_client import Gauge
+
+    return Gauge(
+        "scanqueue_scans",
+        "Rows of scans per status, as this process last counted them ('unknown': a status "
+        "scanqueue does not know, which nothing will pick up).",
+        ["status"],
+        multiprocess_mode="livemax",
+    )
+
+
+def report_scan_statuses(counts: dict[str, int]) -> dict[str, int]:
+    """Set ``scanqueue_scans{status}`` from :meth:`Store.count_by_status`; returns the
+    per-label values (known statuses, then ``unknown``)."""
+    from .schema import STATUSES
+
+    labelled = {status: counts.get(status, 0) for status in STATUSES}
+    labelled["unknown"] = sum(n for status, n in counts.items() if status not in STATUSES)
+    gauge = scans_gauge()
+    with _writing():
+        for status, n in labelled.items():
+            gauge.labels(status).set(n)
+    return labelled
+
+
+class UnknownStatusWatch:
+    """Counts rows per status now and then, and warns once per row of an unknown status.
+
+    Run from the bridge's maintenance tick (every bridge, like the queue depth), at
+    most every ``every_s`` seconds: a ``GROUP BY status`` over the whole table is
+    cheap, but not something to do several times a second.
+    """
+
+    MAX_REMEMBERED = 10_000  # ids already warned about; bounded, then forgotten
+
+    def __init__(self, store: Store, every_s: float = 10.0) -> None:
+        self.store = store
+        self.every_s = every_s
+        self._last = -float("inf")
+        self._warned: set[str] = set()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        try:
+            labelled = report_scan_statuses(self.store.count_by_status())
+            if not labelled["unknown"]:
+                return
+            rows = self.store.rows_with_unknown_status(limit=100)
+        except Exception as exc:  # metrics never take the bridge down
+            log.debug("could not count scans per status: %s", exc)
+            return
+        if len(self._warned) > self.MAX_REMEMBERED:
+            self._warned.clear()
+        for scan_id, status in rows:
+            if scan_id in self._warned:
+                continue
+            self._warned.add(scan_id)
+            log.warning(
+                "scan %s has status %r, which scanqueue does not know (expected one of "
+                "queued, running, completed, failed, canceled): nothing will run it",
+                scan_id,
+                status,
+            )
+
+
+@cache
 def bridge_metrics() -> BridgeMetrics:
     from prometheus_client import Counter, Gauge
 
@@ -404,13 +478,20 @@ class MetricsObserver:
             self.metrics.duration.observe(duration_s)
 
 
-def bridge_hooks() -> BridgeHooks:
-    """Hooks through which a bridge reports depth, leadership, dispatches and reaps."""
+def bridge_hooks(store: Store | None = None) -> BridgeHooks:
+    """Hooks through which a bridge reports depth, leadership, dispatches and reaps.
+
+    With a ``store`` the depth hook also keeps ``scanqueue_scans{status}`` and warns
+    about rows of unknown status (:class:`UnknownStatusWatch`).
+    """
     m = bridge_metrics()
+    watch = UnknownStatusWatch(store) if store is not None else None
 
     def queue_depth(depth: int) -> None:
         with _writing():
             m.queue_depth.set(depth)
+        if watch is not None:
+            watch.tick()
 
     def leader(is_leader: bool) -> None:
         with _writing():
@@ -483,6 +564,7 @@ def render_metrics(store: Store | None = None) -> tuple[bytes, str]:
         depth = store.queue_depth(max_age_s=DEPTH_MAX_AGE_S)
         with _writing():
             queue_depth_gauge().set(depth)
+        report_scan_statuses(store.count_by_status())
     return generate_latest(registry()), CONTENT_TYPE_LATEST
 
 

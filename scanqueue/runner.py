@@ -68,10 +68,41 @@ def _string_list(column: str, raw: Any) -> list[str]:
         try:
             value = json.loads(value)
         except ValueError:
-            raise MalformedRowError(f"{column} is not valid JSON: {_preview(raw)}") from None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise MalformedRowError(f"{column} must be a JSON array of strings, got {_preview(raw)}")
+            # PostgreSQL's jsonb hands a stored JSON string back decoded ("aws"), SQLite
+            # the text as written: either way the column holds a string, not an array.
+            raise MalformedRowError(
+                f"{column}: expected a JSON array of strings, got a string {_preview(raw)}"
+            ) from None
+        except RecursionError:
+            raise MalformedRowError(f"{column}: JSON nested too deeply") from None
+    if not isinstance(value, list):
+        raise MalformedRowError(
+            f"{column}: expected a JSON array of strings, got {_json_kind(value)} {_preview(raw)}"
+        )
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise MalformedRowError(
+                f"{column}: expected a JSON array of strings, got {_json_kind(item)} at "
+                f"index {i} in {_preview(raw)}"
+            )
     return list(value)
+
+
+def _json_kind(value: Any) -> str:
+    """What a decoded JSON value is, in JSON's words ("a string", "an object", …)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
 
 
 def _preview(raw: Any, limit: int = 80) -> str:

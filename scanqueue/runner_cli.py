@@ -15,7 +15,7 @@ import click
 
 from .config import Settings
 from .errors import ScanqueueError
-from .providers.base import ProviderConfigError, build_collector
+from .providers.base import ProviderConfigError, build_collector, masked_config
 from .runner_store import RunnerStore
 from .store import store_for
 
@@ -59,19 +59,57 @@ def providers_group() -> None:
 @providers_group.command("add")
 @click.argument("name")
 @click.option("--kind", required=True, help="Provider kind, e.g. sarif-command.")
-@click.option("--config", "config_json", required=True, help="The kind's config as JSON.")
+@click.option(
+    "--config",
+    "config_json",
+    default=None,
+    help='The kind\'s config as JSON. Secrets in "env" only as {"from_env": "VAR"}.',
+)
+@click.option(
+    "--config-file",
+    type=click.File("r", encoding="utf-8"),
+    default=None,
+    help="Read the config from this JSON file ('-': stdin); it may hold env values.",
+)
 @click.option("--disabled", is_flag=True, help="Add it disabled.")
 @click.option("--json", "as_json", is_flag=True, help="Print the provider as JSON.")
-def providers_add(name: str, kind: str, config_json: str, disabled: bool, as_json: bool) -> None:
-    """Register provider NAME (a name that exists exits 1)."""
+def providers_add(
+    name: str,
+    kind: str,
+    config_json: str | None,
+    config_file: Any,
+    disabled: bool,
+    as_json: bool,
+) -> None:
+    """Register provider NAME (a name that exists exits 1).
+
+    The config comes from --config (JSON on the command line) or --config-file.
+    A command line shows in `ps` and in shell history, so there `env` values must
+    be references to the worker's environment, {"from_env": "VAR"}; literal
+    values (tokens) go in a file, or better in the worker's environment.
+    """
     if not name.strip():
         raise UsageProblemError("provider name must not be empty")
+    if (config_json is None) == (config_file is None):
+        raise click.UsageError("give exactly one of --config JSON and --config-file PATH")
+    source = "--config" if config_json is not None else "--config-file"
+    text = config_json if config_json is not None else config_file.read()
     try:
-        config = json.loads(config_json)
+        config = json.loads(text)
+    except RecursionError:
+        raise UsageProblemError(f"{source} is not valid JSON: nested too deeply") from None
     except ValueError as exc:
-        raise UsageProblemError(f"--config is not valid JSON: {exc}") from None
+        raise UsageProblemError(f"{source} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
-        raise UsageProblemError("--config must be a JSON object")
+        raise UsageProblemError(f"{source} must be a JSON object")
+    if config_json is not None:
+        literal = _literal_env_names(config)
+        if literal:
+            raise UsageProblemError(
+                f"--config holds env value(s) for {', '.join(literal)} on the command line, "
+                'where `ps` and shell history show them: use {"from_env": "VARIABLE"} '
+                "or --config-file"
+            )
     # Validates the kind and the config without running anything.
     try:
         build_collector(name, kind, config)
@@ -79,23 +117,40 @@ def providers_add(name: str, kind: str, config_json: str, disabled: bool, as_jso
         raise UsageProblemError(str(exc)) from None
     row = _runner_store().add_provider(name, kind, config, enabled=not disabled)
     if as_json:
-        click.echo(json.dumps(row.to_json()))
+        click.echo(json.dumps(_shown(row.to_json())))
     else:
         click.echo(f"provider {row.name} added ({row.kind}{'' if row.enabled else ', disabled'})")
+
+
+def _literal_env_names(config: dict[str, Any]) -> list[str]:
+    env = config.get("env")
+    if not isinstance(env, dict):
+        return []
+    return sorted(str(k) for k, v in env.items() if isinstance(v, str))
+
+
+def _shown(provider: dict[str, Any]) -> dict[str, Any]:
+    """A provider's JSON with its config's secrets masked (``env`` values and the like)."""
+    return {**provider, "config": masked_config(provider.get("config"))}
 
 
 @providers_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def providers_list(as_json: bool) -> None:
-    """List providers."""
+    """List providers (env values and other secrets in configs shown as ***)."""
     rows = _runner_store().list_providers()
     if as_json:
-        click.echo(json.dumps([r.to_json() for r in rows]))
+        click.echo(json.dumps([_shown(r.to_json()) for r in rows]))
     elif rows:
         _table(
             ("NAME", "KIND", "ENABLED", "CONFIG"),
             [
-                (r.name, r.kind, "yes" if r.enabled else "no", _one_line(json.dumps(r.config)))
+                (
+                    r.name,
+                    r.kind,
+                    "yes" if r.enabled else "no",
+                    _one_line(json.dumps(masked_config(r.config))),
+                )
                 for r in rows
             ],
         )

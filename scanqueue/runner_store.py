@@ -34,7 +34,7 @@ class LeaseLostError(ScanqueueError):
 class ProviderRow:
     name: str
     kind: str
-    config: dict[str, Any]
+    config: Any  # as stored: normally an object, but another program may write anything
     enabled: bool
     created_at: datetime | None
 
@@ -281,7 +281,9 @@ def _provider(row: Any) -> ProviderRow:
     return ProviderRow(
         name=row.name,
         kind=row.kind,
-        config=config if isinstance(config, dict) else {},
+        # Kept as it is: a malformed config must show (and fail the scan) as what it
+        # is, not as an empty object.
+        config=config,
         enabled=bool(row.enabled),
         created_at=row.created_at,
     )

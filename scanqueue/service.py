@@ -100,7 +100,7 @@ def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
     store = store_for(settings.database_url)
     from .metrics import bridge_hooks
 
-    hooks = bridge_hooks()
+    hooks = bridge_hooks(store)  # store: scanqueue_scans{status}, unknown-status warnings
     hooks.lost_runs = _lost_run_events(settings)
     return BridgeService(
         store,

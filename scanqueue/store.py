@@ -61,6 +61,7 @@ from .schema import (
     STATUS_FAILED,
     STATUS_QUEUED,
     STATUS_RUNNING,
+    STATUSES,
     db_now,
     db_now_minus,
     db_now_plus,
@@ -495,6 +496,27 @@ class Store:
             return ScanRow.from_row(row)
         current = self.get(scan_id)  # raises NotFoundError
         raise ConflictError(f"scan {scan_id} is already {current.status}")
+
+    def count_by_status(self) -> dict[str, int]:
+        """Rows per stored ``status`` value, unknown values (``QUEUED``, ``''``) included."""
+        with self._tx(single=True) as conn:
+            rows = conn.execute(select(scans.c.status, func.count()).group_by(scans.c.status)).all()
+        return {str(status): int(n) for status, n in rows}
+
+    def rows_with_unknown_status(self, limit: int = 100) -> list[tuple[str, str]]:
+        """``(id, status)`` of up to ``limit`` rows whose status scanqueue does not know.
+
+        Another program may write ``QUEUED`` or ``pending``: no part of scanqueue
+        picks such a row up, so it is reported instead of silently stranded.
+        """
+        with self._tx(single=True) as conn:
+            rows = conn.execute(
+                select(scans.c.id, scans.c.status)
+                .where(scans.c.status.not_in(STATUSES))
+                .order_by(scans.c.id)
+                .limit(limit)
+            ).all()
+        return [(str(r.id), str(r.status)) for r in rows]
 
     def queue_depth(self, max_age_s: float = 0.0) -> int:
         """Rows with status ``queued``.

@@ -5,6 +5,13 @@ command.  Routes: ``/healthz``, ``/metrics``, ``/openapi.json``, ``/`` (the
 page in ``web_static/``) and, behind the optional bearer token, ``/api/v1/scans``
 (create, list, get, cancel) and ``/api/v1/events`` (Server-Sent Events).
 
+Secure by default (CONTRACT §4): ``serve`` refuses to listen beyond loopback
+without a token unless ``SCANQUEUE_API_INSECURE=true``; without a token, writes
+must name a loopback ``Host`` (and ``Origin``, when sent) — :class:`LoopbackWriteGuard`;
+POST bodies must be JSON (415), at most 1 MiB (413), parse (400, however deep)
+and validate (422, :mod:`scanqueue.scan_request`); open event streams are capped
+(503).
+
 Events reach subscribers through one :class:`EventHub` per process: a single
 thread follows the event sink (``XREAD BLOCK`` on Redis, a short poll on the
 table) and keeps a window of recent events in memory, so a thousand
@@ -19,10 +26,13 @@ import asyncio
 import bisect
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -42,6 +52,7 @@ from starlette.routing import Route
 from .config import Settings, mask_url
 from .errors import ConfigError, ConflictError, NotFoundError, ScanqueueError, UnavailableError
 from .events import Event, EventSink, emit_standalone, event_sink_for
+from .scan_request import InvalidScanRequest, validate_scan_request
 from .schema import STATUSES
 from .store import Store, describe_db_error, store_for
 
@@ -60,9 +71,7 @@ HUB_BATCH = 500
 HUB_WAIT_S = 1.0
 REPLAY_PAGE = 500
 SSE_RETRY_MS = 2000
-MAX_BODY_BYTES = 64 * 1024
-MAX_NAME_CHARS = 200
-MAX_LIST_ITEMS = 100
+MAX_BODY_BYTES = 1024 * 1024  # 1 MiB (CONTRACT §4); larger bodies answer 413
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
 GRACEFUL_SHUTDOWN_S = 3
@@ -224,11 +233,92 @@ class BearerAuth:
         return False
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (an address or name, without port) means this machine only."""
+    host = host.strip().lower().strip("[]")
+    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_AUTHORITY = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^:\[\]@/]+))(?::\d{1,5})?")
+
+
+def _loopback_header(value: str, *, is_origin: bool) -> bool:
+    """Whether a ``Host`` value, or an ``Origin``'s authority, is a loopback name."""
+    value = value.strip()
+    if is_origin:
+        scheme, sep, value = value.partition("://")
+        if not sep or scheme.lower() not in ("http", "https"):
+            return False  # "null" (a sandboxed or file: page) or anything odd
+    match = _AUTHORITY.fullmatch(value)
+    if match is None:
+        return False
+    if match["v6"] is not None:
+        return match["v6"] == "::1"
+    return match["name"].lower() in ("localhost", "127.0.0.1")
+
+
+class LoopbackWriteGuard:
+    """Without a token, writes must come from this machine's own names (CONTRACT §4).
+
+    A token-less server listens on loopback only, but a browser on the same
+    machine can still be made to write to it: by any web page (a cross-site
+    ``POST``, whose ``Origin`` names that page) or through DNS rebinding (whose
+    ``Host`` names the attacker's domain).  So a non-safe request whose ``Host``,
+    or ``Origin`` when sent, is not ``localhost``, ``127.0.0.1`` or ``[::1]``
+    (any port) answers 403.  With a token the bearer check does this job.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app = app
+        self.active = not token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.active and scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
+            problem = self._problem(scope)
+            if problem is not None:
+                await _error(403, problem)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _problem(scope: Scope) -> str | None:
+        host: str | None = None
+        origin: str | None = None
+        for name, value in scope.get("headers", []):
+            lowered = bytes(name).lower()
+            if lowered == b"host":
+                host = bytes(value).decode("latin-1")
+            elif lowered == b"origin":
+                origin = bytes(value).decode("latin-1")
+        if host is None or not _loopback_header(host, is_origin=False):
+            return (
+                "forbidden: without SCANQUEUE_API_TOKEN only requests to localhost, "
+                "127.0.0.1 or [::1] may write"
+            )
+        if origin is not None and not _loopback_header(origin, is_origin=True):
+            return (
+                "forbidden: without SCANQUEUE_API_TOKEN only pages served from localhost, "
+                "127.0.0.1 or [::1] may write"
+            )
+        return None
+
+
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def _error(
+    status: int, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
 class RequestInvalid(Exception):
@@ -273,6 +363,9 @@ class AppState:
             self._hub.start()
         return self._hub
 
+    def release_subscriber(self) -> None:
+        self.subscribers -= 1
+
     def close(self) -> None:
         if self._hub is not None:
             self._hub.close()
@@ -292,73 +385,57 @@ class AppState:
 # -- scans -----------------------------------------------------------------------------------
 
 
-def _validate_create(body: Any) -> tuple[list[str], list[str], str | None]:
-    if not isinstance(body, dict):
-        raise RequestInvalid(422, "the body must be a JSON object")
-    details: list[dict[str, str]] = []
-    unknown = sorted(set(body) - {"providers", "frameworks", "user"})
-    for name in unknown:
-        details.append({"field": name, "message": "unknown field"})
+async def _read_json_body(request: Request) -> Any:
+    """The request's JSON body; RequestInvalid with 415, 413 or 400 otherwise.
 
-    def names(field: str, required: bool) -> list[str]:
-        value = body.get(field)
-        if value is None:
-            if required:
-                details.append({"field": field, "message": "required: a list of strings"})
-            return []
-        if not isinstance(value, list):
-            details.append({"field": field, "message": "must be a list of strings"})
-            return []
-        if required and not value:
-            details.append({"field": field, "message": "must name at least one"})
-        if len(value) > MAX_LIST_ITEMS:
-            details.append({"field": field, "message": f"at most {MAX_LIST_ITEMS} items"})
-        out: list[str] = []
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or not item.strip():
-                details.append({"field": f"{field}[{i}]", "message": "must be a non-empty string"})
-            elif len(item) > MAX_NAME_CHARS:
-                details.append(
-                    {"field": f"{field}[{i}]", "message": f"at most {MAX_NAME_CHARS} characters"}
-                )
-            else:
-                out.append(item.strip())
-        return out
-
-    providers = names("providers", required=True)
-    frameworks = names("frameworks", required=False)
-    user = body.get("user")
-    if user is not None and (not isinstance(user, str) or len(user) > MAX_NAME_CHARS):
-        details.append(
-            {"field": "user", "message": f"must be a string of at most {MAX_NAME_CHARS} chars"}
+    The type must be ``application/json``: a browser sends a cross-site
+    ``text/plain`` form without asking first (no CORS preflight), JSON it cannot.
+    The size is checked while reading, so a chunked body without Content-Length
+    is cut off at the limit too.  Any unparsable body is a 400, including one
+    nested too deeply for the parser (a ``RecursionError``, not a 500).
+    """
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise RequestInvalid(415, "the body must be Content-Type: application/json")
+    too_large = RequestInvalid(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise RequestInvalid(
+            400, 'expected a JSON body like {"providers": ["aws"], "frameworks": []}'
         )
-    if details:
-        raise RequestInvalid(422, "invalid scan request", details)
-    return providers, frameworks, (user.strip() or None) if isinstance(user, str) else None
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise RequestInvalid(400, "the body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise RequestInvalid(400, f"the body is not valid JSON: {_first_line(str(exc))}") from None
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line[:limit]
 
 
 async def create_scan(request: Request) -> Response:
     state = _state(request)
-    too_large = _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return too_large
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            return too_large
     try:
-        body = json.loads(raw) if raw.strip() else None
-    except ValueError as exc:
-        return _error(400, f"the body is not valid JSON: {exc}")
-    if body is None:
-        return _error(400, 'expected a JSON body like {"providers": ["aws"], "frameworks": []}')
-    try:
-        providers, frameworks, user = _validate_create(body)
+        body = await _read_json_body(request)
+        scan = validate_scan_request(body)
     except RequestInvalid as exc:
-        return _error(exc.status, exc.message, details=exc.details)
-    row = await run_in_threadpool(state.store.enqueue, providers, frameworks, user)
+        return _error(exc.status, exc.message)
+    except InvalidScanRequest as exc:
+        return _error(422, "invalid scan request", details=exc.details)
+    row = await run_in_threadpool(state.store.enqueue, scan.providers, scan.frameworks, scan.user)
     return JSONResponse(
         row.to_json(), status_code=201, headers={"Location": f"/api/v1/scans/{row.id}"}
     )
@@ -431,6 +508,14 @@ async def stream_events(request: Request) -> Response:
         except ValueError:
             return _error(400, f"Last-Event-ID {resume!r} is not an event id of this stream")
         cursor = resume
+    if state.subscribers >= state.settings.sse_max_subscribers:
+        # Each stream holds a connection and a task for ever: a cap keeps a flood of
+        # subscribers from starving the API (SCANQUEUE_SSE_MAX_SUBSCRIBERS).
+        return _error(
+            503,
+            f"too many event subscribers ({state.settings.sse_max_subscribers}); retry later",
+            headers={"Retry-After": "5"},
+        )
     hub = state.hub()
     if not await hub.wait_ready(10.0):
         return _error(503, f"the event stream is not readable yet ({sink.description})")
@@ -442,16 +527,6 @@ async def stream_events(request: Request) -> Response:
         # Ids only grow, so an id newer than the newest event belongs to another
         # stream (a reset database, another queue): start from now, not from never.
         cursor = newest
-
-    async def body() -> AsyncIterator[str]:
-        nonlocal cursor
-        assert cursor is not None
-        state.subscribers += 1
-        try:
-            async for chunk in follow():
-                yield chunk
-        finally:
-            state.subscribers -= 1
 
     async def follow() -> AsyncIterator[str]:
         nonlocal cursor
@@ -491,11 +566,32 @@ async def stream_events(request: Request) -> Response:
             yield ": keepalive\n\n"
             last_sent = time.monotonic()
 
-    return StreamingResponse(
-        body(),
+    # Counted from here (the event loop runs one handler step at a time, so the check
+    # above and this count cannot interleave) until the response is done, whether or
+    # not its body ever started.
+    state.subscribers += 1
+    return _Subscription(
+        follow(),
+        release=state.release_subscriber,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+class _Subscription(StreamingResponse):
+    """A streaming response that gives its subscriber slot back however it ends."""
+
+    def __init__(self, content: AsyncIterator[str], *, release: Callable[[], None], **kw: Any):
+        super().__init__(content, **kw)
+        self._release: Callable[[], None] | None = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
 
 
 # -- health, metrics, documents ------------------------------------------------------------------
@@ -546,8 +642,20 @@ def _check_broker(url: str) -> str:
 
 
 async def healthz(request: Request) -> Response:
+    """Ok or not, per dependency, and nothing about hosts, URLs or errors.
+
+    ``/healthz`` answers without the token (probes), so the reasons go to the
+    log (URLs masked), never into the response.
+    """
     state = _state(request)
-    checks = await run_in_threadpool(_check_health, state)
+    details = await run_in_threadpool(_check_health, state)
+    checks: dict[str, str] = {}
+    for name, detail in details.items():
+        if detail == "ok":
+            checks[name] = "ok"
+        else:
+            checks[name] = "unavailable"
+            log.warning("healthz: %s is not healthy: %s", name, detail)
     healthy = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {
@@ -609,8 +717,11 @@ def _responses(ok: tuple[str, str], *codes: str) -> dict[str, Any]:
     descriptions = {
         "400": "Malformed request",
         "401": "Missing or wrong bearer token",
+        "403": "Without a token: a write whose Host or Origin is not a loopback name",
         "404": "No scan with that id",
         "409": "The scan already finished",
+        "413": "The body is larger than 1 MiB",
+        "415": "The body is not Content-Type: application/json",
         "422": "The request is well-formed but invalid",
         "503": "The database is unreachable",
     }
@@ -695,7 +806,9 @@ OPENAPI: dict[str, Any] = {
                         "application/json": {"schema": {"$ref": "#/components/schemas/ScanRequest"}}
                     },
                 },
-                "responses": _responses(("201", "The queued scan"), "400", "401", "422", "503"),
+                "responses": _responses(
+                    ("201", "The queued scan"), "400", "401", "403", "413", "415", "422", "503"
+                ),
             },
             "get": {
                 "summary": "List scans, newest first",
@@ -740,7 +853,9 @@ OPENAPI: dict[str, Any] = {
             "post": {
                 "summary": "Cancel a queued or running scan",
                 "parameters": [SCAN_ID_PARAM],
-                "responses": _responses(("200", "The canceled scan"), "401", "404", "409", "503"),
+                "responses": _responses(
+                    ("200", "The canceled scan"), "401", "403", "404", "409", "503"
+                ),
             }
         },
         "/api/v1/events": {
@@ -763,6 +878,7 @@ OPENAPI: dict[str, Any] = {
                     },
                     "400": {"description": "Last-Event-ID is not an id of this stream"},
                     "401": {"description": "Missing or wrong bearer token"},
+                    "503": {"description": "SCANQUEUE_SSE_MAX_SUBSCRIBERS streams are open"},
                 },
             }
         },
@@ -821,7 +937,10 @@ def create_app(
             Route("/api/v1/scans/{scan_id}/cancel", cancel_scan, methods=["POST"]),
             Route("/api/v1/events", stream_events, methods=["GET"]),
         ],
-        middleware=[Middleware(BearerAuth, token=settings.api_token)],
+        middleware=[
+            Middleware(LoopbackWriteGuard, token=settings.api_token),
+            Middleware(BearerAuth, token=settings.api_token),
+        ],
         exception_handlers={
             NotFoundError: _not_found,
             ConflictError: _conflict,
@@ -869,15 +988,25 @@ def serve_command(port: int | None, host: str | None) -> None:
     if host is None:
         # A platform that hands out $PORT routes to the container's interface.
         host = "0.0.0.0" if platform else "127.0.0.1"  # noqa: S104
+    check_exposure(settings, host)
     configure_logging(settings.log_format)
     store = store_for(settings.database_url)
     # Containers often start before their database: retry (logged), then one line.
     store.wait_until_ready(settings.connect_timeout_s)
+    # Bound here, before anything says "serving": a busy port is one line and exit 1,
+    # not uvicorn's log and exit 3.
+    sock = bind_socket(host, port)
 
     app = create_app(settings)
     state: AppState = app.state.scanqueue
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if sockets is not None and self.started:
+                # uvicorn says "running on" only for sockets it bound itself.
+                self._log_started_message(sockets)
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             # Event streams never end by themselves: end them so shutdown is prompt.
             state.close_threadsafe()
@@ -895,8 +1024,48 @@ def serve_command(port: int | None, host: str | None) -> None:
     # that ends the process with status 0 instead of "killed by SIGTERM".
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_cleanly)
-    log.info("serving on http://%s:%d (database %s)", host, port, store.masked_url)
-    Server(config).run()
+    bound_port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    log.info("serving on http://%s:%d (database %s)", shown, bound_port, store.masked_url)
+    Server(config).run(sockets=[sock])
+
+
+class ServeRefused(ScanqueueError):
+    """``serve`` will not start as asked (exposed without a token, port taken)."""
+
+
+def check_exposure(settings: Settings, host: str) -> None:
+    """Refuse to listen beyond loopback without a token, unless told so on purpose."""
+    if settings.api_token or settings.api_insecure or is_loopback_host(host):
+        return
+    raise ServeRefused(
+        f"refusing to serve on {host} without SCANQUEUE_API_TOKEN: anyone who can reach it "
+        "could enqueue and cancel scans; set SCANQUEUE_API_TOKEN (or "
+        "SCANQUEUE_API_INSECURE=true to allow it on purpose)"
+    )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or ServeRefused with the reason in one line."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise ServeRefused(f"cannot listen on {host}:{port}: {exc}") from None
+    family, kind, proto, _name, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise ServeRefused(f"cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _exit_cleanly(signum: int, frame: Any) -> None:

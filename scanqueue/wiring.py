@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .config import Settings
+from .errors import UnavailableError
 from .execute import ExecutionSettings, worker_identity
 from .leader import Leadership, LeaseLeadership, RedisLeadership
 from .observe import SafeObservers, ScanObserver
@@ -82,3 +86,54 @@ def build_leadership(settings: Settings, store: Store) -> Leadership:
     return LeaseLeadership(
         store, identity, ttl_s=settings.leader_ttl_s, name=f"bridge:{settings.queue}"
     )
+
+
+def wait_for_services(settings: Settings, app: Any) -> None:
+    """Before a long-running process starts: the database, Redis and the broker, bounded.
+
+    Each is retried with backoff, every attempt logged, for up to
+    ``SCANQUEUE_CONNECT_TIMEOUT`` seconds; then UnavailableError says which one and
+    why, in one line.  Only the start is bounded: once running, the bridge rides out
+    an outage (the leader lock and the publisher reconnect for as long as it takes).
+    """
+    from .config import mask_url
+    from .store import retry_with_backoff
+
+    timeout_s = settings.connect_timeout_s
+    deadline = time.monotonic() + timeout_s  # one budget for all of them
+    store_for(settings.database_url).wait_until_ready(timeout_s)
+
+    def redis_ready() -> None:
+        from .redisconn import redis_client
+
+        assert settings.redis_url is not None
+        client = redis_client(settings.redis_url)
+        try:
+            client.ping()
+        except Exception as exc:
+            raise UnavailableError(
+                f"cannot reach REDIS_URL {mask_url(settings.redis_url)}: {exc}"
+            ) from None
+        finally:
+            client.close()
+
+    def broker_ready() -> None:
+        try:
+            with app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=5)
+        except Exception as exc:
+            raise UnavailableError(
+                f"cannot reach broker {mask_url(settings.broker_url)}: {exc}"
+            ) from None
+
+    checks: list[tuple[str, Callable[[], None]]] = []
+    if settings.redis_url:
+        checks.append(("Redis", redis_ready))
+    if settings.broker_url != settings.redis_url:
+        checks.append(("the broker", broker_ready))
+    for what, check in checks:
+        try:
+            remaining = max(deadline - time.monotonic(), 0.0)
+            retry_with_backoff(check, timeout_s=remaining, what=what)
+        except UnavailableError as exc:
+            raise UnavailableError(f"giving up after {timeout_s:g}s: {exc}") from None

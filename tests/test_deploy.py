@@ -326,10 +326,19 @@ def load_yaml_text(text: str) -> Any:
 # -- the Procfile under honcho -------------------------------------------------------------
 
 
+API_TOKEN = "deploy-test-token"
+
+
 def http(
-    method: str, url: str, body: dict[str, Any] | None = None, auth: str | None = None
+    method: str,
+    url: str,
+    body: dict[str, Any] | None = None,
+    auth: str | None = None,
+    bearer: str | None = None,
 ) -> tuple[int, bytes]:
     request = urllib.request.Request(url, method=method)
+    if bearer is not None:
+        request.add_header("Authorization", f"Bearer {bearer}")
     data = None
     if body is not None:
         data = json.dumps(body).encode()
@@ -392,6 +401,8 @@ def test_procfile_under_honcho_release_then_web_worker_flower_and_sigterm(
         FLOWER_PORT=str(flower_port),
         FLOWER_ADDRESS="127.0.0.1",
         FLOWER_BASIC_AUTH="admin:s3cret",
+        # web binds 0.0.0.0:$PORT, which `serve` refuses without a token (secure by default).
+        SCANQUEUE_API_TOKEN=API_TOKEN,
     )
 
     # 1. The release phase, alone, before anything else starts (as a platform does).
@@ -425,14 +436,17 @@ def test_procfile_under_honcho_release_then_web_worker_flower_and_sigterm(
         lambda: scan_rows(pg_url)[slow_id]["status"] == "running", 30, what="slow scan running"
     )
     status, body = http(
-        "POST", f"{base}/api/v1/scans", {"providers": ["aws"], "frameworks": ["soc2"]}
+        "POST",
+        f"{base}/api/v1/scans",
+        {"providers": ["aws"], "frameworks": ["soc2"]},
+        bearer=API_TOKEN,
     )
     assert status == 201, body
     quick_id = json.loads(body)["id"]
     wait_for(
         lambda: scan_rows(pg_url)[quick_id]["status"] == "completed", 30, what="API scan completed"
     )
-    status, body = http("GET", f"{base}/api/v1/scans/{quick_id}")
+    status, body = http("GET", f"{base}/api/v1/scans/{quick_id}", bearer=API_TOKEN)
     assert status == 200 and json.loads(body)["status"] == "completed"
 
     # web and the worker both export metrics.

@@ -50,7 +50,8 @@ def migrated(db_url: str) -> str:
 
 @pytest.fixture
 def client(migrated: str) -> Iterator[TestClient]:
-    with TestClient(create_app(_settings(migrated))) as c:
+    # A loopback Host: without a token, writes from any other name answer 403.
+    with TestClient(create_app(_settings(migrated)), base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -140,8 +141,9 @@ def test_bad_bodies_get_clear_4xx(
 
 
 def test_oversized_body_is_refused(client: TestClient) -> None:
-    body = json.dumps({"providers": ["a" * 100] * 1000})
-    assert client.post("/api/v1/scans", content=body).status_code == 413
+    body = json.dumps({"providers": ["a" * 100] * 11_000})  # > 1 MiB
+    headers = {"Content-Type": "application/json"}
+    assert client.post("/api/v1/scans", content=body, headers=headers).status_code == 413
 
 
 def test_the_token_column_never_leaves(client: TestClient, migrated: str) -> None:
@@ -587,7 +589,8 @@ def test_serve_takes_port_from_the_environment(
     port = free_port()
     proc = Proc(
         [str(BIN / "scanqueue"), "serve"],
-        base_env(sqlite_url, tmp_path, PORT=str(port)),
+        # 0.0.0.0 without a token is refused (secure by default): a platform sets one.
+        base_env(sqlite_url, tmp_path, PORT=str(port), SCANQUEUE_API_TOKEN=TOKEN),
         tmp_path,
         "serve",
     )

@@ -120,6 +120,39 @@ def load_kind(kind: str) -> ProviderKind:
         return target  # type: ignore[no-any-return]
 
 
+SECRET_KEY_MARKERS = ("password", "passwd", "secret", "token", "credential", "api_key", "apikey")
+
+
+def masked_config(config: Any) -> Any:
+    """A provider's config for showing (CLI, API): secrets replaced by ``***``.
+
+    Every literal value under ``env`` is masked (environment values are where
+    scanners take their tokens), and so is any value whose key looks secret.
+    ``{"from_env": "X"}`` references stay: they name a variable, not a secret.
+    Anything that is not an object is returned as it is, so a malformed config
+    shows as what it is.
+    """
+    if isinstance(config, list):
+        return [masked_config(v) for v in config]
+    if not isinstance(config, Mapping):
+        return config
+    shown: dict[str, Any] = {}
+    for key, value in config.items():
+        if _is_env_reference(value):
+            shown[key] = value
+        elif key == "env" and isinstance(value, Mapping):
+            shown[key] = {k: v if _is_env_reference(v) else "***" for k, v in value.items()}
+        elif key == "env" or any(m in str(key).lower() for m in SECRET_KEY_MARKERS):
+            shown[key] = "***"
+        else:
+            shown[key] = masked_config(value)
+    return shown
+
+
+def _is_env_reference(value: Any) -> bool:
+    return isinstance(value, Mapping) and set(value) == {"from_env"}
+
+
 def build_collector(name: str, kind: str, config: Mapping[str, Any]) -> Collector:
     """Instantiate provider ``name``; every failure is a ProviderConfigError naming it."""
     try:

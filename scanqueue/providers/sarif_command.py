@@ -5,12 +5,17 @@ Config (the provider row's JSON)::
     {"command": ["ruff", "check", "--output-format", "sarif", "--exit-zero", "."],
      "cwd": "/srv/checkout",          # optional; default: the worker's directory
      "timeout": 600,                  # optional seconds; default 600
-     "env": {"NAME": "value"},        # optional; added to the cleaned environment
+     "env": {"NAME": "value",         # optional; added to the minimal environment
+             "TOKEN": {"from_env": "SCANNER_TOKEN"}},  # read from the worker's environment
      "max_output_bytes": 268435456}   # optional; default 256 MiB
 
 The command is an argument list, never a shell line.  It runs in a session
-(and so a process group) of its own, with stdin closed and an environment
-stripped of scanqueue's URLs and of anything that looks like a secret.  Its
+(and so a process group) of its own, with stdin closed and a minimal
+environment: ``PATH``, ``HOME``, locale, ``TZ``, temporary directory, CA
+certificates and proxies from the worker (:data:`PASSED_NAMES`), never its
+URLs or secrets, then the config's ``env``.  A secret the scanner needs is
+given as ``{"from_env": "VARIABLE"}`` so it stays out of the ``providers``
+table (and ``providers list`` shows literal values as ``***``).  Its
 stdout is pumped into a temporary file as it comes (never held in memory) and
 capped at ``max_output_bytes``; stderr keeps only its tail, for error
 messages.  A timeout, a cancel or an oversized output kills the whole process
@@ -77,11 +82,44 @@ SECRET_MARKERS = (
 _URL_WITH_PASSWORD = re.compile(r"://[^/\s:@]*:[^/\s@]+@")
 
 
+# The only variables a scanner gets from the worker's environment (then its
+# config's ``env`` on top): what a program needs to find its tools, locale, time
+# zone, temporary directory and CA certificates.  An allow-list, not a deny-list:
+# a worker's environment is full of secrets scanqueue cannot recognise by name.
+PASSED_NAMES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "TEMP",
+        "TMP",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+    }
+)
+PASSED_PREFIXES = ("LC_",)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def scrubbed_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` without scanqueue's URLs and settings and without secret-looking names."""
+    """The part of ``environ`` a scanner gets: :data:`PASSED_NAMES` and ``LC_*`` only,
+    and of those never one that looks like a secret (a proxy URL with a password)."""
     clean: dict[str, str] = {}
     for name, value in environ.items():
         upper = name.upper()
+        if name not in PASSED_NAMES and not name.startswith(PASSED_PREFIXES):
+            continue
         if upper in SCRUBBED_NAMES or upper.startswith(SCRUBBED_PREFIXES):
             continue
         if any(marker in upper for marker in SECRET_MARKERS):
@@ -92,6 +130,35 @@ def scrubbed_environ(environ: Mapping[str, str]) -> dict[str, str]:
     return clean
 
 
+ENV_SHAPE = (
+    'config.env must be an object whose values are strings or {"from_env": "VARIABLE"} '
+    "(read from the worker's environment when the scanner starts)"
+)
+
+
+def resolve_env(
+    name: str, env: Mapping[str, str | Mapping[str, str]], environ: Mapping[str, str]
+) -> dict[str, str]:
+    """The config's ``env`` with each ``{"from_env": "X"}`` replaced by the worker's ``$X``.
+
+    So a secret a scanner needs (an API token) lives in the worker's environment
+    or secret store, never in the ``providers`` table or on a command line.
+    """
+    out: dict[str, str] = {}
+    for key, value in env.items():
+        if isinstance(value, str):
+            out[key] = value
+            continue
+        source = value["from_env"]
+        if source not in environ:
+            raise ProviderError(
+                f"provider {name!r}: config.env.{key} reads ${source}, which is not set in the"
+                " worker's environment"
+            )
+        out[key] = environ[source]
+    return out
+
+
 @dataclass(frozen=True)
 class SarifCommandConfig:
     """A validated ``sarif-command`` config."""
@@ -99,7 +166,7 @@ class SarifCommandConfig:
     command: tuple[str, ...]
     cwd: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str | Mapping[str, str]] = field(default_factory=dict)
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
 
     @classmethod
@@ -132,10 +199,21 @@ class SarifCommandConfig:
         ):
             raise bad("config.timeout must be a positive number of seconds")
         env = config.get("env", {})
-        if not isinstance(env, Mapping) or not all(
-            isinstance(k, str) and k and isinstance(v, str) for k, v in env.items()
-        ):
-            raise bad("config.env must be an object of strings")
+        if not isinstance(env, Mapping):
+            raise bad(ENV_SHAPE)
+        for key, value in env.items():
+            if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+                raise bad(f"config.env: {key!r} is not a variable name")
+            if isinstance(value, str):
+                continue
+            ref = value.get("from_env") if isinstance(value, Mapping) else None
+            if (
+                not isinstance(value, Mapping)
+                or set(value) != {"from_env"}
+                or not isinstance(ref, str)
+                or not _ENV_NAME.fullmatch(ref)
+            ):
+                raise bad(f"config.env.{key}: {ENV_SHAPE}")
         limit = config.get("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
             raise bad("config.max_output_bytes must be a positive integer")
@@ -214,7 +292,7 @@ class _CommandRun:
                 f"provider {self.name!r}: working directory {config.cwd!r} does not exist"
             )
         env = scrubbed_environ(os.environ)
-        env.update(config.env)
+        env.update(resolve_env(self.name, config.env, os.environ))
         try:
             proc = subprocess.Popen(
                 list(config.command),
