@@ -288,6 +288,12 @@ class Store:
             self._direct_start = DirectStatement(self._start_stmt, self._autocommit_engine)
             self._direct_heartbeat = DirectStatement(self._heartbeat_stmt, self._autocommit_engine)
             self._direct_finish = DirectStatement(self._finish_stmt, self._autocommit_engine)
+            # A run's other statements too, so that each has the client-side deadline
+            # (a hand-back to a stalled database must not hold a pool process for ever).
+            self._direct_status = DirectStatement(self._status_stmt, self._autocommit_engine)
+            self._direct_hand_back_run = DirectStatement(
+                self._hand_back_run_stmt, self._autocommit_engine
+            )
 
     def _build_hot_statements(self) -> None:
         """The per-scan statements, built once (building them is most of their CPU cost)."""
@@ -801,6 +807,9 @@ class Store:
         return result.rowcount == 1
 
     def status_of(self, scan_id: str) -> tuple[str, int] | None:
+        if self._direct is not None:
+            found, _ = self._run_direct(self._direct_status, {"scan_id": scan_id})
+            return None if found is None else (found["status"], found["attempts"])
         with self._tx(single=True) as conn:
             row = conn.execute(self._status_stmt, {"scan_id": scan_id}).first()
         return None if row is None else (row.status, row.attempts)
@@ -837,6 +846,9 @@ class Store:
         in doubt: its outcome is void and the scan runs again (the attempt stays spent,
         like a lost worker's).  False when the run no longer owns the scan."""
         values = {"scan_id": scan_id, "attempt": attempt, "run_worker": worker_id}
+        if self._direct is not None:
+            _, rowcount = self._run_direct(self._direct_hand_back_run, values)
+            return rowcount == 1
         with self._tx(single=True) as conn:
             result = conn.execute(self._hand_back_run_stmt, values)
         return result.rowcount == 1

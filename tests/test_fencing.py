@@ -39,6 +39,7 @@ from tests.conftest import (
     insert_rows,
     read_journal,
     scan_rows,
+    start_bridge,
     start_worker,
     upgrade,
     wait_for,
@@ -236,6 +237,48 @@ def test_a_run_stopped_by_the_fence_is_handed_back_never_completed(
     )
 
 
+def test_a_run_stopped_while_the_database_stays_stalled_still_returns(
+    proxied_store: Store, proxy: TcpProxy
+) -> None:
+    """No statement of the run waits for ever: the pool process is free again."""
+    assert proxied_store._direct is not None
+    proxied_store._direct.deadline_s = 1.0
+    insert_raw(proxied_store, "gone")
+    entered = threading.Event()
+
+    def cooperative(job: Job, ctx: ScanContext) -> ScanResult:
+        entered.set()
+        ctx.wait(60)
+        return ScanResult(findings_count=5)
+
+    observer = Recorder()
+    result: list[Outcome] = []
+    thread = threading.Thread(
+        target=lambda: result.append(
+            execute_scan(
+                "gone",
+                store=proxied_store,
+                runner=RunnerFunc(cooperative),
+                settings=OUTAGE,
+                observer=observer,
+            )
+        )
+    )
+    thread.start()
+    assert entered.wait(10)
+    proxy.stall()
+    t0 = time.monotonic()
+    thread.join(30)
+    took = time.monotonic() - t0
+    assert result == [Outcome.LOST]  # not handed back: the reaper re-queues it later
+    assert observer.calls == [("started", 1), ("discarded", 1)]
+    proxy.resume()
+    # Left for the reaper, or handed back by a statement the stall had held and the
+    # resumed network delivered (a compare-and-set either way); never completed.
+    assert proxied_store.get("gone").status in ("running", "queued")
+    report("database stalled for good", f"execute_scan returned {took:.2f}s after the stall")
+
+
 def test_a_canceled_run_stays_canceled_and_is_counted_as_canceled(proxied_store: Store) -> None:
     insert_raw(proxied_store, "cx")
     entered = threading.Event()
@@ -318,9 +361,10 @@ def test_a_worker_whose_database_stalls_stops_before_another_runs_the_scan(
     }
     cut_off = base_env(proxy.url_for(pg_url), tmp_path, **timings)
     healthy = {**cut_off, "DATABASE_URL": pg_url}
-    # The bridge (and so the reaper) runs beside the healthy worker only.
+    # The bridge (and so the reaper) talks to the database directly; the healthy worker
+    # starts only once the victim runs the scan.
+    start_bridge(procs, healthy, tmp_path)
     victim = start_worker(procs, cut_off, tmp_path, "--without-bridge", "--autoscale=1,1")
-    start_worker(procs, healthy, tmp_path, "--autoscale=1,1")
     insert_rows(pg_url, ["stall"])
 
     def starts() -> list[dict[str, Any]]:
@@ -328,8 +372,8 @@ def test_a_worker_whose_database_stalls_stops_before_another_runs_the_scan(
 
     wait_for(lambda: starts(), 30, what="the first run")
     first = starts()[0]
-    if first["pid"] not in _pool_pids(victim):
-        pytest.skip("the healthy worker took the scan first; nothing to cut off")
+    assert first["pid"] in _pool_pids(victim)
+    start_worker(procs, healthy, tmp_path, "--without-bridge", "--autoscale=1,1")
     proxy.stall()
     t0 = time.time()
     wait_for(lambda: len(starts()) >= 2, 40, interval=0.2, what="the re-run elsewhere")
