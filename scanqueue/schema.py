@@ -152,12 +152,13 @@ Index(
     postgresql_where=(scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_(None),
     sqlite_where=(scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_(None),
 )
-# Queue depth and re-dispatch of messages the broker lost.
+# In flight (the dispatch window's count) and re-sending what the broker lost:
+# only dispatched, unstarted rows — at most the window — never the backlog.
 Index(
     "scans_queued_dispatched_idx",
     scans.c.dispatched_at,
-    postgresql_where=scans.c.status == STATUS_QUEUED,
-    sqlite_where=scans.c.status == STATUS_QUEUED,
+    postgresql_where=(scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_not(None),
+    sqlite_where=(scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_not(None),
 )
 # The reaper: running rows by heartbeat.
 Index(

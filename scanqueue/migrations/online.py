@@ -49,3 +49,23 @@ def create_index_online(
             postgresql_concurrently=True,
             if_not_exists=True,
         )
+
+
+def replace_index_online(
+    name: str, table: str, columns: Sequence[str], where: str | None = None
+) -> None:
+    """Rebuild index ``name`` with new columns or predicate, without blocking writes.
+
+    PostgreSQL: build under a temporary name concurrently, drop the old one
+    concurrently, rename.  Each step is safe to repeat if a run stops half-way.
+    """
+    building = f"{name}_build"
+    if op.get_bind().dialect.name != "postgresql":
+        op.drop_index(name, table_name=table, if_exists=True)
+        predicate = sa.text(where) if where is not None else None
+        op.create_index(name, table, list(columns), sqlite_where=predicate)
+        return
+    create_index_online(building, table, columns, where)
+    with op.get_context().autocommit_block():
+        op.execute(sa.text(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"'))
+        op.execute(sa.text(f'ALTER INDEX "{building}" RENAME TO "{name}"'))
