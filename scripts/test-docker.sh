@@ -328,7 +328,10 @@ wait_status "$SCAN" completed 90
 ok "a scan POSTed to the API (401 without the token, 201 with it) completed in $((SECONDS - T0)) s"
 
 wait_healthy "$WORKER1" 120
-ok "the worker's HEALTHCHECK (the image's own: /metrics) turned healthy"
+# Read-only root: Python's tempfile falls back to the working directory, /data.
+metrics_dir=$(d exec "$WORKER1" sh -c 'ls -d /data/scanqueue-metrics-* 2>/dev/null' || true)
+[ -n "$metrics_dir" ] || fail "the worker's metrics files are not in /data"
+ok "the worker's HEALTHCHECK (the image's own: /metrics) turned healthy; its metrics files are in $metrics_dir"
 
 SLOW=$(api POST /scans '{"providers": ["aws"], "user": "slow"}' | field id)
 wait_status "$SLOW" running 60
