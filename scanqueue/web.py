@@ -414,11 +414,16 @@ async def _read_json_body(request: Request) -> Any:
             400, 'expected a JSON body like {"providers": ["aws"], "frameworks": []}'
         )
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_not_json)
     except RecursionError:
         raise RequestInvalid(400, "the body is not valid JSON: nested too deeply") from None
     except ValueError as exc:  # also UnicodeDecodeError
         raise RequestInvalid(400, f"the body is not valid JSON: {_first_line(str(exc))}") from None
+
+
+def _not_json(name: str) -> Any:
+    """Python's parser takes NaN and Infinity; JSON (RFC 8259) does not."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def _first_line(text: str, limit: int = 200) -> str:
