@@ -316,6 +316,9 @@ class _Run:
                 ctx.stop_reason,
                 duration,
             )
+            # As the reaper's hand-back says it: the console's timeline shows why the
+            # scan runs again.
+            self.observer.event(info, "scan.requeued", {"reason": ctx.stop_reason})
             self._discard(duration, canceled=False)
             return Outcome.REQUEUED
         canceled = ctx.stop_reason == STOP_REASON_CANCELED

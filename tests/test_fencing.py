@@ -83,7 +83,8 @@ class Recorder:
         self.calls.append(("started", run.attempt))
 
     def event(self, run: RunInfo, event_type: str, payload: dict[str, Any]) -> None:
-        pass
+        if event_type == "scan.requeued":
+            self.calls.append((event_type, payload.get("reason")))
 
     def finished(self, run: RunInfo, row: ScanRow, duration_s: float) -> None:
         self.calls.append(("finished", row.status))
@@ -230,7 +231,9 @@ def test_a_run_stopped_by_the_fence_is_handed_back_never_completed(
     row = proxied_store.get("doubt")
     assert row.status == "queued" and row.findings_count == 0 and row.attempts == 1
     assert ("finished", "completed") not in observer.calls
-    assert observer.calls == [("started", 1), ("discarded", 1)]
+    assert observer.calls[0] == ("started", 1) and observer.calls[-1] == ("discarded", 1)
+    assert observer.calls[1][0] == "scan.requeued" and "lease in doubt" in observer.calls[1][1]
+    assert len(observer.calls) == 3
     report(
         "outage past the fence, within the lease",
         f"handed back {time.monotonic() - t0:.2f}s after the cut",
