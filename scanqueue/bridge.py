@@ -215,7 +215,12 @@ class BridgeService:
         if self.fixed_window is not None:
             return self.fixed_window
         if self._live_slots is None:
-            self.refresh_live_slots()
+            try:
+                self.refresh_live_slots()
+            except Exception as exc:
+                # E.g. code newer than the schema: pickup goes on at the floor.
+                log.warning("bridge: live workers unknown (%s); window %d", exc, MIN_WINDOW)
+                self._live_slots = 0
         return default_window(self._live_slots or 0)
 
     def refresh_live_slots(self) -> int:
@@ -239,7 +244,7 @@ class BridgeService:
             self.hooks.leader(leader)
         try:
             self.refresh_live_slots()
-        except ScanqueueError as exc:
+        except Exception as exc:  # the last known slots stay in use
             log.warning("bridge: cannot read the live workers: %s", exc)
         now = time.monotonic()
         if leader and now - self._last_reap >= self.reap_every_s:
