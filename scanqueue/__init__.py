@@ -1,7 +1,7 @@
 """scanqueue: compliance scans recorded in a ``scans`` table, run by Celery workers.
 
 The public surface is the Runner API (CONTRACT §3).  The Celery app lives in
-:mod:`scanqueue.celery` (``celery -A scanqueue`` finds it there), so importing
+:mod:`scanqueue.worker.app` (``celery -A scanqueue`` finds it there), so importing
 this package for ``Job`` or ``ScanContext`` does not start Celery.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .runner import Job, Runner, RunnerFunc, ScanContext, ScanResult, StubRunner
+from scanqueue.runners.api import Job, Runner, RunnerFunc, ScanContext, ScanResult, StubRunner
 
 __all__ = [
     "Job",
@@ -25,7 +25,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # The real runner pulls in its providers only when asked for.
     if name == "ScanRunner":
-        from .scanrunner import ScanRunner
+        from scanqueue.runners.real import ScanRunner
 
         return ScanRunner
     raise AttributeError(f"module 'scanqueue' has no attribute {name!r}")

@@ -20,13 +20,13 @@ from urllib.parse import SplitResult, urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from .errors import ConfigError
+from scanqueue.errors import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite:///scanqueue.db"
 DEFAULT_CONCURRENCY = 2
 DEFAULT_EXTRA_CONCURRENCY = 4  # the old Go pool: max = concurrency + 4
 DEFAULT_POLL_EVERY_S = 0.5
-DEFAULT_RUNNER = "scanqueue.runner:StubRunner"
+DEFAULT_RUNNER = "scanqueue:StubRunner"
 DEFAULT_LEASE_S = 30.0
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_CANCEL_GRACE_S = 10.0
@@ -37,6 +37,8 @@ DEFAULT_DISPATCH_BATCH = 100
 DEFAULT_DISPATCH_WINDOW = 0  # 0: twice the live workers' slots, at least 4 (bridge.py)
 DEFAULT_LOG_FORMAT = "text"
 DEFAULT_QUEUE = "scanqueue"
+# The one Celery task: the bridge publishes it by name, the worker registers it.
+TASK_NAME = "scanqueue.run_scan"
 DEFAULT_LEADER_TTL_S = 15.0  # a standby takes over within one TTL of the leader's death
 DEFAULT_REDISPATCH_AFTER_S = 30.0
 DEFAULT_EVENTS_MAXLEN = 100_000  # events kept in the Redis stream or the table
@@ -162,8 +164,6 @@ class Settings:
             raise ConfigError("SCANQUEUE_QUEUE", f"letters, digits and -_.: only, got {queue!r}")
         # A run whose lease is in doubt must be stopped and terminated before the lease
         # can pass to another worker: a grace that leaves no room for that is an error.
-        from .execute import check_fence  # the fence's arithmetic lives with the fence
-
         fence_lease_s = _float(env, "SCANQUEUE_LEASE_SECONDS", DEFAULT_LEASE_S, minimum=MIN_LEASE_S)
         check_fence(
             fence_lease_s,
@@ -447,3 +447,42 @@ def _check_generic_url(raw: str, variable: str) -> SplitResult:
     if not parts.scheme or "://" not in raw:
         raise ConfigError(variable, f"malformed URL {mask_url(raw)}")
     return parts
+
+
+# What separates the end of a fenced run (fence + grace) from the moment its lease
+# can expire: a share of the lease, at most FENCE_MARGIN_MAX_S.  It absorbs the
+# watchdog's wake-up latency and the time to send the run's last lineage event.
+FENCE_MARGIN_SHARE = 0.1
+FENCE_MARGIN_MAX_S = 1.0
+
+
+def fence_margin_s(lease_s: float) -> float:
+    return min(FENCE_MARGIN_MAX_S, lease_s * FENCE_MARGIN_SHARE)
+
+
+def self_fence_after_s(lease_s: float, cancel_grace_s: float) -> float:
+    """How long a run may go without renewing its lease before it is told to stop.
+
+    Counted from the moment the last successful heartbeat was *sent* (the row's
+    ``heartbeat_at`` is never earlier), so fence + grace + margin = lease: the
+    run's process is gone before the reaper can see the lease as expired.
+    """
+    return lease_s - cancel_grace_s - fence_margin_s(lease_s)
+
+
+def check_fence(lease_s: float, cancel_grace_s: float, heartbeat_every_s: float) -> None:
+    """ConfigError (naming the grace) unless fence + grace end before the lease.
+
+    The fence must also leave room for at least one heartbeat, or a single
+    failed call would stop every run.
+    """
+    fence = self_fence_after_s(lease_s, cancel_grace_s)
+    if fence < heartbeat_every_s:
+        raise ConfigError(
+            "SCANQUEUE_CANCEL_GRACE_SECONDS",
+            f"{cancel_grace_s:g}s leaves no time to self-fence within SCANQUEUE_LEASE_SECONDS="
+            f"{lease_s:g}s (fence + grace + {fence_margin_s(lease_s):g}s margin must fit in the"
+            f" lease, with the fence at least one heartbeat, {heartbeat_every_s:g}s); use a grace"
+            f" of at most {lease_s - fence_margin_s(lease_s) - heartbeat_every_s:g}s or a longer"
+            " lease",
+        )

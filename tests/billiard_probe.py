@@ -1,6 +1,6 @@
 """Shrinks on a real billiard blocking pool (the one Celery uses on the SQLite broker).
 
-Run in a fresh interpreter by tests/test_autoscale.py.
+Run in a fresh interpreter by tests/e2e/test_autoscale.py.
 
 A pool forked from the test process would inherit its threads' locks (logging,
 event senders of earlier tests) and could hang in its exit path; a clean
@@ -26,7 +26,7 @@ from typing import Any
 
 from billiard.pool import Pool
 
-from scanqueue.autoscale import shrink_idle_processes
+from scanqueue.worker.autoscale import shrink_idle_processes
 from tests.support import wait_for
 
 

@@ -75,7 +75,7 @@ def pg_url() -> Iterator[str]:
     _pg_admin().close()
     url = create_pg_database()
     yield url
-    from scanqueue.store import _stores
+    from scanqueue.db.store import _stores
 
     for key in [k for k in _stores if k[1].endswith("/" + url.rsplit("/", 1)[1])]:
         _stores.pop(key).dispose()
@@ -98,8 +98,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def upgrade(url: str) -> None:
     from scanqueue.config import normalize_database_url
-    from scanqueue.migrate import upgrade as run_upgrade
-    from scanqueue.store import store_for
+    from scanqueue.db.migrate import upgrade as run_upgrade
+    from scanqueue.db.store import store_for
 
     run_upgrade(store_for(normalize_database_url(url)))
 
@@ -108,7 +108,7 @@ def upgrade(url: str) -> None:
 def store(db_url: str) -> Any:
     """A migrated Store on each database."""
     from scanqueue.config import normalize_database_url
-    from scanqueue.store import store_for
+    from scanqueue.db.store import store_for
 
     upgrade(db_url)
     return store_for(normalize_database_url(db_url))

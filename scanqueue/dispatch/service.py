@@ -1,0 +1,119 @@
+"""Assembles a BridgeService wired to the Celery app (publish), and the broker-depth reader.
+
+Kept apart from :mod:`scanqueue.dispatch.bridge` so the bridge never imports Celery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from scanqueue.config import TASK_NAME, Settings
+from scanqueue.db.store import ReapedScan, store_for
+from scanqueue.dispatch.bridge import BridgeService, PublishError
+from scanqueue.dispatch.leader import leadership_for
+from scanqueue.dispatch.watch import watcher_for
+from scanqueue.observe.observer import RunInfo
+
+if TYPE_CHECKING:
+    from scanqueue.observe.lineage import LineageObserver
+
+
+def make_publisher(app: Any, queue: str | None = None) -> Any:
+    """A publish callable: one ``run_scan(scan_id)`` message per id, on ``queue``
+    (default: the app's default queue)."""
+    queue = queue or app.conf.task_default_queue
+
+    def publish(scan_ids: Sequence[str]) -> None:
+        sent = 0
+        batched = False
+        try:
+            with app.producer_or_acquire() as producer:
+                # One round trip (Redis pipeline) or one commit (SQLite broker) for the
+                # whole claim instead of one per message; other transports send at once.
+                batched = callable(getattr(producer.channel, "create_publish_batch", None))
+                with producer.batch(max_size=max(1, len(scan_ids))):
+                    for scan_id in scan_ids:
+                        # send_task: the publishing process need not import the task.
+                        app.send_task(TASK_NAME, args=(scan_id,), producer=producer, queue=queue)
+                        sent += 1
+        except Exception as exc:
+            # A batch that failed may have been partly written: count none as sent, so
+            # all are dispatched again (a duplicate message is harmless; a lost one is not).
+            raise PublishError(0 if batched else sent, exc) from exc
+
+    return publish
+
+
+def make_broker_depth(app: Any, queue: str | None = None) -> Any:
+    queue = queue or app.conf.task_default_queue
+
+    def broker_depth() -> int | None:
+        with app.connection_for_write() as conn:
+            try:
+                _, count, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
+            except Exception as exc:
+                # Redis deletes empty lists and AMQP has no such queue yet: both 404.
+                if getattr(exc, "code", None) == 404 or "NOT_FOUND" in str(exc):
+                    return 0
+                raise
+            return int(count)
+
+    return broker_depth
+
+
+def _lost_run_events(settings: Settings) -> Any:
+    """Events for runs the reaper took back: ``scan.requeued`` or ``scan.failed``.
+
+    With OpenLineage configured, also each run's terminal lineage event (the dead
+    worker sent its ``START`` and nothing after).
+    """
+    from scanqueue.observe.events import emit_standalone
+
+    lineage: LineageObserver | None = None
+    if settings.lineage_enabled:
+        from scanqueue.observe.lineage import LineageObserver
+
+        lineage = LineageObserver()
+
+    def lost_runs(reaped: Sequence[ReapedScan]) -> None:
+        for run in reaped:
+            if lineage is not None:
+                lineage.lost(RunInfo(run.scan_id, run.attempt, [], []), run.requeued)
+            if run.requeued:
+                emit_standalone(
+                    settings,
+                    "scan.requeued",
+                    run.scan_id,
+                    {"attempt": run.attempt, "reason": "worker lost"},
+                )
+            else:
+                emit_standalone(
+                    settings,
+                    "scan.failed",
+                    run.scan_id,
+                    {"attempt": run.attempt, "error": "worker lost"},
+                )
+
+    return lost_runs
+
+
+def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
+    store = store_for(settings.database_url)
+    from scanqueue.observe.metrics import bridge_hooks
+
+    hooks = bridge_hooks(store)  # store: scanqueue_scans{status}, unknown-status warnings
+    hooks.lost_runs = _lost_run_events(settings)
+    return BridgeService(
+        store,
+        make_publisher(app),
+        leadership_for(settings, store),
+        watcher_for(settings.database_url, settings.poll_every_s),
+        batch=settings.dispatch_batch,
+        lease_s=settings.lease_s,
+        max_attempts=settings.max_attempts,
+        reap_every_s=settings.reap_every_s,
+        window=settings.dispatch_window or None,
+        redispatch_after_s=settings.redispatch_after_s,
+        hooks=hooks,
+    )

@@ -1,0 +1,152 @@
+"""The per-scan statements on PostgreSQL, run on held DB-API connections (direct_sql)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from scanqueue.config import normalize_database_url
+from scanqueue.db.store import Store, make_engine, store_for
+from scanqueue.errors import UnavailableError
+from tests.conftest import upgrade
+
+
+@pytest.fixture
+def url(pg_url: str) -> str:
+    upgrade(pg_url)
+    return normalize_database_url(pg_url)
+
+
+def insert(store: Store, token: str = "secret-token") -> str:
+    scan_id = f"d-{uuid.uuid4().hex[:10]}"
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned,"
+                " triggered_by_user, triggered_by_token)"
+                " VALUES (:id, 'queued', '[\"aws\"]', '[\"cis\"]', 'ann', :token)"
+            ),
+            {"id": scan_id, "token": token},
+        )
+    return scan_id
+
+
+def backend_pid(store: Store) -> int:
+    assert store._direct is not None
+    conn: Any = store._direct._connection()
+    return int(conn.dbapi_connection.info.backend_pid)
+
+
+def test_direct_and_sqlalchemy_paths_return_the_same(url: str) -> None:
+    direct = store_for(url)
+    assert direct._direct is not None
+    plain = Store(url, engine=make_engine(url))  # a given engine takes the SQLAlchemy path
+    assert plain._direct is None
+    try:
+        a, b = insert(direct), insert(direct)
+        started_a, started_b = direct.start_run(a, "w/1"), plain.start_run(b, "w/1")
+        assert started_a is not None and started_b is not None
+        for field in ("attempt", "providers_raw", "frameworks_raw", "triggered_by_user"):
+            assert getattr(started_a, field) == getattr(started_b, field)
+        assert started_a.triggered_by_token == "secret-token"
+        for started in (started_a, started_b):
+            assert started.started_at is not None and started.started_at.utcoffset() is not None
+            assert started.started_at.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+        assert direct.heartbeat(a, 1) and plain.heartbeat(b, 1)
+        assert not direct.heartbeat(a, 2)  # not this run's lease
+        row_a = direct.finish_run(a, 1, "completed", findings_count=3)
+        row_b = plain.finish_run(b, 1, "completed", findings_count=3)
+        assert row_a is not None and row_b is not None
+        assert {**row_a.to_json(), "id": None, "created_at": None, "started_at": None,
+                "finished_at": None} == {**row_b.to_json(), "id": None, "created_at": None,
+                "started_at": None, "finished_at": None}  # fmt: skip
+        assert row_a.finished_at is not None and row_a.finished_at.utcoffset() is not None
+        assert direct.finish_run(a, 1, "failed") is None  # a CAS: it already finished
+        assert direct.start_run(a, "w/1") is None  # and it is not queued
+    finally:
+        plain.dispose()
+
+
+def test_a_connection_killed_under_it_is_unavailable_once_then_replaced(url: str) -> None:
+    store = store_for(url)
+    scan_id = insert(store)
+    assert store.start_run(scan_id, "w/1") is not None
+    old_pid = backend_pid(store)
+    with store.engine.begin() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": old_pid})
+    with pytest.raises(UnavailableError) as raised:
+        store.heartbeat(scan_id, 1)
+    assert "secret-token" not in str(raised.value)
+    assert store.heartbeat(scan_id, 1)  # on a fresh connection
+    assert backend_pid(store) != old_pid
+
+
+def test_each_thread_holds_its_own_connection_and_gives_it_back_when_it_ends(url: str) -> None:
+    store = store_for(url)
+    scan_id = insert(store)
+    assert store.start_run(scan_id, "w/1") is not None
+    pids: list[int] = []
+
+    def beat() -> None:
+        assert store.heartbeat(scan_id, 1)
+        pids.append(backend_pid(store))
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    thread.join()
+    assert pids and pids[0] != backend_pid(store)
+    pool: Any = store._autocommit_engine.pool
+    held_before = pool.checkedout()
+    store.heartbeat(scan_id, 1)  # no new thread: nothing to give back
+    assert pool.checkedout() == held_before
+    other = threading.Thread(target=beat)  # taking one for a new thread gives back the ended one's
+    other.start()
+    other.join()
+    assert pool.checkedout() == held_before
+
+
+def test_a_forked_child_leaves_the_parents_connection_working(url: str) -> None:
+    store = store_for(url)
+    scan_id = insert(store)
+    assert store.start_run(scan_id, "w/1") is not None
+    parent_pid = backend_pid(store)
+    child_scan = insert(store)
+    pid = os.fork()
+    if pid == 0:  # the child: a store of its own; the inherited one is dropped and collected
+        code = 1
+        try:
+            del store
+            mine = store_for(url)
+            code = 0 if mine.start_run(child_scan, "w/2") else 2
+            del mine
+            gc.collect()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.heartbeat(scan_id, 1)  # the parent's held connection still works
+    assert backend_pid(store) == parent_pid
+    assert store.status_of(child_scan) == ("running", 1)
+
+
+def test_a_connection_held_past_the_recycle_age_goes_back_to_the_pool(url: str) -> None:
+    store = store_for(url)
+    direct = store._direct
+    assert direct is not None
+    scan_id = insert(store)
+    assert store.start_run(scan_id, "w/1") is not None
+    pool: Any = store._autocommit_engine.pool
+    first = direct._connection()
+    direct.recycle_s = 0.0
+    try:
+        assert store.heartbeat(scan_id, 1)
+        assert direct._connection() is not first  # checked out again
+        assert pool.checkedout() == 1  # the old one went back: none leaked
+    finally:
+        direct.recycle_s = 1800.0
