@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import os
 
-from scanqueue import Job, ScanContext, execute, wiring
+from scanqueue import Job, ScanContext
 from scanqueue.config import Settings
-from scanqueue.observe import SafeObservers, ScanObserver
+from scanqueue.observe.observer import SafeObservers, ScanObserver
+from scanqueue.worker import execute
+from scanqueue.worker import runtime as wiring
 
 ABLATED = {p.strip() for p in os.environ.get("BENCH_ABLATE", "").split(",") if p.strip()}
 
 
 def _observer(settings: Settings) -> ScanObserver:
-    from scanqueue.events import EventObserver, event_sink_for
-    from scanqueue.metrics import MetricsObserver
+    from scanqueue.observe.events import EventObserver, event_sink_for
+    from scanqueue.observe.metrics import MetricsObserver
 
     observers: list[ScanObserver] = []
     if "events" not in ABLATED:

@@ -85,7 +85,7 @@ def explain(url: str, sql: str) -> str:
 
 def measure(size: int, reps: int, without_index: bool) -> dict[str, Any]:
     from scanqueue.config import normalize_database_url
-    from scanqueue.store import Store
+    from scanqueue.db.store import Store
 
     url = create_pg_database()
     try:

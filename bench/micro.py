@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         out.update(run_all(url, n))
     finally:
         with contextlib.suppress(Exception):
-            from scanqueue.store import _stores
+            from scanqueue.db.store import _stores
 
             for s in _stores.values():
                 s.dispose()
@@ -93,14 +93,14 @@ def run_all(url: str, n: int) -> dict[str, Any]:
     import psycopg2
 
     from bench.harness import psycopg_dsn
-    from scanqueue.celery import app, settings
-    from scanqueue.events import flush_pending_events
-    from scanqueue.execute import ExecutionSettings, LeaseKeeper, execute_scan
-    from scanqueue.observe import NULL_OBSERVER, RunInfo
-    from scanqueue.runner import ScanContext, load_runner
-    from scanqueue.service import make_publisher
-    from scanqueue.store import Store, make_engine
-    from scanqueue.wiring import build_observer
+    from scanqueue.db.store import Store, make_engine
+    from scanqueue.dispatch.service import make_publisher
+    from scanqueue.observe.events import flush_pending_events
+    from scanqueue.observe.observer import NULL_OBSERVER, RunInfo
+    from scanqueue.runners.api import ScanContext, load_runner
+    from scanqueue.worker.app import app, settings
+    from scanqueue.worker.execute import ExecutionSettings, LeaseKeeper, execute_scan
+    from scanqueue.worker.runtime import build_observer
 
     db = Db(url)
     dburl = settings.database_url
@@ -146,7 +146,7 @@ def run_all(url: str, n: int) -> dict[str, Any]:
     run_variant("as shipped", store, observer)
     run_variant("no observers", store, NULL_OBSERVER)
     # A store on a given engine runs every statement through a pooled SQLAlchemy
-    # Connection: what the held DB-API connections (scanqueue.direct_sql) save.
+    # Connection: what the held DB-API connections (scanqueue.db.direct_sql) save.
     via_sqlalchemy = Store(dburl, engine=make_engine(dburl))
     run_variant("no observers, SQLAlchemy Connection per statement", via_sqlalchemy, NULL_OBSERVER)
     run_variant("observers, SQLAlchemy Connection per statement", via_sqlalchemy, observer)

@@ -27,7 +27,7 @@ def make_app(broker_url: str, queue: str) -> Celery:
     if broker_url.startswith(("sqla+", "sqlalchemy+")):
         # The embedded SQLite broker is kombu's SQLAlchemy transport; scanqueue registers
         # a subclass that accepts polling_interval.  Use the very same transport.
-        from scanqueue import broker_sqlite
+        from scanqueue.worker import broker_sqlite
 
         broker_sqlite.register()
         options: dict[str, Any] = {"polling_interval": 0.1}

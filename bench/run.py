@@ -572,7 +572,7 @@ def time_raw_claims(db: Db, reps: int) -> dict[str, Any]:
 def time_claims(db: Db, reps: int) -> dict[str, Any]:
     """Direct ``Store.claim_for_dispatch`` calls (what the bridge does per wake-up)."""
     from scanqueue.config import normalize_database_url
-    from scanqueue.store import Store
+    from scanqueue.db.store import Store
 
     store = Store(normalize_database_url(db.url))
     try:

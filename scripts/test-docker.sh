@@ -367,7 +367,7 @@ ok "a second worker ran the handed-back scan again (attempts $ATTEMPTS), cancel 
 # Compose v1 (1.29), whose schema predates two keys compose.yaml uses: top-level `name`
 # and inline `configs: content` (v2.23.1). Those two are checked here in Python; v1
 # checks the rest of the file (schema, interpolation, paths) with them left out. Every
-# variable the file requires gets a dummy value. (tests/test_deploy.py checks content.)
+# variable the file requires gets a dummy value. (tests/e2e/test_deploy.py checks content.)
 COMPOSE_ENV=()
 for var in $(grep -v '^ *#' docker/compose.yaml | grep -oE '\$\{[A-Z_]+:\?' | tr -d '${:?' | sort -u); do
   COMPOSE_ENV+=("$var=dummy")
