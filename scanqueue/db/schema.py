@@ -140,18 +140,43 @@ scans = Table(
     Column("dispatch_count", Integer, nullable=False, server_default=text("0")),
     Column("heartbeat_at", UTCDateTime, nullable=True),
     Column("worker_id", Text, nullable=True),
+    # Scan policies (docs/reference.md#policies): all nullable or defaulted.
+    Column("priority", Integer, nullable=False, server_default=text("0")),
+    Column("run_after", UTCDateTime, nullable=True),
+    Column("scan_key", Text, nullable=True),
+    Column("timeout_seconds", Integer, nullable=True),
+    Column("retries", Integer, nullable=False, server_default=text("0")),
+    Column("labels", JSONList, nullable=True),
+    # The key limits, dedup, pauses and diffs group by: ``scan_key`` or, when that is
+    # NULL, derived from the providers and frameworks.  Filled in by whoever inserts
+    # through scanqueue, else by the bridge when it first sees the row (``seen_at``,
+    # the moment of the scan.queued event).
+    Column("effective_key", Text, nullable=True),
+    Column("seen_at", UTCDateTime, nullable=True),
 )
 
-# The bridge's hot path: the oldest queued rows not yet handed to the broker, in
-# the claim's whole order (rows inserted by one statement share created_at).
-# Partial, so finished (and already dispatched) rows never slow it down.
+# The bridge's hot path: queued rows not yet handed to the broker, in the claim's
+# whole order (higher priority first, then oldest; rows inserted by one statement
+# share created_at).  Partial, so finished and dispatched rows never slow it down.
 Index(
-    "scans_undispatched_idx",
+    "scans_claim_order_idx",
+    scans.c.priority.desc(),
     scans.c.created_at,
     scans.c.id,
     postgresql_where=(scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_(None),
     sqlite_where=(scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_(None),
 )
+# Queued rows no bridge has looked at yet (their key to derive, their scan.queued
+# event to send).
+Index(
+    "scans_unseen_idx",
+    scans.c.created_at,
+    scans.c.id,
+    postgresql_where=(scans.c.status == STATUS_QUEUED) & scans.c.seen_at.is_(None),
+    sqlite_where=(scans.c.status == STATUS_QUEUED) & scans.c.seen_at.is_(None),
+)
+# Dedup and the key's history (baselines, retention): scans of one key.
+Index("scans_key_created_idx", scans.c.effective_key, scans.c.created_at)
 # In flight (the dispatch window's count) and re-sending what the broker lost:
 # only dispatched, unstarted rows — at most the window — never the backlog.
 Index(
@@ -183,6 +208,24 @@ workers = Table(
     Column("slots", Integer, nullable=False, server_default=text("1")),
     Column("started_at", UTCDateTime, nullable=False, server_default=utcnow_default()),
     Column("heartbeat_at", UTCDateTime, nullable=False, server_default=utcnow_default()),
+)
+
+# Per-key concurrency overrides (``scanqueue limits set KEY N``).
+key_limits = Table(
+    "scanqueue_limits",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("max_running", Integer, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False, server_default=utcnow_default()),
+)
+
+# Paused keys (``scanqueue pause [KEY]``); PAUSE_ALL stands for the whole queue.
+PAUSE_ALL = "*"
+pauses = Table(
+    "scanqueue_pauses",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("paused_at", UTCDateTime, nullable=False, server_default=utcnow_default()),
 )
 
 # Leadership without Redis: one lease row per election name.

@@ -28,7 +28,7 @@ def test_upgrade_matches_the_metadata(db_url: str) -> None:
     for table in metadata.sorted_tables:
         assert {c["name"] for c in insp.get_columns(table.name)} == set(table.c.keys()), table.name
     indexes = {i["name"] for i in insp.get_indexes("scans")}
-    assert {"scans_undispatched_idx", "scans_running_heartbeat_idx"} <= indexes
+    assert {"scans_claim_order_idx", "scans_running_heartbeat_idx"} <= indexes
 
 
 def test_upgrade_adopts_an_existing_scans_table(db_url: str) -> None:

@@ -19,7 +19,7 @@ from alembic import op
 
 
 def create_index_online(
-    name: str, table: str, columns: Sequence[str], where: str | None = None
+    name: str, table: str, columns: Sequence[str | sa.TextClause], where: str | None = None
 ) -> None:
     """Create index ``name`` if missing, concurrently on PostgreSQL."""
     bind = op.get_bind()
