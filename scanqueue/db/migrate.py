@@ -24,7 +24,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from scanqueue.db.store import Store, make_engine
+from scanqueue.db.engine import make_engine
+from scanqueue.db.store import Store
 
 log = logging.getLogger(__name__)
 

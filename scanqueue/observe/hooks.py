@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from scanqueue.db.store import ReapedScan
+from scanqueue.db.rows import ReapedScan
 
 
 @dataclass

@@ -43,7 +43,7 @@ from scanqueue.config import lineage_configured as config_lineage_configured
 from scanqueue.db.schema import STATUS_CANCELED, STATUS_COMPLETED
 
 if TYPE_CHECKING:
-    from scanqueue.db.store import ScanRow
+    from scanqueue.db.rows import ScanRow
     from scanqueue.observe.observer import RunInfo
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from scanqueue.db.store import ScanRow, StartedRun
+    from scanqueue.db.rows import ScanRow, StartedRun
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class RunInfo:
 
 
 def _strings(raw: Any) -> list[str]:
-    from scanqueue.db.store import decode_json
+    from scanqueue.db.rows import decode_json
 
     value = decode_json(raw)
     if isinstance(value, list):

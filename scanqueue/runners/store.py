@@ -20,8 +20,9 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy import exc as sa_exc
 
+from scanqueue.db.rows import iso
 from scanqueue.db.schema import STATUS_RUNNING, checks_state, db_now, findings, providers, scans
-from scanqueue.db.store import Store, iso
+from scanqueue.db.store import Store
 from scanqueue.errors import ConflictError, NotFoundError, ScanqueueError
 from scanqueue.runners.providers.base import Finding
 

@@ -25,7 +25,8 @@ from typing import Any
 
 from celery import bootsteps
 
-from scanqueue.db.store import retry_with_backoff, store_for
+from scanqueue.db.engine import retry_with_backoff
+from scanqueue.db.store import store_for
 from scanqueue.errors import ScanqueueError, UnavailableError
 
 log = logging.getLogger(__name__)

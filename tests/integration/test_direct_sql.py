@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy import text
 
 from scanqueue.config import normalize_database_url
-from scanqueue.db.store import Store, make_engine, store_for
+from scanqueue.db.engine import make_engine
+from scanqueue.db.store import Store, store_for
 from scanqueue.errors import UnavailableError
 from tests.conftest import upgrade
 

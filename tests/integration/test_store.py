@@ -9,7 +9,10 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.pool import NullPool
 
+from scanqueue.config import normalize_database_url
+from scanqueue.db.engine import make_engine
 from scanqueue.db.store import Store
 from scanqueue.errors import ConflictError, NotFoundError
 
@@ -214,3 +217,17 @@ def test_lease_row_has_one_holder(store: Store) -> None:
     assert store.try_lease("t", "b", 30) is False
     store.release_lease("t", "a")
     assert store.try_lease("t", "b", 30) is True
+
+
+def test_an_unpooled_engine_connects_on_every_dialect(db_url: str) -> None:
+    """``make_engine(pool=False)`` (one connection per checkout, e.g. for migrations)
+    works on PostgreSQL too, where a pool size must not be passed with NullPool."""
+    url = normalize_database_url(db_url)
+    for autocommit in (False, True):
+        engine = make_engine(url, pool=False, autocommit=autocommit)
+        try:
+            assert isinstance(engine.pool, NullPool)
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT 1")).scalar_one() == 1
+        finally:
+            engine.dispose()

@@ -1,0 +1,133 @@
+"""The shapes rows take once they leave the database: frozen records and their helpers.
+
+Owns :data:`PUBLIC_COLUMNS` (what users may see of a scan: never the token),
+:class:`ScanRow`, :class:`StartedRun`, :class:`ReapedScan`, and the small
+conversions every reader of ``scans`` needs (:func:`iso`, :func:`decode_json`,
+:func:`new_scan_id`).  No statements run here.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row
+
+from scanqueue.db.schema import scans
+
+# The columns other programs and users may see: never the token.
+PUBLIC_COLUMNS = (
+    scans.c.id,
+    scans.c.status,
+    scans.c.providers_scanned,
+    scans.c.frameworks_scanned,
+    scans.c.triggered_by_user,
+    scans.c.created_at,
+    scans.c.started_at,
+    scans.c.finished_at,
+    scans.c.error,
+    scans.c.findings_count,
+    scans.c.attempts,
+)
+
+
+@dataclass(frozen=True)
+class ScanRow:
+    """A scan as users see it (CONTRACT §4): the contract columns, never the token."""
+
+    id: str
+    status: str
+    providers_scanned: Any
+    frameworks_scanned: Any
+    triggered_by_user: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    findings_count: int
+    attempts: int
+
+    @classmethod
+    def from_row(cls, row: Row[Any] | Any) -> ScanRow:
+        return cls.from_mapping(row._mapping)
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[Any, Any]) -> ScanRow:
+        return cls(
+            id=m["id"],
+            status=m["status"],
+            providers_scanned=decode_json(m["providers_scanned"]),
+            frameworks_scanned=decode_json(m["frameworks_scanned"]),
+            triggered_by_user=m["triggered_by_user"],
+            created_at=m["created_at"],
+            started_at=m["started_at"],
+            finished_at=m["finished_at"],
+            error=m["error"],
+            findings_count=m["findings_count"] or 0,
+            attempts=m["attempts"] or 0,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "providers_scanned": self.providers_scanned,
+            "frameworks_scanned": self.frameworks_scanned,
+            "triggered_by_user": self.triggered_by_user,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "error": self.error,
+            "findings_count": self.findings_count,
+            "attempts": self.attempts,
+        }
+
+
+@dataclass(frozen=True)
+class StartedRun:
+    """What a worker gets when its compare-and-set ``queued → running`` wins."""
+
+    scan_id: str
+    attempt: int
+    providers_raw: Any
+    frameworks_raw: Any
+    triggered_by_user: str | None
+    triggered_by_token: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+
+    def __repr__(self) -> str:  # the token must never reach a log line
+        return f"StartedRun(scan_id={self.scan_id!r}, attempt={self.attempt})"
+
+
+@dataclass(frozen=True)
+class ReapedScan:
+    scan_id: str
+    attempt: int
+    requeued: bool
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="microseconds")
+
+
+def decode_json(value: Any) -> Any:
+    """A stored JSON column as Python: SQLite hands back text, PostgreSQL parsed jsonb.
+
+    Text that is not JSON is returned as it is, so a listing never fails on one
+    malformed row (running that scan reports it instead).
+    """
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def new_scan_id() -> str:
+    return uuid.uuid4().hex

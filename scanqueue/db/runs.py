@@ -1,0 +1,259 @@
+"""The worker's and the reaper's statements: one run of a scan, start to finish.
+
+Owns the per-scan hot statements (built once; on PostgreSQL run through
+:mod:`scanqueue.db.direct_sql`), the compare-and-set transitions of a run —
+start, heartbeat, finish, hand-back — and the reaper that re-queues or fails
+runs whose heartbeat stopped.  The state machine they implement is drawn in
+:mod:`scanqueue.db.store`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Integer, Text, and_, bindparam, case, func, or_, select, update
+
+from scanqueue.db.direct_sql import DirectStatement
+from scanqueue.db.engine import StoreBase
+from scanqueue.db.rows import PUBLIC_COLUMNS, ReapedScan, ScanRow, StartedRun
+from scanqueue.db.schema import (
+    FINISHED_STATUSES,
+    STATUS_FAILED,
+    STATUS_QUEUED,
+    STATUS_RUNNING,
+    db_now_minus,
+    scans,
+)
+
+MAX_ERROR_CHARS = 4000
+
+
+class RunsMixin(StoreBase):
+    """A run's transitions and the reaper."""
+
+    def _build_run_statements(self) -> None:
+        """The per-scan statements, built once (building them is most of their CPU cost)."""
+        now = self._now
+        self._start_stmt = (
+            update(scans)
+            .where(scans.c.id == bindparam("scan_id"), scans.c.status == STATUS_QUEUED)
+            .values(
+                status=STATUS_RUNNING,
+                attempts=scans.c.attempts + 1,
+                started_at=now,
+                heartbeat_at=now,
+                finished_at=None,
+                error=None,
+                # A scan's findings are its last run's: a re-run starts from none.
+                findings_count=0,
+                worker_id=bindparam("worker_id"),
+            )
+            .returning(
+                scans.c.id,
+                scans.c.attempts,
+                scans.c.providers_scanned,
+                scans.c.frameworks_scanned,
+                scans.c.triggered_by_user,
+                scans.c.triggered_by_token,
+                scans.c.created_at,
+                scans.c.started_at,
+            )
+        )
+        # A run is (scan, attempt, worker): a graceful hand-back gives its attempt
+        # back (no crash budget spent), so the next run may reuse the number, and
+        # only the worker id still tells a straggler of the old run from the new one.
+        # A NULL worker id matches any (callers outside a worker, the tests).
+        run_worker = bindparam("run_worker", value=None, type_=Text, required=False)
+        this_run = (
+            scans.c.id == bindparam("scan_id"),
+            scans.c.status == STATUS_RUNNING,
+            scans.c.attempts == bindparam("attempt"),
+            or_(run_worker.is_(None), scans.c.worker_id == run_worker),
+        )
+        self._heartbeat_stmt = update(scans).where(*this_run).values(heartbeat_at=now)
+        self._hand_back_run_stmt = (
+            update(scans)
+            .where(*this_run)
+            .values(status=STATUS_QUEUED, dispatched_at=None, heartbeat_at=None, worker_id=None)
+        )
+        self._finish_stmt = (
+            update(scans)
+            .where(*this_run)
+            .values(
+                status=bindparam("new_status"),
+                finished_at=now,
+                error=bindparam("error"),
+                findings_count=func.coalesce(
+                    bindparam("findings_count", type_=Integer), scans.c.findings_count
+                ),
+            )
+            .returning(*PUBLIC_COLUMNS)
+        )
+        self._status_stmt = select(scans.c.status, scans.c.attempts).where(
+            scans.c.id == bindparam("scan_id")
+        )
+        # PostgreSQL: the per-scan statements skip SQLAlchemy's per-call work (see
+        # StoreBase: only on the store's own autocommit engine).
+        if self._direct is not None:
+            self._direct_start = DirectStatement(self._start_stmt, self._autocommit_engine)
+            self._direct_heartbeat = DirectStatement(self._heartbeat_stmt, self._autocommit_engine)
+            self._direct_finish = DirectStatement(self._finish_stmt, self._autocommit_engine)
+            # A run's other statements too, so that each has the client-side deadline
+            # (a hand-back to a stalled database must not hold a pool process for ever).
+            self._direct_status = DirectStatement(self._status_stmt, self._autocommit_engine)
+            self._direct_hand_back_run = DirectStatement(
+                self._hand_back_run_stmt, self._autocommit_engine
+            )
+
+    # -- the worker -------------------------------------------------------------------
+
+    def start_run(self, scan_id: str, worker_id: str) -> StartedRun | None:
+        """CAS ``queued → running``; None when the scan is not queued (a duplicate)."""
+        values = {"scan_id": scan_id, "worker_id": worker_id}
+        row: Any
+        if self._direct is not None:
+            row, _ = self._run_direct(self._direct_start, values)
+        else:
+            with self._tx(single=True) as conn:
+                found = conn.execute(self._start_stmt, values).first()
+            row = None if found is None else found._mapping
+        if row is None:
+            return None
+        return StartedRun(
+            scan_id=row["id"],
+            attempt=row["attempts"],
+            providers_raw=row["providers_scanned"],
+            frameworks_raw=row["frameworks_scanned"],
+            triggered_by_user=row["triggered_by_user"],
+            triggered_by_token=row["triggered_by_token"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+        )
+
+    def heartbeat(self, scan_id: str, attempt: int, *, worker_id: str | None = None) -> bool:
+        """Renew the lease of run ``attempt``; False once it is no longer ours."""
+        values = {"scan_id": scan_id, "attempt": attempt, "run_worker": worker_id}
+        if self._direct is not None:
+            _, rowcount = self._run_direct(self._direct_heartbeat, values)
+            return rowcount == 1
+        with self._tx(single=True) as conn:
+            result = conn.execute(self._heartbeat_stmt, values)
+        return result.rowcount == 1
+
+    def status_of(self, scan_id: str) -> tuple[str, int] | None:
+        if self._direct is not None:
+            found, _ = self._run_direct(self._direct_status, {"scan_id": scan_id})
+            return None if found is None else (found["status"], found["attempts"])
+        with self._tx(single=True) as conn:
+            row = conn.execute(self._status_stmt, {"scan_id": scan_id}).first()
+        return None if row is None else (row.status, row.attempts)
+
+    def finish_run(
+        self,
+        scan_id: str,
+        attempt: int,
+        status: str,
+        *,
+        error: str | None = None,
+        findings_count: int | None = None,
+        worker_id: str | None = None,
+    ) -> ScanRow | None:
+        """CAS ``running(attempt) → status``; None if the run no longer owns the scan."""
+        assert status in FINISHED_STATUSES, status
+        params = {
+            "scan_id": scan_id,
+            "attempt": attempt,
+            "run_worker": worker_id,
+            "new_status": status,
+            "error": None if error is None else error[:MAX_ERROR_CHARS],
+            "findings_count": findings_count,
+        }
+        if self._direct is not None:
+            found, _ = self._run_direct(self._direct_finish, params)
+            return None if found is None else ScanRow.from_mapping(found)
+        with self._tx(single=True) as conn:
+            row = conn.execute(self._finish_stmt, params).first()
+        return None if row is None else ScanRow.from_row(row)
+
+    def hand_back_run(self, scan_id: str, attempt: int, worker_id: str | None = None) -> bool:
+        """CAS ``running(attempt) → queued`` for a run told to stop while its lease was
+        in doubt: its outcome is void and the scan runs again (the attempt stays spent,
+        like a lost worker's).  False when the run no longer owns the scan."""
+        values = {"scan_id": scan_id, "attempt": attempt, "run_worker": worker_id}
+        if self._direct is not None:
+            _, rowcount = self._run_direct(self._direct_hand_back_run, values)
+            return rowcount == 1
+        with self._tx(single=True) as conn:
+            result = conn.execute(self._hand_back_run_stmt, values)
+        return result.rowcount == 1
+
+    def hand_back(self, owner: str) -> list[str]:
+        """Re-queue the running scans of ``owner``'s pool processes (a worker shutting down).
+
+        A graceful hand-back spends no crash budget: the attempt is given back, and
+        the worker id is cleared so that a straggler of the interrupted run can no
+        longer renew or finish (see ``this_run``).
+        """
+        prefix = owner + "/"
+        with self._tx(single=True) as conn:
+            rows = conn.execute(
+                update(scans)
+                .where(
+                    scans.c.status == STATUS_RUNNING,
+                    func.substr(scans.c.worker_id, 1, len(prefix)) == prefix,
+                )
+                .values(
+                    status=STATUS_QUEUED,
+                    dispatched_at=None,
+                    heartbeat_at=None,
+                    worker_id=None,
+                    attempts=case((scans.c.attempts > 0, scans.c.attempts - 1), else_=0),
+                )
+                .returning(scans.c.id)
+            ).all()
+        return [r.id for r in rows]
+
+    # -- the reaper ------------------------------------------------------------------
+
+    def reap_orphans(self, lease_s: float, max_attempts: int) -> list[ReapedScan]:
+        """Running scans whose heartbeat is older than the lease: re-queue or fail them."""
+        stale = and_(
+            scans.c.status == STATUS_RUNNING,
+            or_(
+                scans.c.heartbeat_at < db_now_minus(self.dialect, lease_s),
+                and_(
+                    scans.c.heartbeat_at.is_(None),
+                    func.coalesce(scans.c.started_at, scans.c.created_at)
+                    < db_now_minus(self.dialect, lease_s),
+                ),
+            ),
+        )
+        reaped: list[ReapedScan] = []
+        with self._tx() as conn:
+            for row in conn.execute(
+                update(scans)
+                .where(stale, scans.c.attempts < max_attempts)
+                .values(
+                    status=STATUS_QUEUED,
+                    dispatched_at=None,
+                    heartbeat_at=None,
+                    worker_id=None,
+                )
+                .returning(scans.c.id, scans.c.attempts)
+            ).all():
+                reaped.append(ReapedScan(row.id, row.attempts, requeued=True))
+            for row in conn.execute(
+                update(scans)
+                .where(stale, scans.c.attempts >= max_attempts)
+                .values(
+                    status=STATUS_FAILED,
+                    finished_at=self._now,
+                    error=(
+                        f"worker lost: no heartbeat for {lease_s:g}s on the last of"
+                        f" {max_attempts} attempts"
+                    ),
+                )
+                .returning(scans.c.id, scans.c.attempts)
+            ).all():
+                reaped.append(ReapedScan(row.id, row.attempts, requeued=False))
+        return reaped
