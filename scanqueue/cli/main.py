@@ -331,7 +331,7 @@ def _start_metrics_server(settings: Settings) -> None:
 
 def _register_commands() -> None:
     """Commands that live beside what they drive: serve (web) and the real runner's."""
-    from scanqueue.api.app import serve_command
+    from scanqueue.api.serve import serve_command
     from scanqueue.cli.queue import queue_command
     from scanqueue.cli.runners import register
 

@@ -1,0 +1,84 @@
+"""The scan routes under ``/api/v1/scans``: create, get, list (newest first), cancel.
+
+A new scan's body is read by :func:`scanqueue.api.guards.read_json_body` and
+validated by :mod:`scanqueue.db.scan_request` (422 with details).  Database
+calls run in the thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from scanqueue.api.guards import RequestInvalid, error_response, read_json_body
+from scanqueue.api.state import state_of
+from scanqueue.db.scan_request import InvalidScanRequest, validate_scan_request
+from scanqueue.db.schema import STATUSES
+from scanqueue.observe.event_sender import emit_standalone
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 1000
+
+
+async def create_scan(request: Request) -> Response:
+    state = state_of(request)
+    try:
+        body = await read_json_body(request)
+        scan = validate_scan_request(body)
+    except RequestInvalid as exc:
+        return error_response(exc.status, exc.message)
+    except InvalidScanRequest as exc:
+        return error_response(422, "invalid scan request", details=exc.details)
+    row = await run_in_threadpool(state.store.enqueue, scan.providers, scan.frameworks, scan.user)
+    return JSONResponse(
+        row.to_json(), status_code=201, headers={"Location": f"/api/v1/scans/{row.id}"}
+    )
+
+
+async def get_scan(request: Request) -> Response:
+    row = await run_in_threadpool(state_of(request).store.get, request.path_params["scan_id"])
+    return JSONResponse(row.to_json())
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise RequestInvalid(422, f"{name} must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise RequestInvalid(422, f"{name} must be from {low} to {high}, got {value}")
+    return value
+
+
+async def list_scans(request: Request) -> Response:
+    status = request.query_params.get("status") or None
+    try:
+        if status is not None and status not in STATUSES:
+            raise RequestInvalid(422, f"status must be one of {', '.join(STATUSES)}")
+        limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        offset = _int_param(request, "offset", 0, 0, 10**9)
+    except RequestInvalid as exc:
+        return error_response(exc.status, exc.message)
+    rows = await run_in_threadpool(state_of(request).store.list_scans, status, limit, offset)
+    rows.reverse()  # the store returns a page oldest first; the API pages newest first
+    return JSONResponse(
+        {
+            "scans": [r.to_json() for r in rows],
+            "limit": limit,
+            "offset": offset,
+            "next_offset": offset + limit if len(rows) == limit else None,
+        }
+    )
+
+
+async def cancel_scan(request: Request) -> Response:
+    state = state_of(request)
+    row = await run_in_threadpool(state.store.cancel, request.path_params["scan_id"])
+    await run_in_threadpool(
+        emit_standalone, state.settings, "scan.canceled", row.id, {"reason": row.error}
+    )
+    return JSONResponse(row.to_json())
