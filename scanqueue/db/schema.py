@@ -153,6 +153,9 @@ scans = Table(
     # the moment of the scan.queued event).
     Column("effective_key", Text, nullable=True),
     Column("seen_at", UTCDateTime, nullable=True),
+    # Findings over time (CONTRACT §9): NULL until the scan's diff is computed.
+    Column("findings_new", Integer, nullable=True),
+    Column("findings_fixed", Integer, nullable=True),
 )
 
 # The bridge's hot path: queued rows not yet handed to the broker, in the claim's
@@ -177,6 +180,14 @@ Index(
 )
 # Dedup and the key's history (baselines, retention): scans of one key.
 Index("scans_key_created_idx", scans.c.effective_key, scans.c.created_at)
+# The baseline: the key's latest completed scan that finished before a time.
+Index(
+    "scans_key_completed_idx",
+    scans.c.effective_key,
+    scans.c.finished_at,
+    postgresql_where=scans.c.status == STATUS_COMPLETED,
+    sqlite_where=scans.c.status == STATUS_COMPLETED,
+)
 # In flight (the dispatch window's count) and re-sending what the broker lost:
 # only dispatched, unstarted rows — at most the window — never the backlog.
 Index(
@@ -288,8 +299,15 @@ findings = Table(
     Column("message", Text, nullable=True),
     Column("location", Text, nullable=True),
     Column("created_at", UTCDateTime, nullable=True, server_default=utcnow_default()),
+    # Findings over time (CONTRACT §9): identity across scans of one key, and the
+    # state against the baseline (new, reopened, unchanged, fixed) once computed.
+    Column("fingerprint", Text, nullable=True),
+    Column("state", Text, nullable=True),
 )
 Index("findings_scan_idx", findings.c.scan_id, findings.c.id)
+# A scan's findings matched against its baseline's; a fingerprint's history.
+Index("findings_scan_fingerprint_idx", findings.c.scan_id, findings.c.fingerprint)
+Index("findings_fingerprint_idx", findings.c.fingerprint, findings.c.scan_id)
 Index("findings_check_created_idx", findings.c.check_id, findings.c.created_at)
 
 
