@@ -24,6 +24,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    false,
     literal_column,
     text,
     true,
@@ -156,6 +157,9 @@ scans = Table(
     # Findings over time (CONTRACT §9): NULL until the scan's diff is computed.
     Column("findings_new", Integer, nullable=True),
     Column("findings_fixed", Integer, nullable=True),
+    # Schedules (CONTRACT §8): the schedule that fired the scan and its fire time.
+    Column("schedule_name", Text, nullable=True),
+    Column("scheduled_for", UTCDateTime, nullable=True),
 )
 
 # The bridge's hot path: queued rows not yet handed to the broker, in the claim's
@@ -207,6 +211,37 @@ Index("scans_status_created_idx", scans.c.status, scans.c.created_at)
 # The unfiltered newest-first list (``scanqueue list``, the console's poll): read
 # backwards, so a page costs the same at 10**3 and 10**6 finished rows.
 Index("scans_created_id_idx", scans.c.created_at, scans.c.id)
+# One scan per (schedule, fire time), whoever fires it (two leaders, a failover).
+Index(
+    "scans_schedule_fire_idx",
+    scans.c.schedule_name,
+    scans.c.scheduled_for,
+    unique=True,
+    postgresql_where=scans.c.schedule_name.is_not(None),
+    sqlite_where=scans.c.schedule_name.is_not(None),
+)
+
+# Recurring scans (CONTRACT §8), fired by the leader bridge: ``cron`` (five fields,
+# in ``tz``) or ``every_seconds`` (multiples of it since the Unix epoch).
+scan_schedules = Table(
+    "scan_schedules",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("cron", Text, nullable=True),
+    Column("every_seconds", Integer, nullable=True),
+    Column("tz", Text, nullable=False, server_default=text("'UTC'")),
+    Column("providers", JSONList, nullable=True),
+    Column("frameworks", JSONList, nullable=True),
+    Column("priority", Integer, nullable=False, server_default=text("0")),
+    Column("scan_key", Text, nullable=True),
+    Column("on_missed", Text, nullable=False, server_default=text("'once'")),
+    Column("on_overlap", Text, nullable=False, server_default=text("'skip'")),
+    Column("paused", Boolean, nullable=False, server_default=false()),
+    Column("next_run_at", UTCDateTime, nullable=True),
+    Column("last_fired_at", UTCDateTime, nullable=True),
+    Column("last_scan_id", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False, server_default=utcnow_default()),
+)
 
 # Live workers and their slots (CONTRACT §7): the default dispatch window is twice
 # the slots of the workers whose heartbeat is fresh; ``scanqueue queue`` shows them.

@@ -10,7 +10,8 @@ each a mixin in a module of its own:
 * :mod:`scanqueue.db.scans` — producers and users: enqueue, get, list, cancel, counts;
 * :mod:`scanqueue.db.claims` — the bridge: claims under the window, re-send, workers;
 * :mod:`scanqueue.db.runs` — the worker and the reaper: start, heartbeat, finish;
-* :mod:`scanqueue.db.leases` — leadership without Redis.
+* :mod:`scanqueue.db.leases` — leadership without Redis;
+* :mod:`scanqueue.db.schedules` — ``scan_schedules`` and the scans they fire.
 
 Each state change is one compare-and-set statement keyed on
 ``(id, status[, attempts])``, so a duplicate message, a zombie run, the reaper
@@ -35,6 +36,7 @@ from scanqueue.db.leases import LeasesMixin
 from scanqueue.db.rows import ReapedScan, ScanRow, StartedRun, decode_json, iso
 from scanqueue.db.runs import RunsMixin
 from scanqueue.db.scans import ScansMixin
+from scanqueue.db.schedules import SchedulesMixin
 
 # Names that lived here before the store was split: still importable from here
 # (code being written elsewhere uses them), but new code imports from their home.
@@ -52,7 +54,7 @@ __all__ = [
 ]
 
 
-class Store(ScansMixin, ClaimsMixin, RunsMixin, LeasesMixin):
+class Store(ScansMixin, ClaimsMixin, RunsMixin, LeasesMixin, SchedulesMixin):
     """All statements against ``scans``; one instance per process and database."""
 
     def __init__(self, database_url: str, engine: Engine | None = None) -> None:

@@ -11,9 +11,10 @@ a ``run_once`` plus a thin loop that only waits, stops and logs:
   bridges claim, and when one dies the others go on claiming at once — no
   lock TTL to wait out.
 * maintenance — every second: renew or contest leadership; refresh the live
-  workers' slots (the window's default); as leader only, reap orphaned runs
-  and re-send scans whose messages the broker lost; on every replica, refresh
-  the queue-depth gauge.
+  workers' slots (the window's default); as leader only, reap orphaned runs,
+  re-send scans whose messages the broker lost and fire due schedules
+  (:mod:`scanqueue.dispatch.schedules`); on every replica, refresh the
+  queue-depth gauge.
 
 Per scan::
 
@@ -62,6 +63,7 @@ from collections.abc import Callable, Sequence
 from scanqueue.config import DEFAULT_REDISPATCH_AFTER_S
 from scanqueue.db.store import Store
 from scanqueue.dispatch.leader import Leadership
+from scanqueue.dispatch.schedules import fire_due_once
 from scanqueue.dispatch.watch import Watcher
 from scanqueue.errors import ScanqueueError
 from scanqueue.observe.hooks import BridgeHooks
@@ -243,6 +245,8 @@ class BridgeService:
         if leader and now - self._last_redispatch_check >= check_every:
             self._last_redispatch_check = now
             self.redispatch_step()
+        if leader:
+            fire_due_once(self.store, emit=self.hooks.schedule_event)
         if self.hooks.queue_depth:
             # One count per interval, shared with the autoscaler and /metrics.
             self.hooks.queue_depth(self.store.queue_depth(max_age_s=MAINTENANCE_EVERY_S))

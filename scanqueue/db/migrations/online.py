@@ -19,13 +19,20 @@ from alembic import op
 
 
 def create_index_online(
-    name: str, table: str, columns: Sequence[str | sa.TextClause], where: str | None = None
+    name: str,
+    table: str,
+    columns: Sequence[str | sa.TextClause],
+    where: str | None = None,
+    *,
+    unique: bool = False,
 ) -> None:
-    """Create index ``name`` if missing, concurrently on PostgreSQL."""
+    """Create index ``name`` (``unique``: a UNIQUE one) if missing, concurrently on PostgreSQL."""
     bind = op.get_bind()
     predicate = sa.text(where) if where is not None else None
     if bind.dialect.name != "postgresql":
-        op.create_index(name, table, list(columns), sqlite_where=predicate, if_not_exists=True)
+        op.create_index(
+            name, table, list(columns), unique=unique, sqlite_where=predicate, if_not_exists=True
+        )
         return
     with op.get_context().autocommit_block():
         valid = (
@@ -45,6 +52,7 @@ def create_index_online(
             name,
             table,
             list(columns),
+            unique=unique,
             postgresql_where=predicate,
             postgresql_concurrently=True,
             if_not_exists=True,
