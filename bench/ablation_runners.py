@@ -21,7 +21,8 @@ ABLATED = {p.strip() for p in os.environ.get("BENCH_ABLATE", "").split(",") if p
 
 
 def _observer(settings: Settings) -> ScanObserver:
-    from scanqueue.observe.events import EventObserver, event_sink_for
+    from scanqueue.observe.event_sender import EventObserver
+    from scanqueue.observe.event_sinks import event_sink_for
     from scanqueue.observe.metrics import MetricsObserver
 
     observers: list[ScanObserver] = []

@@ -95,11 +95,12 @@ def run_all(url: str, n: int) -> dict[str, Any]:
     from bench.harness import psycopg_dsn
     from scanqueue.db.store import Store, make_engine
     from scanqueue.dispatch.service import make_publisher
-    from scanqueue.observe.events import flush_pending_events
+    from scanqueue.observe.event_sender import flush_pending_events
     from scanqueue.observe.observer import NULL_OBSERVER, RunInfo
     from scanqueue.runners.api import ScanContext, load_runner
     from scanqueue.worker.app import app, settings
-    from scanqueue.worker.execute import ExecutionSettings, LeaseKeeper, execute_scan
+    from scanqueue.worker.execute import ExecutionSettings, execute_scan
+    from scanqueue.worker.lease import LeaseKeeper
     from scanqueue.worker.runtime import build_observer
 
     db = Db(url)

@@ -270,7 +270,7 @@ def cancel(scan_id: str, as_json: bool) -> None:
 
 
 def _emit_canceled(settings: Settings, row: ScanRow) -> None:
-    from scanqueue.observe.events import emit_standalone
+    from scanqueue.observe.event_sender import emit_standalone
 
     emit_standalone(settings, "scan.canceled", row.id, {"reason": row.error})
 

@@ -68,7 +68,7 @@ def _lost_run_events(settings: Settings) -> Any:
     With OpenLineage configured, also each run's terminal lineage event (the dead
     worker sent its ``START`` and nothing after).
     """
-    from scanqueue.observe.events import emit_standalone
+    from scanqueue.observe.event_sender import emit_standalone
 
     lineage: LineageObserver | None = None
     if settings.lineage_enabled:

@@ -147,11 +147,11 @@ _register_steps()
 
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]
 def _in_pool_process(**_: Any) -> None:
-    from scanqueue.worker import execute
+    from scanqueue.worker import lease
 
     make_non_dumpable()  # inherited through fork already; again in case a pool spawned
     # A pool process may end itself to terminate a run that ignores its stop signal.
-    execute.terminate_process_when_overdue = True
+    lease.terminate_process_when_overdue = True
     # Build the runner, observers and database connection now rather than on the
     # first scan, whose pickup latency would otherwise carry them (~0.4 s).
     from scanqueue.worker.runtime import worker_runtime
@@ -189,7 +189,7 @@ def _pool_process_down(pid: int | None = None, **_: Any) -> None:
     # Sent in the pool process just before it leaves with os._exit, which skips
     # atexit: the last scans' queued events are written now or never.
     try:
-        from scanqueue.observe.events import flush_pending_events
+        from scanqueue.observe.event_sender import flush_pending_events
 
         if not flush_pending_events():
             log.warning("pool process %s exits with scan events not yet written", pid)
@@ -203,7 +203,8 @@ def _pool_process_down(pid: int | None = None, **_: Any) -> None:
         except Exception as exc:
             log.warning("could not send pending lineage events: %s", exc)
     if pid is not None:
-        from scanqueue.observe.metrics import mark_process_dead  # a no-op outside multiprocess mode
+        # A no-op outside multiprocess mode.
+        from scanqueue.observe.metrics_multiprocess import mark_process_dead
 
         mark_process_dead(pid)
 

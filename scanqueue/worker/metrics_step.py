@@ -4,8 +4,8 @@ Lives in the worker blueprint (so it runs once per worker, whether or not the
 embedded bridge does, and survives broker reconnects).  Its constructor runs
 before the Pool step forks any process, which is the one moment to put the
 worker into prometheus_client's multiprocess mode
-(:func:`scanqueue.observe.metrics.prepare_multiprocess_dir`); so this module must not
-import prometheus_client at import time.  Once the pool runs it serves the
+(:func:`scanqueue.observe.metrics_multiprocess.prepare_multiprocess_dir`); so this
+module must not import prometheus_client at import time.  Once the pool runs it serves the
 aggregate of every process on ``SCANQUEUE_METRICS_PORT`` and reports the pool's
 size every second.  Off (no directory, no server) when the port is 0.
 """
@@ -40,7 +40,7 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if self.enabled:
-            from scanqueue.observe.metrics import prepare_multiprocess_dir
+            from scanqueue.observe.metrics_multiprocess import prepare_multiprocess_dir
 
             self.directory = prepare_multiprocess_dir()
 
@@ -71,7 +71,8 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def report_once(worker: Any) -> None:
         from celery.worker import state
 
-        from scanqueue.observe.metrics import maybe_compact_multiprocess_dir, report_pool
+        from scanqueue.observe.metrics import report_pool
+        from scanqueue.observe.metrics_multiprocess import maybe_compact_multiprocess_dir
 
         pool = getattr(worker, "pool", None)
         processes = int(getattr(pool, "num_processes", 0) or 0) if pool is not None else 0

@@ -59,7 +59,8 @@ def worker_runtime(settings: Settings) -> WorkerRuntime:
 
 def build_observer(settings: Settings) -> ScanObserver:
     """Events, metrics and, when configured, lineage observers for this process."""
-    from scanqueue.observe.events import EventObserver, event_sink_for
+    from scanqueue.observe.event_sender import EventObserver
+    from scanqueue.observe.event_sinks import event_sink_for
     from scanqueue.observe.metrics import MetricsObserver
 
     observers: list[ScanObserver] = [EventObserver(event_sink_for(settings)), MetricsObserver()]
@@ -80,7 +81,7 @@ def wait_for_services(settings: Settings, app: Any) -> None:
     an outage (the leader lock and the publisher reconnect for as long as it takes).
     """
     from scanqueue.config import mask_url
-    from scanqueue.db.store import retry_with_backoff
+    from scanqueue.db.engine import retry_with_backoff
 
     timeout_s = settings.connect_timeout_s
     deadline = time.monotonic() + timeout_s  # one budget for all of them

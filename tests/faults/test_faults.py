@@ -452,7 +452,7 @@ def test_max_attempts_fails_a_scan_whose_worker_keeps_dying(
     row = scan_rows(pg_url)["doomed"]
     assert row["status"] == "failed" and "worker lost" in row["error"] and row["attempts"] == 2
     from scanqueue.config import Settings
-    from scanqueue.observe.events import build_event_sink
+    from scanqueue.observe.event_sinks import build_event_sink
 
     events = build_event_sink(Settings.from_env(env)).read_after(None, 1000)
     lost = [

@@ -25,12 +25,8 @@ from scanqueue.db.store import Store
 from scanqueue.errors import ConfigError
 from scanqueue.observe.observer import RunInfo
 from scanqueue.runners.api import RunnerFunc
-from scanqueue.worker.execute import (
-    ExecutionSettings,
-    LeaseKeeper,
-    Outcome,
-    execute_scan,
-)
+from scanqueue.worker.execute import ExecutionSettings, Outcome, execute_scan
+from scanqueue.worker.lease import LeaseKeeper
 from tests.conftest import (
     Proc,
     all_finished,
@@ -315,7 +311,7 @@ def test_a_canceled_run_stays_canceled_and_is_counted_as_canceled(proxied_store:
 def test_the_lease_keeper_is_stopped_when_the_runner_raises_a_base_exception(
     proxied_store: Store,
 ) -> None:
-    from scanqueue.worker.execute import lease_thread
+    from scanqueue.worker.lease import lease_thread
 
     insert_raw(proxied_store, "exit")
 

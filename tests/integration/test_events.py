@@ -17,20 +17,21 @@ import pytest
 from scanqueue.config import Settings, normalize_database_url
 from scanqueue.db.redisconn import redis_client
 from scanqueue.db.store import ScanRow, store_for
-from scanqueue.observe import events as events_mod
-from scanqueue.observe.events import (
+from scanqueue.observe import event_sender
+from scanqueue.observe.event_sender import (
     BackgroundEmitter,
     EventObserver,
-    EventSink,
-    RedisEventSink,
-    TableEventSink,
     background_emitter_for,
-    build_event_sink,
     emit_standalone,
-    event_fields,
-    event_sink_for,
     flush_pending_events,
 )
+from scanqueue.observe.event_sinks import (
+    RedisEventSink,
+    TableEventSink,
+    build_event_sink,
+    event_sink_for,
+)
+from scanqueue.observe.events import EventSink, event_fields
 from scanqueue.observe.observer import RunInfo, SafeObservers
 from scanqueue.runners.api import RunnerFunc
 from scanqueue.worker.execute import ExecutionSettings, Outcome, execute_scan
@@ -295,7 +296,7 @@ def _dead_redis_sink(tmp_path: Path) -> EventSink:
 def test_a_broken_sink_never_fails_a_scan(store: Any, tmp_path: Path) -> None:
     observer = SafeObservers([EventObserver(_dead_redis_sink(tmp_path))])
     row = store.enqueue(["aws", "gcp"], ["soc2"])
-    before = events_mod.emit_failures
+    before = event_sender.emit_failures
     started = time.monotonic()
     outcome = execute_scan(
         row.id,
@@ -310,7 +311,7 @@ def test_a_broken_sink_never_fails_a_scan(store: Any, tmp_path: Path) -> None:
     assert elapsed < 5
     assert flush_pending_events(10)
     # started, progress ×2, finding ×2, completed: every one dropped and counted.
-    assert events_mod.emit_failures - before == 6
+    assert event_sender.emit_failures - before == 6
 
 
 def test_emit_standalone_never_raises(tmp_path: Path) -> None:
@@ -479,28 +480,28 @@ def test_an_event_is_what_was_reported_even_if_the_runner_changes_it_later(
 def test_a_full_queue_drops_and_counts_instead_of_waiting(sink: EventSink) -> None:
     gated = _Gated(sink)
     emitter = BackgroundEmitter(gated, max_queued=5)  # type: ignore[arg-type]
-    before = events_mod.emit_failures
+    before = event_sender.emit_failures
     assert emitter.emit("scan.progress", "s", {"i": 0})
     assert gated.entered.wait(10)  # the sender holds event 0; the queue is empty
     assert [emitter.emit("scan.progress", "s", {"i": i}) for i in range(1, 9)] == [True] * 5 + [
         False
     ] * 3
-    assert events_mod.emit_failures - before == 3
+    assert event_sender.emit_failures - before == 3
     gated.opened.set()
     assert emitter.flush(10)
     assert [e.data["i"] for e in sink.read_after(None, 100)] == list(range(6))
-    assert events_mod.emit_failures - before == 3
+    assert event_sender.emit_failures - before == 3
 
 
 def test_a_dead_redis_costs_the_caller_nothing(tmp_path: Path) -> None:
     emitter = BackgroundEmitter(_dead_redis_sink(tmp_path))
-    before = events_mod.emit_failures
+    before = event_sender.emit_failures
     started = time.monotonic()
     for i in range(200):
         emitter.emit("scan.progress", "s", {"i": i})
     assert time.monotonic() - started < 0.5
     assert emitter.flush(10)
-    assert events_mod.emit_failures - before == 200
+    assert event_sender.emit_failures - before == 200
 
 
 @pytest.fixture
@@ -520,8 +521,8 @@ def test_a_hanging_redis_never_blocks_the_caller_and_costs_one_timeout(
 
     sink = build_event_sink(_settings(f"sqlite:///{tmp_path / 'x.db'}", hanging_redis_url))
     emitter = BackgroundEmitter(sink)
-    before = events_mod.emit_failures
-    with caplog.at_level(logging.WARNING, logger="scanqueue.observe.events"):
+    before = event_sender.emit_failures
+    with caplog.at_level(logging.WARNING, logger="scanqueue.observe.event_sender"):
         slowest = 0.0
         for i in range(50):
             started = time.monotonic()
@@ -532,13 +533,15 @@ def test_a_hanging_redis_never_blocks_the_caller_and_costs_one_timeout(
         assert emitter.flush(SOCKET_TIMEOUT_S * 3)
         # One socket timeout for the lot, not one per event (or per batch).
         assert time.monotonic() - started < SOCKET_TIMEOUT_S * 1.8
-        assert events_mod.emit_failures - before == 50
+        assert event_sender.emit_failures - before == 50
         # Backing off: dropped at once, not queued behind another timeout.
         started = time.monotonic()
         assert emitter.emit("scan.progress", "s", {"i": 50}) is False
         assert time.monotonic() - started < 0.05
-        assert events_mod.emit_failures - before == 51
-    warnings = [r.getMessage() for r in caplog.records if r.name == "scanqueue.observe.events"]
+        assert event_sender.emit_failures - before == 51
+    warnings = [
+        r.getMessage() for r in caplog.records if r.name == "scanqueue.observe.event_sender"
+    ]
     assert len(warnings) == 1, warnings
     assert sink.description in warnings[0] and "dropped" in warnings[0]
     assert "s3cret" not in caplog.text and "tok" not in caplog.text

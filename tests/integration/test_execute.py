@@ -15,13 +15,8 @@ from scanqueue import Job, ScanContext, ScanResult
 from scanqueue.db.store import Store
 from scanqueue.errors import ConfigError
 from scanqueue.runners.api import RunnerFunc, StubRunner, load_runner
-from scanqueue.worker.execute import (
-    ExecutionSettings,
-    LeaseKeeper,
-    Outcome,
-    execute_scan,
-    lease_thread,
-)
+from scanqueue.worker.execute import ExecutionSettings, Outcome, execute_scan
+from scanqueue.worker.lease import LeaseKeeper, lease_thread
 from tests.integration.test_store import insert_raw
 
 FAST = ExecutionSettings(heartbeat_every_s=0.1, lease_s=5, cancel_grace_s=0.5)

@@ -237,9 +237,9 @@ MULTIPROCESS_SCRIPT = textwrap.dedent(
     if os.environ.get("PLANT_STALE"):
         stale.write_bytes(b"garbage from a previous run")
 
-    from scanqueue.observe import metrics
+    from scanqueue.observe import metrics, metrics_multiprocess
 
-    path = metrics.prepare_multiprocess_dir()
+    path = metrics_multiprocess.prepare_multiprocess_dir()
     assert not stale.exists(), "stale files of a previous run must be removed"
     hooks = metrics.bridge_hooks()
     hooks.leader(True)
@@ -261,7 +261,7 @@ MULTIPROCESS_SCRIPT = textwrap.dedent(
             observer.finished(run, Row(), 1.5)
             # A child touching inherited gauges writes 0s of its own (livemax ignores them).
             hooks.leader(False)
-            metrics.mark_process_dead(os.getpid())
+            metrics_multiprocess.mark_process_dead(os.getpid())
             os._exit(0)
         children.append(pid)
     for pid in children:

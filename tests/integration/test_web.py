@@ -21,7 +21,8 @@ from starlette.testclient import TestClient
 from scanqueue.api.app import create_app
 from scanqueue.config import Settings, normalize_database_url
 from scanqueue.db.store import store_for
-from scanqueue.observe.events import EventSink, event_sink_for
+from scanqueue.observe.event_sinks import event_sink_for
+from scanqueue.observe.events import EventSink
 from tests.conftest import (
     BIN,
     Proc,

@@ -24,10 +24,10 @@ from pathlib import Path
 
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
 cycles = int(sys.argv[2])
-from scanqueue.observe import metrics
+from scanqueue.observe import metrics, metrics_multiprocess
 from scanqueue.observe.observer import RunInfo
 
-metrics.prepare_multiprocess_dir()
+metrics_multiprocess.prepare_multiprocess_dir()
 metrics.report_pool(2, 0)  # the main process's own live gauge
 directory = Path(sys.argv[1])
 
@@ -48,19 +48,19 @@ for cycle in range(cycles):
             observer.started(run)
             observer.canceled(run, 0.5) if cycle % 3 == 0 else observer.discarded(run, 2.0)
             metrics.report_pool(3, 1)
-            metrics.mark_process_dead(os.getpid())  # as worker_process_shutdown does
+            metrics_multiprocess.mark_process_dead(os.getpid())  # as worker_process_shutdown does
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
     if cycle == 49:
         before = usage()  # 50 cycles without compaction
-        metrics.compact_multiprocess_dir()
+        metrics_multiprocess.compact_multiprocess_dir()
     elif cycle > 49 and cycle % 25 == 0:
-        metrics.compact_multiprocess_dir()
+        metrics_multiprocess.compact_multiprocess_dir()
     if cycle > 49:
         files, size = usage()
         peak_files, peak_bytes = max(peak_files, files), max(peak_bytes, size)
-metrics.compact_multiprocess_dir()
+metrics_multiprocess.compact_multiprocess_dir()
 after = usage()
 
 from prometheus_client import generate_latest
