@@ -334,9 +334,11 @@ def _register_commands() -> None:
     from scanqueue.api.serve import serve_command
     from scanqueue.cli.queue import queue_command
     from scanqueue.cli.runners import register
+    from scanqueue.cli.schedules import schedules_group
 
     cli.add_command(serve_command)
     cli.add_command(queue_command)
+    cli.add_command(schedules_group)
     register(cli)
 
 

@@ -252,8 +252,12 @@ class SchedulesMixin(StoreBase):
             )
         return Advance("fired", scan_id=scan_id)
 
-    def run_schedule_now(self, name: str) -> str:
-        """Enqueue the schedule's scan now (also when paused); return its id."""
+    def run_schedule_now(self, name: str) -> tuple[ScheduleRow, str, datetime]:
+        """Enqueue the schedule's scan now (also when paused).
+
+        Returns the schedule, the scan's id and its ``scheduled_for`` (now, by the
+        database clock).
+        """
         with self._tx() as conn:
             row = conn.execute(
                 select(*scan_schedules.c).where(scan_schedules.c.name == name)
@@ -262,15 +266,16 @@ class SchedulesMixin(StoreBase):
                 raise NotFoundError(f"no schedule named {name!r}")
             schedule = ScheduleRow.from_mapping(row._mapping)
             now = conn.execute(select(self._now)).scalar_one()
+            assert isinstance(now, datetime)
             scan_id = self._insert_scheduled_scan(conn, schedule, now)
             if scan_id is None:  # the same microsecond as another run-now: never here twice
                 raise ConflictError(f"schedule {name!r} was run at this instant already")
             conn.execute(
                 update(scan_schedules)
                 .where(scan_schedules.c.name == name)
-                .values(last_fired_at=self._now, last_scan_id=scan_id)
+                .values(last_fired_at=now, last_scan_id=scan_id)
             )
-        return scan_id
+        return schedule, scan_id, now
 
     def _active_scan(self, conn: Connection, scan_id: str | None) -> str | None:
         """``scan_id`` when that scan is still queued or running."""

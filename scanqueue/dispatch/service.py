@@ -5,7 +5,7 @@ Kept apart from :mod:`scanqueue.dispatch.bridge` so the bridge never imports Cel
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from scanqueue.config import TASK_NAME, Settings
@@ -98,12 +98,23 @@ def _lost_run_events(settings: Settings) -> Any:
     return lost_runs
 
 
+def _schedule_events(settings: Settings) -> Any:
+    """``schedule.fired`` / ``schedule.skipped`` through the event sink (never raises)."""
+    from scanqueue.observe.event_sender import emit_standalone
+
+    def schedule_event(event_type: str, scan_id: str, payload: Mapping[str, Any]) -> None:
+        emit_standalone(settings, event_type, scan_id, payload)
+
+    return schedule_event
+
+
 def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
     store = store_for(settings.database_url)
     from scanqueue.observe.metrics import bridge_hooks
 
     hooks = bridge_hooks(store)  # store: scanqueue_scans{status}, unknown-status warnings
     hooks.lost_runs = _lost_run_events(settings)
+    hooks.schedule_event = _schedule_events(settings)
     return BridgeService(
         store,
         make_publisher(app),
