@@ -7,6 +7,7 @@ happens twice).  Neither may skip nor double a run.
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -73,7 +74,7 @@ def test_an_hourly_job_runs_once_per_real_hour_on_both_changes() -> None:
     assert len(autumn) == 25  # and this one 25: 02:00 CEST and 02:00 CET are both real
     for fires in (spring, autumn):
         assert len(set(fires)) == len(fires)
-        gaps = {b - a for a, b in zip(fires, fires[1:], strict=False)}
+        gaps = {b - a for a, b in itertools.pairwise(fires)}
         assert gaps == {timedelta(hours=1)}
 
 
