@@ -241,8 +241,14 @@ def enqueue(
 @click.argument("scan_id")
 @_json_option
 def status(scan_id: str, as_json: bool) -> None:
-    """Show one scan."""
-    _print_scan(_store(_settings()).get(scan_id), as_json)
+    """Show one scan: its findings and their change against the baseline, times, duration."""
+    row = _store(_settings()).get(scan_id)
+    if as_json:
+        _print_scan(row, as_json)
+        return
+    from scanqueue.cli.findings import print_scan_detail
+
+    print_scan_detail(row)
 
 
 @cli.command("list")

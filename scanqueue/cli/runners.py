@@ -1,6 +1,7 @@
-"""The real runner's commands (CONTRACT §3): ``providers``, ``checks`` and ``findings``.
+"""The real runner's commands (CONTRACT §3): ``providers`` and ``checks``.
 
-:func:`register` adds them to the ``scanqueue`` group.  Handled errors are
+:func:`register` adds them to the ``scanqueue`` group, with ``findings`` and
+``diff`` from :mod:`scanqueue.cli.findings`.  Handled errors are
 :class:`~scanqueue.errors.ScanqueueError` subclasses, which the group turns
 into one line on stderr and exit 1.  Nothing here reads or prints a token.
 """
@@ -13,6 +14,7 @@ from typing import Any
 
 import click
 
+from scanqueue.cli.findings import diff_command, findings_command
 from scanqueue.config import Settings
 from scanqueue.db.store import store_for
 from scanqueue.errors import ScanqueueError
@@ -42,10 +44,11 @@ def _one_line(text: str | None, limit: int = 80) -> str:
 
 
 def register(cli: click.Group) -> None:
-    """Add ``providers``, ``checks`` and ``findings`` to the ``scanqueue`` command."""
+    """Add ``providers``, ``checks``, ``findings`` and ``diff`` to the ``scanqueue`` command."""
     cli.add_command(providers_group)
     cli.add_command(checks_group)
     cli.add_command(findings_command)
+    cli.add_command(diff_command)
 
 
 # -- providers --------------------------------------------------------------------------
@@ -227,31 +230,3 @@ def checks_list(as_json: bool) -> None:
                 for r in rows
             ],
         )
-
-
-# -- findings ---------------------------------------------------------------------------
-
-
-@click.command("findings")
-@click.argument("scan_id")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-def findings_command(scan_id: str, as_json: bool) -> None:
-    """Show the findings of scan SCAN_ID (an unknown id exits 1)."""
-    rs = _runner_store()
-    rs.store.get(scan_id)  # NotFoundError for an unknown id
-    rows = rs.list_findings(scan_id)
-    if as_json:
-        click.echo(json.dumps([r.to_json() for r in rows]))
-        return
-    if rows:
-        table: list[Any] = [
-            (
-                r.severity or "",
-                r.check_id,
-                r.provider,
-                r.location or r.resource or "",
-                _one_line(r.message),
-            )
-            for r in rows
-        ]
-        _table(("SEVERITY", "CHECK", "PROVIDER", "LOCATION", "MESSAGE"), table)

@@ -32,6 +32,9 @@ PUBLIC_COLUMNS = (
     scans.c.error,
     scans.c.findings_count,
     scans.c.attempts,
+    scans.c.findings_new,
+    scans.c.findings_fixed,
+    scans.c.baseline_id,
 )
 
 
@@ -50,6 +53,10 @@ class ScanRow:
     error: str | None
     findings_count: int
     attempts: int
+    # Findings over time (CONTRACT §9): NULL until the diff is computed.
+    findings_new: int | None = None
+    findings_fixed: int | None = None
+    baseline_id: str | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any] | Any) -> ScanRow:
@@ -69,6 +76,9 @@ class ScanRow:
             error=m["error"],
             findings_count=m["findings_count"] or 0,
             attempts=m["attempts"] or 0,
+            findings_new=m.get("findings_new"),
+            findings_fixed=m.get("findings_fixed"),
+            baseline_id=m.get("baseline_id"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -84,6 +94,9 @@ class ScanRow:
             "error": self.error,
             "findings_count": self.findings_count,
             "attempts": self.attempts,
+            "findings_new": self.findings_new,
+            "findings_fixed": self.findings_fixed,
+            "baseline_id": self.baseline_id,
         }
 
 

@@ -44,8 +44,12 @@ class RunsMixin(StoreBase):
                 heartbeat_at=now,
                 finished_at=None,
                 error=None,
-                # A scan's findings are its last run's: a re-run starts from none.
+                # A scan's findings are its last run's: a re-run starts from none,
+                # and without the previous run's diff (CONTRACT §9).
                 findings_count=0,
+                findings_new=None,
+                findings_fixed=None,
+                baseline_id=None,
                 worker_id=bindparam("worker_id"),
             )
             .returning(

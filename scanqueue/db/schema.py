@@ -154,9 +154,11 @@ scans = Table(
     # the moment of the scan.queued event).
     Column("effective_key", Text, nullable=True),
     Column("seen_at", UTCDateTime, nullable=True),
-    # Findings over time (CONTRACT §9): NULL until the scan's diff is computed.
+    # Findings over time (CONTRACT §9): NULL until the scan's diff is computed
+    # (baseline_id: the scan it was compared against; NULL also when there is none).
     Column("findings_new", Integer, nullable=True),
     Column("findings_fixed", Integer, nullable=True),
+    Column("baseline_id", Text, nullable=True),
     # Schedules (CONTRACT §8): the schedule that fired the scan and its fire time.
     Column("schedule_name", Text, nullable=True),
     Column("scheduled_for", UTCDateTime, nullable=True),

@@ -5,7 +5,9 @@ builds a collector (:mod:`scanqueue.runners.providers`).  The runner clears the 
 previous findings, runs the collectors one after another, drops findings of
 checks disabled in ``checks_state`` and of frameworks the scan did not ask
 for, stores the rest in batches (each reported through ``ctx.finding``),
-looks at ``ctx.cancelled`` between batches, and returns how many it stored.
+looks at ``ctx.cancelled`` between batches, compares what it stored with the
+baseline (:mod:`scanqueue.runners.diff`: each finding's state, the fixed ones,
+``findings_new`` / ``findings_fixed``), and returns how many it stored.
 
 Any failure fails the scan with a message naming the provider, and the
 findings this run had stored are removed again: a failed run leaves none.
@@ -53,6 +55,10 @@ class ScanRunner:
         rs.replace_findings(job.scan_id, job.attempt)
         try:
             stored = self._run(rs, job, ctx)
+            if not ctx.cancelled:
+                # Before the run completes, fenced like every findings write: a
+                # run that lost its lease writes no diff (CONTRACT §9).
+                rs.write_diff(job.scan_id, job.attempt)
         except LeaseLostError:
             raise  # what is stored belongs to the newer run now: leave it alone
         except Exception:

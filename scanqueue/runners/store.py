@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, or_, select, update
 from sqlalchemy import exc as sa_exc
 
 from scanqueue.db.rows import iso
 from scanqueue.db.schema import STATUS_RUNNING, checks_state, db_now, findings, providers, scans
 from scanqueue.db.store import Store
 from scanqueue.errors import ConflictError, NotFoundError, ScanqueueError
+from scanqueue.runners.diff import FINDING_STATES, STATE_FIXED, DiffCounts, compute_diff
+from scanqueue.runners.fingerprint import finding_fingerprint
 from scanqueue.runners.providers.base import Finding
 
 
@@ -77,6 +79,8 @@ class FindingRow:
     message: str | None
     frameworks: list[str]
     created_at: datetime | None
+    fingerprint: str | None = None
+    state: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,6 +96,8 @@ class FindingRow:
             "message": self.message,
             "frameworks": self.frameworks,
             "created_at": iso(self.created_at),
+            "fingerprint": self.fingerprint,
+            "state": self.state,
         }
 
 
@@ -195,11 +201,25 @@ class RunnerStore:
     # -- findings ---------------------------------------------------------------------
 
     def replace_findings(self, scan_id: str, attempt: int) -> int:
-        """Delete the scan's findings (a new run starts afresh); fenced by the lease."""
+        """Delete the scan's findings and its diff (a new run starts afresh); fenced."""
         with self._tx() as conn:
             result = conn.execute(delete(findings).where(findings.c.scan_id == scan_id))
+            conn.execute(
+                update(scans)
+                .where(scans.c.id == scan_id)
+                .values(findings_new=None, findings_fixed=None)
+            )
             self._fence(conn, scan_id, attempt)
         return int(result.rowcount)
+
+    def write_diff(self, scan_id: str, attempt: int) -> DiffCounts:
+        """Compare the run's findings with the baseline's (CONTRACT §9), in one fenced
+        transaction: a run that no longer owns the scan writes no states and no counts."""
+        with self._tx() as conn:
+            self._fence(conn, scan_id, attempt)  # first: PostgreSQL holds the row lock now
+            counts = compute_diff(conn, scan_id)
+            self._fence(conn, scan_id, attempt)
+        return counts
 
     def add_findings(
         self, scan_id: str, attempt: int, provider: str, batch: Sequence[Finding]
@@ -219,6 +239,7 @@ class RunnerStore:
                 "title": f.title,
                 "message": f.message,
                 "location": f.location,
+                "fingerprint": finding_fingerprint(f),
             }
             for f in batch
         ]
@@ -245,36 +266,64 @@ class RunnerStore:
                 f"scan {scan_id} attempt {attempt} no longer owns the scan; findings not written"
             )
 
-    def list_findings(self, scan_id: str) -> list[FindingRow]:
-        with self._tx() as conn:
-            rows = conn.execute(
-                select(findings).where(findings.c.scan_id == scan_id).order_by(findings.c.id)
-            ).all()
-        return [
-            FindingRow(
-                id=r.id,
-                scan_id=r.scan_id,
-                check_id=r.check_id,
-                provider=r.provider,
-                severity=r.severity,
-                status=r.status,
-                resource=r.resource,
-                location=r.location,
-                title=r.title,
-                message=r.message,
-                frameworks=list(_json_value(r.frameworks) or []),
-                created_at=r.created_at,
-            )
-            for r in rows
-        ]
+    def list_findings(
+        self,
+        scan_id: str,
+        state: str | None = None,
+        *,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[FindingRow]:
+        """The scan's findings in the order stored; ``state`` filters by diff state.
 
-    def count_findings(self, scan_id: str) -> int:
+        Without ``state``: what the scan found (every row but the ``fixed`` ones,
+        which are the baseline's findings this scan no longer found).
+        """
+        stmt = select(findings).where(findings.c.scan_id == scan_id, self._state_filter(state))
+        stmt = stmt.order_by(findings.c.id).offset(offset)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self._tx() as conn:
+            rows = conn.execute(stmt).all()
+        return [_finding(r) for r in rows]
+
+    @staticmethod
+    def _state_filter(state: str | None) -> Any:
+        if state is None:
+            return or_(findings.c.state.is_(None), findings.c.state != STATE_FIXED)
+        if state not in FINDING_STATES:
+            raise ValueError(f"state must be one of {', '.join(FINDING_STATES)}, not {state!r}")
+        return findings.c.state == state
+
+    def count_findings(self, scan_id: str, state: str | None = None) -> int:
+        """How many findings :meth:`list_findings` would return without paging."""
         with self._tx() as conn:
             return int(
                 conn.execute(
-                    select(func.count()).select_from(findings).where(findings.c.scan_id == scan_id)
+                    select(func.count())
+                    .select_from(findings)
+                    .where(findings.c.scan_id == scan_id, self._state_filter(state))
                 ).scalar_one()
             )
+
+
+def _finding(r: Any) -> FindingRow:
+    return FindingRow(
+        id=r.id,
+        scan_id=r.scan_id,
+        check_id=r.check_id,
+        provider=r.provider,
+        severity=r.severity,
+        status=r.status,
+        resource=r.resource,
+        location=r.location,
+        title=r.title,
+        message=r.message,
+        frameworks=list(_json_value(r.frameworks) or []),
+        created_at=r.created_at,
+        fingerprint=r.fingerprint,
+        state=r.state,
+    )
 
 
 def _provider(row: Any) -> ProviderRow:

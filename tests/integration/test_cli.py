@@ -21,6 +21,9 @@ SCAN_KEYS = {
     "error",
     "findings_count",
     "attempts",
+    "findings_new",
+    "findings_fixed",
+    "baseline_id",
 }
 
 

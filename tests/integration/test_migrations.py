@@ -96,7 +96,10 @@ def test_downgrade_for_a_rollback_keeps_scans(db_url: str) -> None:
     store.enqueue(["aws"], ["soc2"], scan_id="keep-me")
     assert downgrade(store, "0001") == (head_revision(), "0001")
     assert inspect(store.engine).has_table("findings")  # possibly adopted: never dropped
-    assert store.get("keep-me").status == "queued"
+    with store.engine.connect() as conn:  # read as the rolled-back code would
+        kept = conn.execute(text("SELECT status FROM scans WHERE id = 'keep-me'"))
+        assert kept.scalar_one() == "queued"
     assert current_revision(store) == "0001"
     upgrade(store)
     assert current_revision(store) == head_revision()
+    assert store.get("keep-me").status == "queued"

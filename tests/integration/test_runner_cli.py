@@ -164,6 +164,7 @@ def test_findings_of_a_scan(invoke: Any, store: Any) -> None:
 
     text = invoke("findings", row.id)
     assert text.stdout.splitlines()[0].split() == [
+        "STATE",
         "SEVERITY",
         "CHECK",
         "PROVIDER",

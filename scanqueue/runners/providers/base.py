@@ -59,6 +59,9 @@ class Finding:
     title: str | None = None
     status: str = "fail"
     frameworks: tuple[str, ...] = field(default=())
+    # The scanner's own identity of the finding ("key=value", e.g. from SARIF
+    # partialFingerprints); None: scanqueue hashes check, resource, location, message.
+    fingerprint: str | None = None
 
 
 @runtime_checkable

@@ -30,7 +30,9 @@ URI → resource (relative to the scanner's working directory when it lies
 inside it) and ``uri:startLine[:startColumn]`` → location; ``message.text`` →
 message; the rule's ``name`` (or ``properties.name``, or its short description)
 → title; ``properties.frameworks`` of the rule and the result, and their tags
-of the form ``framework:NAME``, → frameworks.
+of the form ``framework:NAME``, → frameworks; ``partialFingerprints`` /
+``fingerprints`` → the scanner-given fingerprint
+(:func:`scanqueue.runners.fingerprint.sarif_fingerprint`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
+from scanqueue.runners.fingerprint import sarif_fingerprint
 from scanqueue.runners.providers.base import Finding
 
 SARIF_VERSION = "2.1.0"
@@ -354,11 +357,19 @@ def iter_findings(
             return
         mapped.seek(0)
         for line in mapped:
-            check_id, message, severity, resource, location, title, status, frameworks = json.loads(
-                line
+            check_id, message, severity, resource, location, title, status, frameworks, fp = (
+                json.loads(line)
             )
             yield Finding(
-                check_id, message, severity, resource, location, title, status, tuple(frameworks)
+                check_id,
+                message,
+                severity,
+                resource,
+                location,
+                title,
+                status,
+                tuple(frameworks),
+                fp,
             )
 
 
@@ -475,6 +486,7 @@ def _map_run_members(
             finding.title,
             finding.status,
             finding.frameworks,
+            finding.fingerprint,
         ]
         line = json.dumps(row, separators=(",", ":"))
         spool.charge(len(line) + 1)
@@ -523,6 +535,7 @@ def _map_result(result: dict[str, Any], rules: _Rules, base: Path | None, where:
         title=_title(rule),
         status=status,
         frameworks=_frameworks(rule, result),
+        fingerprint=sarif_fingerprint(result),
     )
 
 

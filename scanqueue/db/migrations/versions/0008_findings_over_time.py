@@ -3,9 +3,10 @@
 ``findings.fingerprint`` identifies a finding across scans of one key;
 ``findings.state`` is ``new``, ``reopened``, ``unchanged`` or ``fixed`` once
 its scan completed (a ``fixed`` row is a copy of a baseline finding that this
-scan no longer found).  ``scans.findings_new`` / ``findings_fixed`` stay NULL
-until the diff is computed.  All new columns are nullable, so nothing is
-rewritten and other programs' INSERTs keep working.
+scan no longer found).  ``scans.findings_new`` / ``findings_fixed`` (and
+``baseline_id``, the scan compared against) stay NULL until the diff is
+computed.  All new columns are nullable, so nothing is rewritten and other
+programs' INSERTs keep working.
 
 Indexes (built concurrently on PostgreSQL):
 
@@ -35,7 +36,7 @@ down_revision = "0007"
 branch_labels = None
 depends_on = None
 
-INDEXES = (
+INDEXES: tuple[tuple[str, str, list[str], str | None], ...] = (
     ("findings_scan_fingerprint_idx", "findings", ["scan_id", "fingerprint"], None),
     ("findings_fingerprint_idx", "findings", ["fingerprint", "scan_id"], None),
     ("scans_key_completed_idx", "scans", ["effective_key", "finished_at"], "status = 'completed'"),
@@ -51,6 +52,7 @@ def _columns() -> dict[str, list[sa.Column[Any]]]:
         "scans": [
             sa.Column("findings_new", sa.Integer, nullable=True),
             sa.Column("findings_fixed", sa.Integer, nullable=True),
+            sa.Column("baseline_id", sa.Text, nullable=True),
         ],
     }
 
@@ -62,12 +64,12 @@ def upgrade() -> None:
         for column in columns:
             if column.name not in existing:
                 op.add_column(table, column)
-    for name, table, columns, where in INDEXES:
-        create_index_online(name, table, list(columns), where)
+    for name, table, indexed, where in INDEXES:
+        create_index_online(name, table, list(indexed), where)
 
 
 def downgrade() -> None:
-    for name, table, _columns_, _where in INDEXES:
+    for name, table, _cols, _where in INDEXES:
         op.drop_index(name, table_name=table, if_exists=True)
     for table, columns in _columns().items():
         with op.batch_alter_table(table) as batch:
