@@ -223,7 +223,7 @@ def test_an_empty_or_missing_redis_queue_reads_as_zero(redis_url: str) -> None:
     from scanqueue.worker.app import QUEUE
 
     app = Celery("depth-test", broker=redis_url)
-    depth = make_broker_depth(app)
+    depth = make_broker_depth(app, QUEUE)
     assert depth() == 0  # Redis has no such list: a 404 channel error
     with Connection(redis_url) as conn:  # type: ignore[no-untyped-call]
         queue = conn.SimpleQueue(QUEUE)

@@ -550,7 +550,8 @@ def test_platform_sigterm_with_the_default_soft_shutdown_fits_the_30s_grace(
     assert f"scan {slow_id} was interrupted by shutdown; re-queued" in output
     rows = scan_rows(pg_url)
     assert rows[short_id]["status"] == "completed"
-    assert rows[slow_id]["status"] == "queued" and rows[slow_id]["attempts"] == 1
+    # A graceful hand-back gives the attempt back: it spends no crash budget.
+    assert rows[slow_id]["status"] == "queued" and rows[slow_id]["attempts"] == 0
 
 
 # -- Redis over TLS ----------------------------------------------------------------------------
