@@ -4,7 +4,8 @@ Routes: ``/healthz``, ``/metrics`` (:mod:`~scanqueue.api.health`),
 ``/openapi.json`` (:mod:`~scanqueue.api.openapi`), ``/`` (the page in
 ``api/static/``) and, behind the optional bearer token, ``/api/v1/scans``
 (create, list, get, cancel — :mod:`~scanqueue.api.scans`) and
-``/api/v1/events`` (Server-Sent Events — :mod:`~scanqueue.api.sse`).  Requests
+``/api/v1/events`` (Server-Sent Events — :mod:`~scanqueue.api.sse`) and
+``/api/v1/schedules`` (:mod:`~scanqueue.api.schedules`).  Requests
 pass :mod:`~scanqueue.api.guards` first.  The store's errors become 404, 409,
 503 and 500 answers here; :mod:`~scanqueue.api.serve` runs the app.
 """
@@ -27,6 +28,15 @@ from scanqueue.api.health import healthz, metrics
 from scanqueue.api.hub import HUB_WINDOW
 from scanqueue.api.openapi import openapi
 from scanqueue.api.scans import cancel_scan, create_scan, get_scan, list_scans
+from scanqueue.api.schedules import (
+    create_schedule,
+    delete_schedule,
+    get_schedule,
+    list_schedules,
+    pause_schedule,
+    resume_schedule,
+    run_schedule,
+)
 from scanqueue.api.sse import HEARTBEAT_S, stream_events
 from scanqueue.api.state import AppState
 from scanqueue.config import Settings
@@ -85,6 +95,13 @@ def create_app(
             Route("/api/v1/scans/{scan_id}", get_scan, methods=["GET"]),
             Route("/api/v1/scans/{scan_id}/cancel", cancel_scan, methods=["POST"]),
             Route("/api/v1/events", stream_events, methods=["GET"]),
+            Route("/api/v1/schedules", list_schedules, methods=["GET"]),
+            Route("/api/v1/schedules", create_schedule, methods=["POST"]),
+            Route("/api/v1/schedules/{name}", get_schedule, methods=["GET"]),
+            Route("/api/v1/schedules/{name}", delete_schedule, methods=["DELETE"]),
+            Route("/api/v1/schedules/{name}/pause", pause_schedule, methods=["POST"]),
+            Route("/api/v1/schedules/{name}/resume", resume_schedule, methods=["POST"]),
+            Route("/api/v1/schedules/{name}/run", run_schedule, methods=["POST"]),
         ],
         middleware=[
             Middleware(LoopbackWriteGuard, token=settings.api_token),

@@ -7,6 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from scanqueue.api import schedules
 from scanqueue.db.schema import STATUSES
 
 
@@ -69,7 +70,8 @@ OPENAPI: dict[str, Any] = {
     "info": {
         "title": "scanqueue",
         "version": "1",
-        "description": "Enqueue, inspect and cancel compliance scans; follow their events.",
+        "description": "Enqueue, inspect and cancel compliance scans; follow their events;"
+        " schedule recurring scans.",
     },
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -90,6 +92,7 @@ OPENAPI: dict[str, Any] = {
                 "properties": {"error": {"type": "string"}, "details": {"type": "array"}},
                 "required": ["error"],
             },
+            **schedules.SCHEMAS,
             "Event": {
                 "type": "object",
                 "description": "Payload fields (attempt, message, percent, findings …) as well",
@@ -205,5 +208,6 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        **schedules.PATHS,
     },
 }
