@@ -35,6 +35,7 @@ DEFAULT_METRICS_PORT = 0
 DEFAULT_BROKER_POLL_EVERY_S = 0.1  # kombu's SQL transport polls; 1 s (its default) doubles pickup
 DEFAULT_DISPATCH_BATCH = 100
 DEFAULT_DISPATCH_WINDOW = 0  # 0: twice the live workers' slots, at least 4 (bridge.py)
+DEFAULT_MAX_RUNNING_PER_KEY = 0  # scans of one key running at once; 0: no limit
 DEFAULT_LOG_FORMAT = "text"
 DEFAULT_QUEUE = "scanqueue"
 # The one Celery task: the bridge publishes it by name, the worker registers it.
@@ -114,6 +115,7 @@ class Settings:
     broker_poll_every_s: float = DEFAULT_BROKER_POLL_EVERY_S
     dispatch_batch: int = DEFAULT_DISPATCH_BATCH
     dispatch_window: int = DEFAULT_DISPATCH_WINDOW
+    max_running_per_key: int = DEFAULT_MAX_RUNNING_PER_KEY
     log_format: str = DEFAULT_LOG_FORMAT
     queue: str = DEFAULT_QUEUE
     leader_ttl_s: float = DEFAULT_LEADER_TTL_S
@@ -202,6 +204,9 @@ class Settings:
             dispatch_batch=_int(env, "SCANQUEUE_DISPATCH_BATCH", DEFAULT_DISPATCH_BATCH, minimum=1),
             dispatch_window=_int(
                 env, "SCANQUEUE_DISPATCH_WINDOW", DEFAULT_DISPATCH_WINDOW, minimum=0
+            ),
+            max_running_per_key=_int(
+                env, "SCANQUEUE_MAX_RUNNING_PER_KEY", DEFAULT_MAX_RUNNING_PER_KEY, minimum=0
             ),
             log_format=log_format,
             api_token=_text(env, "SCANQUEUE_API_TOKEN"),

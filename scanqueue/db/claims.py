@@ -1,9 +1,20 @@
 """The bridge's statements: claims under the dispatch window, release, re-send, live workers.
 
-Owns marking queued scans as dispatched (oldest first, never twice, never more
-than the window in flight across every bridge), undoing a claim whose publish
-failed, re-claiming scans whose message the broker lost (with backoff), and
-the ``workers`` registry whose live slots are the window's default.
+Owns marking queued scans as dispatched (higher priority first, then oldest;
+never twice, never more than the window in flight across every bridge), undoing
+a claim whose publish failed, re-claiming scans whose message the broker lost
+(with backoff), and the ``workers`` registry whose live slots are the window's
+default.
+
+The claim enforces the scan policies (CONTRACT §7) inside its serialized
+transaction: ``run_after`` in the future is skipped; nothing is claimed while
+the whole queue is paused; paused keys are skipped; a key whose running plus
+dispatched-not-started scans reach its limit (``scanqueue_limits``, else the
+default ``SCANQUEUE_MAX_RUNNING_PER_KEY``; 0 = none) is skipped, and the claim
+pages past it (each page excludes every key already full), so a blocked hot
+key never starves the others.  Without limits or key pauses the claim is the
+one statement it always was.  Low priorities are not aged: while higher ones
+keep coming they wait (docs/reference.md#policies says so).
 """
 
 from __future__ import annotations
@@ -31,7 +42,22 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.elements import ColumnElement
 
 from scanqueue.db.engine import StoreBase
-from scanqueue.db.schema import STATUS_QUEUED, STATUS_RUNNING, db_now_minus, scans, workers
+from scanqueue.db.policies import (
+    DeriveKey,
+    Intake,
+    PoliciesMixin,
+    active_in,
+    limits_in,
+    paused_in,
+)
+from scanqueue.db.schema import (
+    PAUSE_ALL,
+    STATUS_QUEUED,
+    STATUS_RUNNING,
+    db_now_minus,
+    scans,
+    workers,
+)
 
 # pg_advisory_xact_lock key that serializes dispatch claims across bridges (any
 # constant; apart from scanqueue.db.migrate's).  Held for the claim's transaction
@@ -39,9 +65,13 @@ from scanqueue.db.schema import STATUS_QUEUED, STATUS_RUNNING, db_now_minus, sca
 DISPATCH_LOCK_KEY = 0x5CA9_D15B
 # Re-send backoff: a scan waits older_than × 2^(dispatches - 1), capped at 64×.
 REDISPATCH_BACKOFF_STEPS = 7
+# A claim under per-key limits reads candidates a page at a time, each page skipping
+# the keys already full; at most CLAIM_MAX_PAGES pages per claim (the next pass goes on).
+CLAIM_PAGE_MIN = 200
+CLAIM_MAX_PAGES = 20
 
 
-class ClaimsMixin(StoreBase):
+class ClaimsMixin(PoliciesMixin, StoreBase):
     """Dispatch claims and the worker registry."""
 
     def _build_claim_statement(self) -> None:
@@ -49,10 +79,11 @@ class ClaimsMixin(StoreBase):
         now = self._now
         # A materialized CTE, not ``IN (subquery)``: PostgreSQL may re-run a LIMIT
         # subquery per outer row and so claim more than ``limit`` rows.
+        self._due = or_(scans.c.run_after.is_(None), scans.c.run_after <= now)
         oldest = (
             select(scans.c.id)
-            .where(scans.c.status == STATUS_QUEUED, scans.c.dispatched_at.is_(None))
-            .order_by(scans.c.created_at, scans.c.id)
+            .where(scans.c.status == STATUS_QUEUED, scans.c.dispatched_at.is_(None), self._due)
+            .order_by(scans.c.priority.desc(), scans.c.created_at, scans.c.id)
             .limit(bindparam("limit", type_=Integer))
             .with_for_update(skip_locked=True)
             .cte("oldest")
@@ -62,7 +93,7 @@ class ClaimsMixin(StoreBase):
             update(scans)
             .where(scans.c.id == oldest.c.id, scans.c.status == STATUS_QUEUED)
             .values(dispatched_at=now, dispatch_count=scans.c.dispatch_count + 1)
-            .returning(scans.c.id, scans.c.created_at)
+            .returning(scans.c.id, scans.c.created_at, scans.c.priority)
         )
 
     def claim_for_dispatch(self, limit: int, window: int | None = None) -> list[str]:
@@ -78,8 +109,20 @@ class ClaimsMixin(StoreBase):
             rows = conn.execute(self._claim_stmt, {"limit": limit}).all()
         return _oldest_first(rows)
 
-    def claim_within_window(self, limit: int, window: int) -> tuple[list[str], int]:
+    def claim_within_window(
+        self,
+        limit: int,
+        window: int,
+        *,
+        key_limit: int = 0,
+        derive: DeriveKey | None = None,
+        intake: list[Intake] | None = None,
+    ) -> tuple[list[str], int]:
         """Claim ``min(limit, window - in_flight)`` scans; returns (ids, room left).
+
+        The policies apply (module docstring); ``key_limit`` is the default per-key
+        limit.  With ``derive``, unseen queued rows are first taken in, in the same
+        transaction (:meth:`PoliciesMixin.take_in`), and appended to ``intake``.
 
         ``in_flight`` is the queued rows with ``dispatched_at`` set: handed to the
         broker, not started.  Count and claim must see the same state, so claims
@@ -98,13 +141,75 @@ class ClaimsMixin(StoreBase):
         # only claims (serialized) fill the window, so "full" can only be stale
         # towards "room", which the next look finds.
         with self._tx(single=True) as conn:
-            if int(conn.execute(in_flight_stmt).scalar_one()) >= window:
-                return [], 0
+            full = int(conn.execute(in_flight_stmt).scalar_one()) >= window
+        if full and (derive is None or not self.has_unseen()):
+            return [], 0
         with self._serialized_tx() as conn:
+            if derive is not None:
+                taken = self.take_in(conn, derive)
+                if intake is not None:
+                    intake.extend(taken)
             in_flight = int(conn.execute(in_flight_stmt).scalar_one())
             take = max(0, min(limit, window - in_flight))
-            rows = conn.execute(self._claim_stmt, {"limit": take}).all() if take else []
+            rows = self._claim_with_policies(conn, take, key_limit) if take else []
         return _oldest_first(rows), max(0, window - in_flight - len(rows))
+
+    def _claim_with_policies(self, conn: Connection, take: int, key_limit: int) -> list[Row[Any]]:
+        """Within the serialized transaction: up to ``take`` claimable scans, claimed."""
+        paused = paused_in(conn)
+        if PAUSE_ALL in paused:
+            return []
+        overrides = limits_in(conn)
+        if not paused and not overrides and key_limit <= 0:
+            return list(conn.execute(self._claim_stmt, {"limit": take}).all())
+        active = active_in(conn)
+
+        def limit_of(key: str) -> int:
+            return overrides.get(key, key_limit)
+
+        full = {k for k, n in active.items() if 0 < limit_of(k) <= n}
+        page = max(CLAIM_PAGE_MIN, 2 * take)
+        claimed: list[Row[Any]] = []
+        for _ in range(CLAIM_MAX_PAGES):
+            stmt = select(scans.c.id, scans.c.effective_key).where(
+                scans.c.status == STATUS_QUEUED,
+                scans.c.dispatched_at.is_(None),
+                self._due,
+                # Unkeyed rows wait for intake (the same transaction keys them first).
+                scans.c.effective_key.is_not(None),
+            )
+            blocked = paused | full
+            if blocked:
+                stmt = stmt.where(scans.c.effective_key.not_in(sorted(blocked)))
+            candidates = conn.execute(
+                stmt.order_by(scans.c.priority.desc(), scans.c.created_at, scans.c.id).limit(page)
+            ).all()
+            picked: list[str] = []
+            for scan_id, key in candidates:
+                if len(claimed) + len(picked) >= take:
+                    break
+                if key in full:
+                    continue
+                picked.append(scan_id)
+                active[key] = active.get(key, 0) + 1
+                if 0 < limit_of(key) <= active[key]:
+                    full.add(key)
+            if picked:
+                claimed.extend(
+                    conn.execute(
+                        update(scans)
+                        .where(
+                            scans.c.id.in_(picked),
+                            scans.c.status == STATUS_QUEUED,
+                            scans.c.dispatched_at.is_(None),
+                        )
+                        .values(dispatched_at=self._now, dispatch_count=scans.c.dispatch_count + 1)
+                        .returning(scans.c.id, scans.c.created_at, scans.c.priority)
+                    ).all()
+                )
+            if len(claimed) >= take or len(candidates) < page or not picked:
+                break
+        return claimed
 
     @contextmanager
     def _serialized_tx(self) -> Iterator[Connection]:
@@ -292,5 +397,8 @@ class ClaimsMixin(StoreBase):
 
 
 def _oldest_first(rows: Sequence[Row[Any]]) -> list[str]:
-    ordered = sorted(rows, key=lambda r: (r.created_at is None, r.created_at, r.id))
+    """Claim order: higher priority first, then oldest (publish order = start order)."""
+    ordered = sorted(
+        rows, key=lambda r: (-(r.priority or 0), r.created_at is None, r.created_at, r.id)
+    )
     return [r.id for r in ordered]

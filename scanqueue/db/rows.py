@@ -35,6 +35,14 @@ PUBLIC_COLUMNS = (
     scans.c.findings_new,
     scans.c.findings_fixed,
     scans.c.baseline_id,
+    # Scan policies (CONTRACT §7); ``effective_key`` is shown as ``key``.
+    scans.c.priority,
+    scans.c.run_after,
+    scans.c.scan_key,
+    scans.c.effective_key,
+    scans.c.timeout_seconds,
+    scans.c.retries,
+    scans.c.labels,
 )
 
 
@@ -57,6 +65,15 @@ class ScanRow:
     findings_new: int | None = None
     findings_fixed: int | None = None
     baseline_id: str | None = None
+    # Scan policies (CONTRACT §7): ``key`` is the effective key (``scan_key`` when
+    # set, else derived from providers and frameworks; None until a bridge saw it).
+    priority: int = 0
+    run_after: datetime | None = None
+    scan_key: str | None = None
+    key: str | None = None
+    timeout_seconds: int | None = None
+    retries: int = 0
+    labels: Any = None
 
     @classmethod
     def from_row(cls, row: Row[Any] | Any) -> ScanRow:
@@ -79,6 +96,13 @@ class ScanRow:
             findings_new=m.get("findings_new"),
             findings_fixed=m.get("findings_fixed"),
             baseline_id=m.get("baseline_id"),
+            priority=m.get("priority") or 0,
+            run_after=m.get("run_after"),
+            scan_key=m.get("scan_key"),
+            key=m.get("effective_key"),
+            timeout_seconds=m.get("timeout_seconds"),
+            retries=m.get("retries") or 0,
+            labels=decode_json(m.get("labels")),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -97,6 +121,13 @@ class ScanRow:
             "findings_new": self.findings_new,
             "findings_fixed": self.findings_fixed,
             "baseline_id": self.baseline_id,
+            "priority": self.priority,
+            "run_after": iso(self.run_after),
+            "scan_key": self.scan_key,
+            "key": self.key,
+            "timeout_seconds": self.timeout_seconds,
+            "retries": self.retries,
+            "labels": self.labels,
         }
 
 

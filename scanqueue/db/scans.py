@@ -1,20 +1,29 @@
 """Producers and users: the statements behind enqueue, get, list, cancel and counts.
 
-Owns what the API and the CLI ask of ``scans`` directly: inserting a scan,
-reading one or a page of them, the ``queued|running → canceled`` compare-and-
-set, counts by status (unknown statuses included, so they are reported rather
-than stranded) and the queue depth, cached briefly per process.
+Owns what the API, the CLI and ``scanqueue.enqueue`` ask of ``scans`` directly:
+inserting a scan (with its policies and its ``effective_key``; ``unique``
+returns the key's queued scan instead, serialized per key so concurrent
+enqueues leave one row), reading one or a page of them (newest first, filtered
+by status, key and labels), the ``queued|running → canceled`` compare-and-set,
+counts by status (unknown statuses included, so they are reported rather than
+stranded), the queue depth (cached briefly per process) and the oldest queued
+scan's age.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Connection, and_, func, insert, select, text, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.sql.elements import ColumnElement
 
 from scanqueue.db.engine import StoreBase
 from scanqueue.db.rows import PUBLIC_COLUMNS, ScanRow, new_scan_id
+from scanqueue.db.scan_request import ScanRequest
 from scanqueue.db.schema import (
     STATUS_CANCELED,
     STATUS_QUEUED,
@@ -23,6 +32,10 @@ from scanqueue.db.schema import (
     scans,
 )
 from scanqueue.errors import ConflictError, NotFoundError
+
+# pg_advisory_xact_lock(class, hashtext(key)): the two-int key space, apart from the
+# dispatch lock's single bigint, serializes unique enqueues of one key.
+UNIQUE_LOCK_CLASS = 0x5CA9
 
 
 class ScansMixin(StoreBase):
@@ -39,21 +52,74 @@ class ScansMixin(StoreBase):
         token: str | None = None,
         scan_id: str | None = None,
     ) -> ScanRow:
-        scan_id = scan_id or new_scan_id()
-        with self._tx(single=True) as conn:
-            row = conn.execute(
-                insert(scans)
-                .values(
-                    id=scan_id,
-                    status=STATUS_QUEUED,
-                    providers_scanned=list(providers),
-                    frameworks_scanned=list(frameworks),
-                    triggered_by_user=user,
-                    triggered_by_token=token,
+        """Insert a queued scan with no policies of its own (see :meth:`enqueue_request`)."""
+        request = ScanRequest(list(providers), list(frameworks), user)
+        return self.enqueue_request(request, token=token, scan_id=scan_id)[0]
+
+    def enqueue_request(
+        self, request: ScanRequest, token: str | None = None, scan_id: str | None = None
+    ) -> tuple[ScanRow, bool]:
+        """Insert a validated request; returns (the scan, whether it was deduplicated).
+
+        With ``request.unique``, the oldest ``queued`` scan of the same key is
+        returned instead of inserting, under a lock per key (PostgreSQL: an advisory
+        transaction lock on the key's hash; SQLite: ``BEGIN IMMEDIATE``), so
+        concurrent unique enqueues of one key leave one queued row.
+        """
+        key = request.effective_key
+        values = {
+            "id": scan_id or new_scan_id(),
+            "status": STATUS_QUEUED,
+            "providers_scanned": list(request.providers),
+            "frameworks_scanned": list(request.frameworks),
+            "triggered_by_user": request.user,
+            "triggered_by_token": token,
+            "priority": request.priority,
+            "run_after": request.run_after,
+            "scan_key": request.key,
+            "effective_key": key,
+            "timeout_seconds": request.timeout_seconds,
+            "labels": dict(request.labels) if request.labels else None,
+        }
+        if not request.unique:
+            with self._tx(single=True) as conn:
+                row = conn.execute(insert(scans).values(**values).returning(*PUBLIC_COLUMNS)).one()
+            return ScanRow.from_row(row), False
+        with self._key_locked_tx(key) as conn:
+            found = conn.execute(
+                select(*PUBLIC_COLUMNS)
+                .where(scans.c.effective_key == key, scans.c.status == STATUS_QUEUED)
+                .order_by(scans.c.created_at, scans.c.id)
+                .limit(1)
+            ).first()
+            if found is not None:
+                return ScanRow.from_row(found), True
+            row = conn.execute(insert(scans).values(**values).returning(*PUBLIC_COLUMNS)).one()
+        return ScanRow.from_row(row), False
+
+    @contextmanager
+    def _key_locked_tx(self, key: str) -> Iterator[Connection]:
+        """A transaction that holds ``key``'s unique-enqueue lock from its first statement."""
+        if self.dialect == "postgresql":
+            with self._tx() as conn:
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:c, hashtext(:k))"),
+                    {"c": UNIQUE_LOCK_CLASS, "k": key},
                 )
-                .returning(*PUBLIC_COLUMNS)
-            ).one()
-        return ScanRow.from_row(row)
+                yield conn
+            return
+        try:
+            with self._autocommit_engine.connect() as conn:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.exec_driver_sql("ROLLBACK")
+                    raise
+                conn.exec_driver_sql("COMMIT")
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            self._raise_unavailable_if_gone(exc)
+            raise
 
     def get(self, scan_id: str) -> ScanRow:
         with self._tx(single=True) as conn:
@@ -63,18 +129,46 @@ class ScansMixin(StoreBase):
         return ScanRow.from_row(row)
 
     def list_scans(
-        self, status: str | None = None, limit: int = 1000, offset: int = 0
+        self,
+        status: str | None = None,
+        limit: int = 1000,
+        offset: int = 0,
+        *,
+        key: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> list[ScanRow]:
-        """The newest ``limit`` scans (after ``offset``), returned oldest first."""
+        """The newest ``limit`` scans (after ``offset``), newest first.
+
+        Filtered by ``status``, by effective ``key`` and by ``labels`` (every
+        given label must match: AND).
+        """
         stmt = select(*PUBLIC_COLUMNS)
         if status is not None:
             stmt = stmt.where(scans.c.status == status)
+        if key is not None:
+            stmt = stmt.where(scans.c.effective_key == key)
+        if labels:
+            stmt = stmt.where(and_(*self._label_matches(labels)))
         stmt = (
             stmt.order_by(scans.c.created_at.desc(), scans.c.id.desc()).limit(limit).offset(offset)
         )
         with self._tx(single=True) as conn:
             rows = conn.execute(stmt).all()
-        return [ScanRow.from_row(r) for r in reversed(rows)]
+        return [ScanRow.from_row(r) for r in rows]
+
+    def _label_matches(self, labels: Mapping[str, str]) -> list[ColumnElement[bool]]:
+        """One condition per label; keys are validated (LABEL_KEY_PATTERN), values bound."""
+        conditions: list[ColumnElement[bool]] = []
+        for i, (k, v) in enumerate(sorted(labels.items())):
+            if self.dialect == "postgresql":
+                clause = text(f"(scans.labels ->> :lk{i}) = :lv{i}")
+                conditions.append(clause.bindparams(**{f"lk{i}": k, f"lv{i}": v}))  # type: ignore[arg-type]
+            else:
+                clause = text(f"json_extract(scans.labels, :lk{i}) = :lv{i}")
+                conditions.append(
+                    clause.bindparams(**{f"lk{i}": f'$."{k}"', f"lv{i}": v})  # type: ignore[arg-type]
+                )
+        return conditions
 
     def cancel(self, scan_id: str, reason: str = "canceled by request") -> ScanRow:
         """queued|running → canceled; NotFoundError or ConflictError otherwise."""
@@ -110,6 +204,20 @@ class ScansMixin(StoreBase):
                 .limit(limit)
             ).all()
         return [(str(r.id), str(r.status)) for r in rows]
+
+    def oldest_queued_age_s(self) -> float:
+        """Seconds since the oldest ``queued`` scan was created (0 when none is)."""
+        with self._tx(single=True) as conn:
+            oldest = conn.execute(
+                select(func.min(scans.c.created_at)).where(scans.c.status == STATUS_QUEUED)
+            ).scalar_one()
+        if oldest is None:
+            return 0.0
+        if isinstance(oldest, str):  # SQLite's min() over text loses the column type
+            oldest = datetime.fromisoformat(oldest)
+        if oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=UTC)
+        return max(0.0, float((datetime.now(UTC) - oldest).total_seconds()))
 
     def queue_depth(self, max_age_s: float = 0.0) -> int:
         """Rows with status ``queued``.

@@ -8,7 +8,9 @@ each a mixin in a module of its own:
   (here and nowhere else), retries, ``_tx`` and the health checks;
 * :mod:`scanqueue.db.rows` — the frozen records rows become (:class:`ScanRow`, …);
 * :mod:`scanqueue.db.scans` — producers and users: enqueue, get, list, cancel, counts;
-* :mod:`scanqueue.db.claims` — the bridge: claims under the window, re-send, workers;
+* :mod:`scanqueue.db.claims` — the bridge: claims under the window and the policies,
+  re-send, workers;
+* :mod:`scanqueue.db.policies` — per-key limits, pauses, keys' activity, intake;
 * :mod:`scanqueue.db.runs` — the worker and the reaper: start, heartbeat, finish;
 * :mod:`scanqueue.db.leases` — leadership without Redis;
 * :mod:`scanqueue.db.schedules` — ``scan_schedules`` and the scans they fire.

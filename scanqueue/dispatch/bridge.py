@@ -4,8 +4,11 @@ It is handed a ``publish`` callable and never imports Celery.  Two loops, each
 a ``run_once`` plus a thin loop that only waits, stops and logs:
 
 * dispatch — on **every** live bridge, woken by the watcher (NOTIFY or poll):
-  claims the oldest undispatched queued rows, never more than the dispatch
-  window allows, and publishes them.  Pickup is not gated on a leader (as in
+  takes in rows it has not seen (their key, ``scan.queued``;
+  :mod:`scanqueue.dispatch.intake`), claims undispatched queued rows by
+  priority then age under the scan policies (run-after, pauses, per-key
+  limits), never more than the dispatch window allows, and publishes them.
+  Pickup is not gated on a leader (as in
   River, Solid Queue, Oban): claims are serialized in the database (see
   :meth:`Store.claim_within_window`), so the window stays exact however many
   bridges claim, and when one dies the others go on claiming at once — no
@@ -61,6 +64,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from scanqueue.config import DEFAULT_REDISPATCH_AFTER_S
+from scanqueue.db.policies import DeriveKey, Intake
 from scanqueue.db.store import Store
 from scanqueue.dispatch.leader import Leadership
 from scanqueue.dispatch.schedules import fire_due_once
@@ -111,17 +115,34 @@ class Bridge:
     """Claim → publish, one batch at a time, within the window."""
 
     def __init__(
-        self, store: Store, publish: Publish, batch: int, window: Callable[[], int]
+        self,
+        store: Store,
+        publish: Publish,
+        batch: int,
+        window: Callable[[], int],
+        *,
+        key_limit: int = 0,
+        derive: DeriveKey | None = None,
+        on_intake: Callable[[Sequence[Intake]], None] | None = None,
     ) -> None:
         self.store = store
         self.publish = publish
         self.batch = batch
         self.window = window
+        self.key_limit = key_limit  # SCANQUEUE_MAX_RUNNING_PER_KEY
+        self.derive = derive
+        self.on_intake = on_intake
         self.window_full = False  # the last claim left no room
 
     def dispatch_once(self) -> int:
-        """Claim up to one batch (within the window) and publish it; returns how many."""
-        ids, room = self.store.claim_within_window(self.batch, self.window())
+        """Take in unseen rows, claim up to one batch (within the window and the
+        policies) and publish it; returns how many were published."""
+        taken: list[Intake] = []
+        ids, room = self.store.claim_within_window(
+            self.batch, self.window(), key_limit=self.key_limit, derive=self.derive, intake=taken
+        )
+        if taken and self.on_intake is not None:
+            self.on_intake(taken)
         self.window_full = room == 0
         return self._publish_claimed(ids)
 
@@ -182,8 +203,19 @@ class BridgeService:
         window: int | None = None,
         redispatch_after_s: float = DEFAULT_REDISPATCH_AFTER_S,
         hooks: BridgeHooks | None = None,
+        key_limit: int = 0,
+        derive: DeriveKey | None = None,
+        on_intake: Callable[[Sequence[Intake]], None] | None = None,
     ) -> None:
-        self.bridge = Bridge(store, publish, batch, self.window)
+        self.bridge = Bridge(
+            store,
+            publish,
+            batch,
+            self.window,
+            key_limit=key_limit,
+            derive=derive,
+            on_intake=on_intake,
+        )
         self.store = store
         self.leadership = leadership
         self.watcher = watcher

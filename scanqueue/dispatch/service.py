@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from scanqueue.config import TASK_NAME, Settings
 from scanqueue.db.store import ReapedScan, store_for
 from scanqueue.dispatch.bridge import BridgeService, PublishError
+from scanqueue.dispatch.intake import derive_key, intake_events
 from scanqueue.dispatch.leader import leadership_for
 from scanqueue.dispatch.watch import watcher_for
 from scanqueue.observe.observer import RunInfo
@@ -127,4 +128,7 @@ def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
         window=settings.dispatch_window or None,
         redispatch_after_s=settings.redispatch_after_s,
         hooks=hooks,
+        key_limit=settings.max_running_per_key,
+        derive=derive_key,
+        on_intake=intake_events(settings),
     )

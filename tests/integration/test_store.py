@@ -204,8 +204,9 @@ def test_list_filters_by_status(store: Store) -> None:
     for i in range(3):
         insert_raw(store, f"l{i}")
     store.cancel("l1")
-    assert [r.id for r in store.list_scans(status="queued")] == ["l0", "l2"]
-    assert [r.id for r in store.list_scans()] == ["l0", "l1", "l2"]
+    # Newest first, as the CLI and the API print them.
+    assert [r.id for r in store.list_scans(status="queued")] == ["l2", "l0"]
+    assert [r.id for r in store.list_scans()] == ["l2", "l1", "l0"]
     assert json.dumps([r.to_json() for r in store.list_scans()])
 
 

@@ -1,0 +1,220 @@
+"""Scan policies' own state: per-key limits, pauses, keys' activity and intake.
+
+Owns ``scanqueue_limits`` (``scanqueue limits set|list|clear``), ``scanqueue_pauses``
+(``scanqueue pause|resume [KEY]``; :data:`~scanqueue.db.schema.PAUSE_ALL` stands
+for the whole queue), what ``scanqueue queue`` shows per key (running and in
+flight, with the limit that applies), and **intake**: queued rows no bridge has
+seen yet (``seen_at IS NULL``, whoever inserted them) get their
+``effective_key`` and ``seen_at`` — or, when their stored data is malformed, are
+failed at once with the reason — in one SELECT and one batched UPDATE.
+
+The claim that enforces all this lives in :mod:`scanqueue.db.claims`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, delete, func, or_, select, update
+
+from scanqueue.db.engine import StoreBase
+from scanqueue.db.schema import (
+    PAUSE_ALL,
+    STATUS_FAILED,
+    STATUS_QUEUED,
+    STATUS_RUNNING,
+    key_limits,
+    pauses,
+    scans,
+)
+from scanqueue.errors import NotFoundError
+
+INTAKE_BATCH = 500  # unseen rows taken in at once (the rest on the next pass)
+MAX_LIMIT = 100_000  # a per-key limit, at most
+
+# (scan_key, providers_raw, frameworks_raw) → the effective key; raises with the
+# reason for a malformed row (the bridge passes the Runner API's parsing).
+DeriveKey = Callable[[str | None, Any, Any], str]
+
+
+@dataclass(frozen=True)
+class Intake:
+    """A row first seen: its key, or why it was failed (``error``)."""
+
+    scan_id: str
+    key: str | None
+    error: str | None = None
+
+
+def active_in(conn: Connection) -> dict[str, int]:
+    """Scans per key that hold a slot: running, or dispatched and not started."""
+    rows = conn.execute(
+        select(scans.c.effective_key, func.count())
+        .where(
+            or_(
+                scans.c.status == STATUS_RUNNING,
+                (scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_not(None),
+            )
+        )
+        .group_by(scans.c.effective_key)
+    ).all()
+    return {str(k): int(n) for k, n in rows if k is not None}
+
+
+def limits_in(conn: Connection) -> dict[str, int]:
+    return {
+        str(k): int(n) for k, n in conn.execute(select(key_limits.c.key, key_limits.c.max_running))
+    }
+
+
+def paused_in(conn: Connection) -> set[str]:
+    return {str(k) for (k,) in conn.execute(select(pauses.c.key))}
+
+
+class PoliciesMixin(StoreBase):
+    """Limits, pauses, per-key activity and intake."""
+
+    # -- limits -------------------------------------------------------------------
+
+    def set_limit(self, key: str, max_running: int) -> None:
+        """Override the per-key limit for ``key`` (0 = unlimited for it)."""
+        with self._tx() as conn:
+            conn.execute(delete(key_limits).where(key_limits.c.key == key))
+            conn.execute(key_limits.insert().values(key=key, max_running=max_running))
+
+    def clear_limit(self, key: str) -> None:
+        """Drop ``key``'s override (the default applies again); NotFoundError if none."""
+        with self._tx(single=True) as conn:
+            result = conn.execute(delete(key_limits).where(key_limits.c.key == key))
+        if not result.rowcount:
+            raise NotFoundError(f"no limit set for key {key!r}")
+
+    def limits(self) -> list[dict[str, Any]]:
+        """Every override: ``{key, max_running, updated_at}``, by key."""
+        with self._tx(single=True) as conn:
+            rows = conn.execute(select(key_limits).order_by(key_limits.c.key)).all()
+        return [dict(r._mapping) for r in rows]
+
+    # -- pauses -------------------------------------------------------------------
+
+    def pause(self, key: str = PAUSE_ALL) -> bool:
+        """Pause ``key`` (or the whole queue); False when it was paused already."""
+        with self._tx() as conn:
+            if conn.execute(select(pauses.c.key).where(pauses.c.key == key)).first():
+                return False
+            conn.execute(pauses.insert().values(key=key))
+        return True
+
+    def resume(self, key: str = PAUSE_ALL) -> bool:
+        """Resume ``key`` (or the whole queue); False when it was not paused."""
+        with self._tx(single=True) as conn:
+            result = conn.execute(delete(pauses).where(pauses.c.key == key))
+        return bool(result.rowcount)
+
+    def pauses(self) -> list[dict[str, Any]]:
+        with self._tx(single=True) as conn:
+            rows = conn.execute(select(pauses).order_by(pauses.c.key)).all()
+        return [dict(r._mapping) for r in rows]
+
+    # -- what scanqueue queue shows per key ----------------------------------------
+
+    def key_activity(self, default_limit: int) -> list[dict[str, Any]]:
+        """Keys that hold slots or have a limit/pause: running, in flight, limit, paused."""
+        with self._tx() as conn:
+            running: dict[Any, int] = dict(
+                conn.execute(
+                    select(scans.c.effective_key, func.count())
+                    .where(scans.c.status == STATUS_RUNNING)
+                    .group_by(scans.c.effective_key)
+                ).all()
+            )
+            in_flight: dict[Any, int] = dict(
+                conn.execute(
+                    select(scans.c.effective_key, func.count())
+                    .where(scans.c.status == STATUS_QUEUED, scans.c.dispatched_at.is_not(None))
+                    .group_by(scans.c.effective_key)
+                ).all()
+            )
+            overrides = limits_in(conn)
+            paused = paused_in(conn)
+        keys = sorted(
+            {str(k) for k in (*running, *in_flight) if k is not None}
+            | set(overrides)
+            | (paused - {PAUSE_ALL})
+        )
+        return [
+            {
+                "key": k,
+                "running": int(running.get(k, 0)),
+                "in_flight": int(in_flight.get(k, 0)),
+                "limit": overrides.get(k, default_limit),
+                "limit_overridden": k in overrides,
+                "paused": k in paused,
+            }
+            for k in keys
+        ]
+
+    # -- intake -------------------------------------------------------------------
+
+    def has_unseen(self) -> bool:
+        """Any queued row no bridge has taken in yet (a partial index makes it cheap)."""
+        with self._tx(single=True) as conn:
+            return (
+                conn.execute(
+                    select(scans.c.id)
+                    .where(scans.c.status == STATUS_QUEUED, scans.c.seen_at.is_(None))
+                    .limit(1)
+                ).first()
+                is not None
+            )
+
+    def take_in(
+        self, conn: Connection, derive: DeriveKey, limit: int = INTAKE_BATCH
+    ) -> list[Intake]:
+        """Within the caller's (serialized) transaction: key and mark unseen queued rows.
+
+        One SELECT of up to ``limit`` rows, then one batched UPDATE for the keyed
+        rows and one for the malformed ones (failed at once with the reason).
+        """
+        rows = conn.execute(
+            select(
+                scans.c.id, scans.c.scan_key, scans.c.providers_scanned, scans.c.frameworks_scanned
+            )
+            .where(scans.c.status == STATUS_QUEUED, scans.c.seen_at.is_(None))
+            .order_by(scans.c.created_at, scans.c.id)
+            .limit(limit)
+        ).all()
+        taken: list[Intake] = []
+        for row in rows:
+            try:
+                taken.append(
+                    Intake(
+                        row.id, derive(row.scan_key, row.providers_scanned, row.frameworks_scanned)
+                    )
+                )
+            except Exception as exc:
+                taken.append(Intake(row.id, None, f"malformed row: {exc}"[:1000]))
+        keyed = [{"b_id": t.scan_id, "b_key": t.key} for t in taken if t.error is None]
+        bad = [{"b_id": t.scan_id, "b_error": t.error} for t in taken if t.error is not None]
+        if keyed:
+            conn.execute(
+                update(scans)
+                .where(scans.c.id == bindparam("b_id"), scans.c.seen_at.is_(None))
+                .values(effective_key=bindparam("b_key"), seen_at=self._now),
+                keyed,
+            )
+        if bad:
+            conn.execute(
+                update(scans)
+                .where(scans.c.id == bindparam("b_id"), scans.c.status == STATUS_QUEUED)
+                .values(
+                    status=STATUS_FAILED,
+                    error=bindparam("b_error"),
+                    finished_at=self._now,
+                    seen_at=self._now,
+                ),
+                bad,
+            )
+        return taken
