@@ -189,14 +189,15 @@ def _print_scan(row: ScanRow, as_json: bool) -> None:
 
 
 def _print_table(rows: Sequence[ScanRow]) -> None:
-    headers = ("ID", "STATUS", "ATTEMPTS", "PROVIDERS", "FRAMEWORKS", "CREATED", "ERROR")
+    headers = ("ID", "STATUS", "ATTEMPTS", "PRIO", "KEY", "LABELS", "CREATED", "ERROR")
     table = [
         (
             r.id,
             r.status,
             str(r.attempts),
-            _join(r.providers_scanned),
-            _join(r.frameworks_scanned),
+            str(r.priority),
+            r.key or f"{_join(r.providers_scanned)}|{_join(r.frameworks_scanned)}",
+            _labels_text(r.labels),
             r.created_at.strftime("%Y-%m-%d %H:%M:%S") if r.created_at else "",
             (r.error or "").splitlines()[0][:60] if r.error else "",
         )
@@ -205,6 +206,12 @@ def _print_table(rows: Sequence[ScanRow]) -> None:
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
     for line in (headers, *table):
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _labels_text(labels: Any) -> str:
+    if isinstance(labels, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    return ""
 
 
 def _join(value: Any) -> str:
@@ -217,24 +224,69 @@ def _join(value: Any) -> str:
 @click.option("--provider", "providers", multiple=True, required=True, help="Provider to scan.")
 @click.option("--framework", "frameworks", multiple=True, help="Framework to check against.")
 @click.option("--user", default=None, help="Who triggered the scan.")
+@click.option("--priority", type=int, default=None, help="Higher runs first (default 0).")
+@click.option("--key", default=None, help="The key limits, dedup and pauses group by.")
+@click.option("--run-after", default=None, help="ISO-8601 time; not started before (naive: UTC).")
+@click.option("--timeout", "timeout_seconds", type=int, default=None, help="Seconds a run may run.")
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE (repeatable).")
+@click.option("--unique", is_flag=True, help="Return the key's queued scan instead of adding one.")
 @_json_option
 def enqueue(
-    providers: tuple[str, ...], frameworks: tuple[str, ...], user: str | None, as_json: bool
+    providers: tuple[str, ...],
+    frameworks: tuple[str, ...],
+    user: str | None,
+    priority: int | None,
+    key: str | None,
+    run_after: str | None,
+    timeout_seconds: int | None,
+    labels: tuple[str, ...],
+    unique: bool,
+    as_json: bool,
 ) -> None:
-    """Insert a queued scan and print its id."""
-    from scanqueue.db.scan_request import InvalidScanRequest, validate_scan_request
+    """Insert a queued scan and print its id (with --unique: maybe an existing one's)."""
+    from scanqueue.db.scan_request import (
+        InvalidScanRequest,
+        parse_label_filter,
+        validate_scan_request,
+    )
 
+    hints = {
+        "providers": "--provider",
+        "frameworks": "--framework",
+        "user": "--user",
+        "priority": "--priority",
+        "key": "--key",
+        "run_after": "--run-after",
+        "timeout_seconds": "--timeout",
+        "labels": "--label",
+    }
     try:
-        # The API's validator, so both refuse the same names for the same reasons.
+        label_details: list[dict[str, str]] = []
+        label_map = parse_label_filter(labels, "=", label_details, "labels")
+        if label_details:
+            raise InvalidScanRequest(label_details)
+        # The API's validator, so both refuse the same values for the same reasons.
         scan = validate_scan_request(
-            {"providers": list(providers), "frameworks": list(frameworks), "user": user}
+            {
+                "providers": list(providers),
+                "frameworks": list(frameworks),
+                "user": user,
+                "priority": priority,
+                "key": key,
+                "run_after": run_after,
+                "timeout_seconds": timeout_seconds,
+                "labels": label_map if labels else None,
+                "unique": unique,
+            }
         )
     except InvalidScanRequest as exc:
-        hints = {"providers": "--provider", "frameworks": "--framework", "user": "--user"}
         first = exc.details[0]["field"].split("[", 1)[0]
         raise click.BadParameter(str(exc), param_hint=hints.get(first, first)) from None
-    row = _store(_settings()).enqueue(scan.providers, scan.frameworks, user=scan.user)
-    click.echo(json.dumps(row.to_json()) if as_json else row.id)
+    row, deduplicated = _store(_settings()).enqueue_request(scan)
+    if as_json:
+        click.echo(json.dumps({**row.to_json(), "deduplicated": deduplicated}))
+    else:
+        click.echo(row.id)
 
 
 @cli.command()
@@ -253,11 +305,27 @@ def status(scan_id: str, as_json: bool) -> None:
 
 @cli.command("list")
 @click.option("--status", "status_filter", type=click.Choice(STATUSES), default=None)
+@click.option("--key", default=None, help="Only scans of this (effective) key.")
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE; repeatable, all must match.")
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
 @_json_option
-def list_scans(status_filter: str | None, limit: int, as_json: bool) -> None:
-    """List the newest scans (oldest first)."""
-    rows = _store(_settings()).list_scans(status=status_filter, limit=limit)
+def list_scans(
+    status_filter: str | None,
+    key: str | None,
+    labels: tuple[str, ...],
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List the newest scans, newest first."""
+    from scanqueue.db.scan_request import parse_label_filter
+
+    details: list[dict[str, str]] = []
+    wanted = parse_label_filter(labels, "=", details, "--label")
+    if details:
+        raise click.BadParameter(details[0]["message"], param_hint="--label")
+    rows = _store(_settings()).list_scans(
+        status=status_filter, limit=limit, key=key, labels=wanted or None
+    )
     if as_json:
         click.echo(json.dumps([r.to_json() for r in rows]))
     elif rows:
@@ -338,6 +406,7 @@ def _start_metrics_server(settings: Settings) -> None:
 def _register_commands() -> None:
     """Commands that live beside what they drive: serve (web) and the real runner's."""
     from scanqueue.api.serve import serve_command
+    from scanqueue.cli.policies import register as register_policies
     from scanqueue.cli.queue import queue_command
     from scanqueue.cli.runners import register
     from scanqueue.cli.schedules import schedules_group
@@ -345,6 +414,7 @@ def _register_commands() -> None:
     cli.add_command(serve_command)
     cli.add_command(queue_command)
     cli.add_command(schedules_group)
+    register_policies(cli)
     register(cli)
 
 

@@ -1,10 +1,11 @@
-"""``scanqueue queue [--json]``: what the queue holds, per status (CONTRACT §7).
+"""``scanqueue queue [--json]``: what the queue holds and what limits it (CONTRACT §7).
 
-Today it shows the rows per status, with the ones whose status scanqueue does
-not know (another program wrote ``QUEUED``) counted under ``unknown`` and named
-by value, because nothing will ever pick them up.  Later issues add running per
-key, limits, pauses and the live workers as further keys of the same JSON
-object and further sections of the same table.
+Rows per status (the ones whose status scanqueue does not know — another
+program wrote ``QUEUED`` — counted under ``unknown`` and named by value,
+because nothing will ever pick them up), the depth and the oldest queued
+scan's age, pauses, running and in-flight scans per key with their limits,
+and the live workers with their slots.  The JSON object is the one
+``GET /api/v1/queue`` answers (:mod:`scanqueue.db.queue_view`).
 """
 
 from __future__ import annotations
@@ -15,36 +16,22 @@ from typing import Any
 import click
 
 from scanqueue.config import Settings
-from scanqueue.db.schema import STATUSES
+from scanqueue.db.queue_view import queue_snapshot as build_snapshot
 from scanqueue.db.store import store_for
-
-UNKNOWN_SAMPLE = 20  # ids of unknown-status rows shown
+from scanqueue.dispatch.bridge import WORKER_STALE_AFTER_S
 
 
 def queue_snapshot(settings: Settings) -> dict[str, Any]:
-    """The ``--json`` object: ``depth`` (queued), ``statuses`` and ``unknown_statuses``."""
-    store = store_for(settings.database_url)
-    counts = store.count_by_status()
-    statuses = {status: counts.get(status, 0) for status in STATUSES}
-    unknown = {status: n for status, n in sorted(counts.items()) if status not in STATUSES}
-    statuses["unknown"] = sum(unknown.values())
-    return {
-        "depth": statuses["queued"],
-        "statuses": statuses,
-        "unknown_statuses": unknown,
-        "unknown_rows": [
-            {"id": scan_id, "status": status}
-            for scan_id, status in (
-                store.rows_with_unknown_status(UNKNOWN_SAMPLE) if unknown else []
-            )
-        ],
-    }
+    """The ``--json`` object (see :func:`scanqueue.db.queue_view.queue_snapshot`)."""
+    return build_snapshot(
+        store_for(settings.database_url), settings.max_running_per_key, WORKER_STALE_AFTER_S
+    )
 
 
 @click.command("queue")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def queue_command(as_json: bool) -> None:
-    """Show the queue: scans per status, including statuses scanqueue does not know."""
+    """Show the queue: scans per status, pauses, keys and their limits, live workers."""
     snapshot = queue_snapshot(Settings.from_env())
     if as_json:
         click.echo(json.dumps(snapshot))
@@ -54,6 +41,26 @@ def queue_command(as_json: bool) -> None:
     click.echo(f"{'STATUS'.ljust(width)}  SCANS")
     for status, n in statuses.items():
         click.echo(f"{status.ljust(width)}  {n}")
+    click.echo(f"oldest queued: {snapshot['oldest_queued_age_s']:.1f}s ago")
+    if snapshot["paused_all"]:
+        click.echo("PAUSED: the whole queue (scanqueue resume)")
+    default = snapshot["default_limit"]
+    click.echo(f"per-key limit (default): {default or 'none'}")
+    keys: list[dict[str, Any]] = snapshot["keys"]
+    if keys:
+        kw = max(3, *(len(k["key"]) for k in keys))
+        click.echo(f"{'KEY'.ljust(kw)}  RUNNING  IN_FLIGHT  LIMIT  PAUSED")
+        for k in keys:
+            click.echo(
+                f"{k['key'].ljust(kw)}  {k['running']:<7}  {k['in_flight']:<9}"
+                f"  {k['limit'] or 'none'!s:<5}  {'yes' if k['paused'] else ''}".rstrip()
+            )
+    workers: list[dict[str, Any]] = snapshot["workers"]
+    click.echo(f"live workers: {len(workers)}, slots {sum(w['slots'] for w in workers)}")
+    for w in workers:
+        click.echo(
+            f"  {w['id']}  {w['hostname']}  slots {w['slots']}  heartbeat {w['heartbeat_at']}"
+        )
     unknown: dict[str, int] = snapshot["unknown_statuses"]
     if unknown:
         listed = ", ".join(f"{status!r}: {n}" for status, n in unknown.items())

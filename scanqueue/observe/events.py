@@ -40,6 +40,8 @@ EVENT_TYPES = (
     "scan.completed",
     "scan.failed",
     "scan.canceled",
+    # A queued row a bridge saw for the first time (whoever inserted it): ``key``.
+    "scan.queued",
     # Schedules (CONTRACT §8): ``scan_id`` is the fired scan, or "" when none was made.
     "schedule.fired",
     "schedule.skipped",
