@@ -30,9 +30,13 @@ from scanqueue.db.keys import effective_key
 from scanqueue.db.rows import decode_json, iso, new_scan_id
 from scanqueue.db.schedule_spec import ScheduleSpec, Timing
 from scanqueue.db.schema import STATUS_QUEUED, STATUS_RUNNING, scan_schedules, scans
-from scanqueue.errors import ConflictError, NotFoundError
+from scanqueue.errors import ConflictError, NotFoundError, ScanqueueError
 
 DUE_BATCH = 100  # schedules fired per tick at most; the next tick goes on
+
+
+class SchedulesNotMigrated(ScanqueueError):
+    """The schema predates schedules (code rolled out before ``scanqueue db upgrade``)."""
 
 
 @dataclass(frozen=True)
@@ -199,17 +203,29 @@ class SchedulesMixin(StoreBase):
         return ScheduleRow.from_mapping(row._mapping)
 
     def due_schedules(self, now: datetime, limit: int = DUE_BATCH) -> list[ScheduleRow]:
-        """Unpaused schedules whose ``next_run_at`` is at or before ``now``, earliest first."""
-        with self._tx(single=True) as conn:
-            rows = conn.execute(
-                select(*scan_schedules.c)
-                .where(
-                    scan_schedules.c.paused.is_(False),
-                    scan_schedules.c.next_run_at <= now,
-                )
-                .order_by(scan_schedules.c.next_run_at, scan_schedules.c.name)
-                .limit(limit)
-            ).all()
+        """Unpaused schedules whose ``next_run_at`` is at or before ``now``, earliest first.
+
+        Raises :class:`SchedulesNotMigrated` while the schema has no ``scan_schedules``
+        (a bridge of the new code running before the upgrade).
+        """
+        try:
+            with self._tx(single=True) as conn:
+                rows = conn.execute(
+                    select(*scan_schedules.c)
+                    .where(
+                        scan_schedules.c.paused.is_(False),
+                        scan_schedules.c.next_run_at <= now,
+                    )
+                    .order_by(scan_schedules.c.next_run_at, scan_schedules.c.name)
+                    .limit(limit)
+                ).all()
+        except (sa_exc.ProgrammingError, sa_exc.OperationalError) as exc:
+            text = str(getattr(exc, "orig", exc)).lower()
+            if "scan_schedules" in text and ("no such table" in text or "does not exist" in text):
+                raise SchedulesNotMigrated(
+                    "no scan_schedules table yet: schedules fire once `scanqueue db upgrade` ran"
+                ) from None
+            raise
         return [ScheduleRow.from_mapping(r._mapping) for r in rows]
 
     def advance_schedule(

@@ -277,11 +277,11 @@ class BridgeService:
         if leader and now - self._last_redispatch_check >= check_every:
             self._last_redispatch_check = now
             self.redispatch_step()
-        if leader:
-            fire_due_once(self.store, emit=self.hooks.schedule_event)
         if self.hooks.queue_depth:
             # One count per interval, shared with the autoscaler and /metrics.
             self.hooks.queue_depth(self.store.queue_depth(max_age_s=MAINTENANCE_EVERY_S))
+        if leader:
+            fire_due_once(self.store, emit=self.hooks.schedule_event)
 
     def reap_step(self) -> None:
         reaped = self.store.reap_orphans(self.lease_s, self.max_attempts)

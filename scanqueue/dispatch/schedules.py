@@ -28,6 +28,7 @@ event, rather than failing every tick or blocking the others.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,13 +36,16 @@ from typing import Any
 
 from scanqueue.db.rows import iso
 from scanqueue.db.schedule_spec import InvalidSchedule, parse_timing
-from scanqueue.db.schedules import ScheduleRow
+from scanqueue.db.schedules import ScheduleRow, SchedulesNotMigrated
 from scanqueue.db.store import Store
 
 log = logging.getLogger(__name__)
 
 # (event type, scan id, payload): how firing reports, e.g. through emit_standalone.
 EmitSchedule = Callable[[str, str, Mapping[str, Any]], object]
+# While the schema predates schedules, say so this often (not every tick).
+NOT_MIGRATED_WARN_EVERY_S = 300.0
+_not_migrated_warned_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,18 @@ def fire_due_once(
     store: Store, now: datetime | None = None, emit: EmitSchedule | None = None
 ) -> list[Fired]:
     """Fire every due schedule once; ``now`` defaults to the database clock."""
+    global _not_migrated_warned_at
     now = now if now is not None else store.db_time()
+    try:
+        due = store.due_schedules(now)
+    except SchedulesNotMigrated as exc:
+        last = _not_migrated_warned_at
+        if last is None or time.monotonic() - last >= NOT_MIGRATED_WARN_EVERY_S:
+            _not_migrated_warned_at = time.monotonic()
+            log.warning("%s", exc)
+        return []
     done: list[Fired] = []
-    for schedule in store.due_schedules(now):
+    for schedule in due:
         try:
             done.append(_fire_one(store, schedule, now, emit))
         except InvalidSchedule as exc:

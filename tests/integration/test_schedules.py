@@ -329,3 +329,21 @@ def test_cli_cron_and_every_together_or_neither_is_a_usage_error(env: dict[str, 
     )
     neither = run_cli(env, "schedules", "add", "s", "--provider", "aws")
     assert both.returncode == neither.returncode == 2
+
+
+def test_a_bridge_ahead_of_the_schema_fires_nothing_and_does_not_fail(
+    db_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scanqueue.config import normalize_database_url
+    from scanqueue.db.migrate import upgrade as run_upgrade
+    from scanqueue.dispatch import schedules
+
+    monkeypatch.setattr(schedules, "_not_migrated_warned_at", None)  # warned once per 5 min
+
+    store = Store(normalize_database_url(db_url))
+    run_upgrade(store, "0006")  # new code, schema not upgraded yet (a rolling deploy)
+    try:
+        assert fire_due_once(store, T0) == []
+        assert "db upgrade" in caplog.text
+    finally:
+        store.dispose()
