@@ -9,10 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from scanqueue.runners.api import Job, Runner, RunnerFunc, ScanContext, ScanResult, StubRunner
+from scanqueue.runners.api import (
+    Job,
+    PermanentError,
+    RetryLater,
+    Runner,
+    RunnerFunc,
+    ScanContext,
+    ScanResult,
+    StubRunner,
+)
 
 __all__ = [
     "Job",
+    "PermanentError",
+    "RetryLater",
     "Runner",
     "RunnerFunc",
     "ScanContext",

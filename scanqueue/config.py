@@ -31,6 +31,9 @@ DEFAULT_LEASE_S = 30.0
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_CANCEL_GRACE_S = 10.0
 DEFAULT_CONNECT_TIMEOUT_S = 60.0
+DEFAULT_MAX_RETRIES = 0  # runner failures retried per scan (CONTRACT §7)
+DEFAULT_RETRY_BACKOFF_S = 10.0  # the backoff's base: base × 2^retries, jittered, ≤ 1 h
+DEFAULT_SCAN_TIMEOUT_S = 0.0  # 0: a run may take as long as it likes
 DEFAULT_METRICS_PORT = 0
 DEFAULT_BROKER_POLL_EVERY_S = 0.1  # kombu's SQL transport polls; 1 s (its default) doubles pickup
 DEFAULT_DISPATCH_BATCH = 100
@@ -111,6 +114,9 @@ class Settings:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    max_retries: int = DEFAULT_MAX_RETRIES
+    retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S
+    scan_timeout_s: float = DEFAULT_SCAN_TIMEOUT_S
     metrics_port: int = DEFAULT_METRICS_PORT
     broker_poll_every_s: float = DEFAULT_BROKER_POLL_EVERY_S
     dispatch_batch: int = DEFAULT_DISPATCH_BATCH
@@ -195,6 +201,11 @@ class Settings:
             connect_timeout_s=_float(
                 env, "SCANQUEUE_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_S, minimum=0
             ),
+            max_retries=_int(env, "SCANQUEUE_MAX_RETRIES", DEFAULT_MAX_RETRIES, minimum=0),
+            retry_backoff_s=_float(
+                env, "SCANQUEUE_RETRY_BACKOFF", DEFAULT_RETRY_BACKOFF_S, minimum=0
+            ),
+            scan_timeout_s=_float(env, "SCANQUEUE_SCAN_TIMEOUT", DEFAULT_SCAN_TIMEOUT_S, minimum=0),
             metrics_port=_int(
                 env, "SCANQUEUE_METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0, maximum=65535
             ),

@@ -143,6 +143,10 @@ class StartedRun:
     triggered_by_token: str | None = None
     created_at: datetime | None = None
     started_at: datetime | None = None
+    # Scan policies (CONTRACT §7): the row's own timeout (None: SCANQUEUE_SCAN_TIMEOUT)
+    # and the runner failures retried so far.
+    timeout_seconds: int | None = None
+    retries: int = 0
 
     def __repr__(self) -> str:  # the token must never reach a log line
         return f"StartedRun(scan_id={self.scan_id!r}, attempt={self.attempt})"

@@ -2,16 +2,34 @@
 
 Owns the per-scan hot statements (built once; on PostgreSQL run through
 :mod:`scanqueue.db.direct_sql`), the compare-and-set transitions of a run —
-start, heartbeat, finish, hand-back — and the reaper that re-queues or fails
-runs whose heartbeat stopped.  The state machine they implement is drawn in
-:mod:`scanqueue.db.store`.
+start, heartbeat, finish, retry, hand-back — and the reaper that re-queues or
+fails runs whose heartbeat stopped.  Two budgets (CONTRACT §7): ``retries``
+counts runner failures put back by :meth:`RunsMixin.retry_run`, and the reaper
+fails a scan once ``attempts - retries`` (runs lost, not retried) reaches
+``SCANQUEUE_MAX_ATTEMPTS``; a graceful hand-back spends neither.  The state
+machine they implement is drawn in :mod:`scanqueue.db.store`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, Text, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import (
+    Float,
+    Integer,
+    Text,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.sql.elements import ColumnElement
 
 from scanqueue.db.direct_sql import DirectStatement
 from scanqueue.db.engine import StoreBase
@@ -21,11 +39,33 @@ from scanqueue.db.schema import (
     STATUS_FAILED,
     STATUS_QUEUED,
     STATUS_RUNNING,
+    UTCDateTime,
     db_now_minus,
     scans,
 )
 
 MAX_ERROR_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class RetriedRun:
+    """A failed run put back to ``queued``: when it may start again, retries so far."""
+
+    run_after: datetime | None
+    retries: int
+
+
+def _now_plus_seconds(dialect: str) -> ColumnElement[Any]:
+    """The database clock plus the ``delay_s`` parameter (the claim compares run_after
+    with the same clock)."""
+    delay = bindparam("delay_s", type_=Float)
+    if dialect == "postgresql":
+        return literal_column("clock_timestamp()", UTCDateTime()) + func.make_interval(
+            0, 0, 0, 0, 0, 0, delay
+        )
+    return func.strftime(
+        "%Y-%m-%d %H:%M:%f", "now", func.printf("+%.3f seconds", delay), type_=UTCDateTime()
+    )
 
 
 class RunsMixin(StoreBase):
@@ -61,6 +101,8 @@ class RunsMixin(StoreBase):
                 scans.c.triggered_by_token,
                 scans.c.created_at,
                 scans.c.started_at,
+                scans.c.timeout_seconds,
+                scans.c.retries,
             )
         )
         # A run is (scan, attempt, worker): a graceful hand-back gives its attempt
@@ -79,6 +121,22 @@ class RunsMixin(StoreBase):
             update(scans)
             .where(*this_run)
             .values(status=STATUS_QUEUED, dispatched_at=None, heartbeat_at=None, worker_id=None)
+        )
+        # A runner failure with retries left: back to queued, not before run_after.
+        # started_at stays (the last run's), seen_at too (no second scan.queued).
+        self._retry_stmt = (
+            update(scans)
+            .where(*this_run)
+            .values(
+                status=STATUS_QUEUED,
+                retries=scans.c.retries + 1,
+                run_after=_now_plus_seconds(self.dialect),
+                error=bindparam("error"),
+                dispatched_at=None,
+                heartbeat_at=None,
+                worker_id=None,
+            )
+            .returning(scans.c.run_after, scans.c.retries)
         )
         self._finish_stmt = (
             update(scans)
@@ -108,6 +166,7 @@ class RunsMixin(StoreBase):
             self._direct_hand_back_run = DirectStatement(
                 self._hand_back_run_stmt, self._autocommit_engine
             )
+            self._direct_retry = DirectStatement(self._retry_stmt, self._autocommit_engine)
 
     # -- the worker -------------------------------------------------------------------
 
@@ -132,6 +191,8 @@ class RunsMixin(StoreBase):
             triggered_by_token=row["triggered_by_token"],
             created_at=row["created_at"],
             started_at=row["started_at"],
+            timeout_seconds=row["timeout_seconds"],
+            retries=row["retries"] or 0,
         )
 
     def heartbeat(self, scan_id: str, attempt: int, *, worker_id: str | None = None) -> bool:
@@ -179,6 +240,39 @@ class RunsMixin(StoreBase):
             row = conn.execute(self._finish_stmt, params).first()
         return None if row is None else ScanRow.from_row(row)
 
+    def retry_run(
+        self,
+        scan_id: str,
+        attempt: int,
+        *,
+        error: str,
+        delay_s: float,
+        worker_id: str | None = None,
+    ) -> RetriedRun | None:
+        """CAS ``running(attempt) → queued`` with ``retries + 1`` and ``run_after = now +
+        delay_s`` (a runner failure with retries left); None if the run no longer owns
+        the scan.  The attempt stays spent: ``attempts`` counts runs started."""
+        params = {
+            "scan_id": scan_id,
+            "attempt": attempt,
+            "run_worker": worker_id,
+            "error": error[:MAX_ERROR_CHARS],
+            "delay_s": max(0.0, float(delay_s)),
+        }
+        row: Any
+        if self._direct is not None:
+            row, _ = self._run_direct(self._direct_retry, params)
+        else:
+            with self._tx(single=True) as conn:
+                found = conn.execute(self._retry_stmt, params).first()
+            row = None if found is None else found._mapping
+        if row is None:
+            return None
+        run_after = row["run_after"]
+        if isinstance(run_after, str):  # SQLite hands the function's text back as it is
+            run_after = UTCDateTime().process_result_value(run_after, self.engine.dialect)
+        return RetriedRun(run_after=run_after, retries=row["retries"])
+
     def hand_back_run(self, scan_id: str, attempt: int, worker_id: str | None = None) -> bool:
         """CAS ``running(attempt) → queued`` for a run told to stop while its lease was
         in doubt: its outcome is void and the scan runs again (the attempt stays spent,
@@ -220,7 +314,12 @@ class RunsMixin(StoreBase):
     # -- the reaper ------------------------------------------------------------------
 
     def reap_orphans(self, lease_s: float, max_attempts: int) -> list[ReapedScan]:
-        """Running scans whose heartbeat is older than the lease: re-queue or fail them."""
+        """Running scans whose heartbeat is older than the lease: re-queue or fail them.
+
+        The crash budget counts runs lost, not runs retried: ``attempts - retries``
+        (this run included) against ``max_attempts``.
+        """
+        lost_runs = scans.c.attempts - scans.c.retries
         stale = and_(
             scans.c.status == STATUS_RUNNING,
             or_(
@@ -236,7 +335,7 @@ class RunsMixin(StoreBase):
         with self._tx() as conn:
             for row in conn.execute(
                 update(scans)
-                .where(stale, scans.c.attempts < max_attempts)
+                .where(stale, lost_runs < max_attempts)
                 .values(
                     status=STATUS_QUEUED,
                     dispatched_at=None,
@@ -248,7 +347,7 @@ class RunsMixin(StoreBase):
                 reaped.append(ReapedScan(row.id, row.attempts, requeued=True))
             for row in conn.execute(
                 update(scans)
-                .where(stale, scans.c.attempts >= max_attempts)
+                .where(stale, lost_runs >= max_attempts)
                 .values(
                     status=STATUS_FAILED,
                     finished_at=self._now,

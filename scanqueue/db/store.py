@@ -11,7 +11,7 @@ each a mixin in a module of its own:
 * :mod:`scanqueue.db.claims` — the bridge: claims under the window and the policies,
   re-send, workers;
 * :mod:`scanqueue.db.policies` — per-key limits, pauses, keys' activity, intake;
-* :mod:`scanqueue.db.runs` — the worker and the reaper: start, heartbeat, finish;
+* :mod:`scanqueue.db.runs` — the worker and the reaper: start, heartbeat, finish, retry;
 * :mod:`scanqueue.db.leases` — leadership without Redis;
 * :mod:`scanqueue.db.schedules` — ``scan_schedules`` and the scans they fire.
 
@@ -22,7 +22,8 @@ and a cancel can race freely: exactly one of them wins each transition.
     queued ──start_run──▶ running ──finish_run──▶ completed | failed
       ▲  │                  │ │
       │  └────cancel────────┼─┴──cancel──▶ canceled
-      └──reap (attempts < max)   reap (attempts ≥ max) ──▶ failed
+      ├──reap (attempts - retries < max)   reap (≥ max) ──▶ failed
+      └──retry_run (retries + 1, run_after = now + backoff)
 """
 
 from __future__ import annotations

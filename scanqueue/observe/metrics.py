@@ -99,6 +99,8 @@ class ScanMetrics:
     finished: Counter
     duration: Histogram
     pickup_latency: Histogram
+    retries: Counter
+    timeouts: Counter
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,10 @@ def scan_metrics() -> ScanMetrics:
             "From a scan's created_at to the start of its run.",
             buckets=PICKUP_BUCKETS_S,
         ),
+        retries=Counter(
+            "scanqueue_retries", "Failed runs put back to queued for a retry (CONTRACT §7)."
+        ),
+        timeouts=Counter("scanqueue_timeouts", "Runs stopped because they ran past their timeout."),
     )
 
 
@@ -289,7 +295,12 @@ class MetricsObserver:
                 self.metrics.pickup_latency.observe(latency)
 
     def event(self, run: RunInfo, event_type: str, payload: dict[str, object]) -> None:
-        pass
+        if event_type == "scan.retrying":
+            with _writing():
+                self.metrics.retries.inc()
+        elif event_type == "scan.timed_out":
+            with _writing():
+                self.metrics.timeouts.inc()
 
     def finished(self, run: RunInfo, row: ScanRow, duration_s: float) -> None:
         with _writing():

@@ -4,7 +4,10 @@ A runner is an object with ``run(job, ctx)``, a class with such a method
 (built with no arguments), or a plain function ``f(job, ctx)`` (wrapped in
 :class:`RunnerFunc`, like the old Go pool's).  ``ctx`` carries progress and
 findings out (they become events) and the stop signal in (``ctx.cancelled`` /
-``ctx.wait()``), set when the scan is canceled or its lease is lost.
+``ctx.wait()``), set when the scan is canceled, its lease is lost or it timed out.
+A runner that raises :class:`PermanentError` fails the scan at once; one that
+raises :class:`RetryLater` asks for its retry after a delay (CONTRACT §7;
+the retries themselves are :mod:`scanqueue.worker.retry`'s).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -110,6 +114,40 @@ def _preview(raw: Any, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
+# The longest delay RetryLater(after=...) may ask for: longer ones are cut to it,
+# so a unit mistake (milliseconds) cannot park a scan for years.
+MAX_RETRY_LATER_S = 30 * 24 * 3600.0
+
+
+class PermanentError(Exception):
+    """Raised by a runner: the scan fails now, with this text, and is not retried.
+
+    For failures no retry can fix (bad credentials, an unknown account), when
+    ``SCANQUEUE_MAX_RETRIES`` would otherwise retry every runner exception.
+    """
+
+
+class RetryLater(Exception):
+    """Raised by a runner: run the scan again later (a throttled API, a busy target).
+
+    ``after`` is the delay in seconds before the scan may start again (None: the
+    usual exponential backoff).  It counts as a retry, bounded by
+    ``SCANQUEUE_MAX_RETRIES`` like any runner failure: without retries left the
+    scan ends ``failed`` with ``reason`` as its error.
+    """
+
+    def __init__(self, reason: str = "", *, after: float | None = None) -> None:
+        if after is not None:
+            if isinstance(after, bool) or not isinstance(after, int | float):
+                raise TypeError(f"RetryLater(after=...) wants seconds, got {after!r}")
+            if not math.isfinite(after) or after < 0:
+                raise ValueError(f"RetryLater(after=...) wants seconds >= 0, got {after!r}")
+            after = min(float(after), MAX_RETRY_LATER_S)
+        super().__init__(reason)
+        self.reason = reason
+        self.after = after
+
+
 @dataclass(frozen=True)
 class ScanResult:
     """What a runner may return; ``findings_count`` lands in the scans row."""
@@ -138,7 +176,7 @@ class ScanContext:
 
     @property
     def cancelled(self) -> bool:
-        """True once the scan was canceled or this run lost its lease."""
+        """True once the scan was canceled, this run lost its lease, or it timed out."""
         return self._stop.is_set()
 
     @property
@@ -162,7 +200,9 @@ class ScanContext:
         self._send("scan.finding", finding)
 
     def request_stop(self, reason: str) -> None:
-        """Tell the runner to stop (called by the heartbeat when canceled or lease lost)."""
+        """Tell the runner to stop (the lease keeper: canceled, lease lost, timed out).
+
+        The first reason sticks."""
         if not self._stop.is_set():
             self._stop_reason = reason
             self._stop.set()

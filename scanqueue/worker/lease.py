@@ -11,6 +11,8 @@ use and again in each forked pool process) keeps every registered run's lease:
        │   row re-queued/gone ─▶ ctx told to stop ("lease lost")
        │   no renewal for the fence time (whatever the heartbeats do: fail,
        │   hang, raise)        ─▶ ctx told to stop ("lease in doubt")
+       │   the run's timeout passed (SCANQUEUE_SCAN_TIMEOUT or the row's
+       │   timeout_seconds)    ─▶ ctx told to stop ("timed out after N s")
        ▼
     told to stop ── still running after cancel_grace_s ──▶ on_overdue: the pool
                     process is terminated (:func:`terminate_overdue_run`)
@@ -46,6 +48,19 @@ log = logging.getLogger(__name__)
 # while calls hang, until the connection's client-side deadline frees them).
 MAX_HEARTBEAT_CALLERS = 64
 STOP_REASON_CANCELED = "canceled"
+# A timed-out run's stop reason starts so, and so does its scan's error (CONTRACT §7).
+STOP_REASON_TIMED_OUT = "timed out after"
+
+
+def timed_out_reason(timeout_s: float) -> str:
+    return f"{STOP_REASON_TIMED_OUT} {timeout_s:g} s"
+
+
+def was_timed_out(ctx: ScanContext) -> bool:
+    """True when the run was told to stop because it ran past its timeout."""
+    reason = ctx.stop_reason
+    return reason is not None and reason.startswith(STOP_REASON_TIMED_OUT)
+
 
 # Set in Celery prefork children, where ending the process is how a stuck run is
 # terminated (the pool replaces the process).  Elsewhere it would end the worker.
@@ -83,19 +98,24 @@ class LeaseKeeper:
         settings: LeaseSettings,
         on_overdue: Callable[[ScanContext], None] | None = None,
         worker_id: str | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         self.store = store
         self.ctx = ctx
         self.settings = settings
         self.on_overdue = on_overdue or terminate_overdue_run
         self.worker_id = worker_id
+        # None or <= 0: no limit.  Counted from start(), just after the run's start.
+        self.timeout_s = timeout_s if timeout_s is not None and timeout_s > 0 else None
         self._run: _LeasedRun | None = None
         self._keeper: LeaseThread | None = None
 
     def start(self) -> None:
         if self._run is not None:
             raise RuntimeError(f"the lease of scan {self.ctx.scan_id} is kept already")
-        self._run = _LeasedRun(self.store, self.ctx, self.settings, self.on_overdue, self.worker_id)
+        self._run = _LeasedRun(
+            self.store, self.ctx, self.settings, self.on_overdue, self.worker_id, self.timeout_s
+        )
         self._keeper = lease_thread()
         self._keeper.register(self._run)
 
@@ -109,6 +129,7 @@ class _LeasedRun:
 
     __slots__ = (
         "ctx",
+        "deadline",
         "fence_s",
         "in_flight",
         "kill_at",
@@ -117,6 +138,7 @@ class _LeasedRun:
         "on_overdue",
         "settings",
         "store",
+        "timeout_s",
         "worker_id",
     )
 
@@ -127,6 +149,7 @@ class _LeasedRun:
         settings: LeaseSettings,
         on_overdue: Callable[[ScanContext], None],
         worker_id: str | None,
+        timeout_s: float | None = None,
     ) -> None:
         self.store = store
         self.ctx = ctx
@@ -137,6 +160,8 @@ class _LeasedRun:
         # start_run wrote heartbeat_at just before this: a safe lower bound.
         self.last_renewed = time.monotonic()
         self.next_beat_at = self.last_renewed + settings.heartbeat_every_s
+        self.timeout_s = timeout_s
+        self.deadline = math.inf if timeout_s is None else self.last_renewed + timeout_s
         self.in_flight = False
         # Set once told to stop: when the grace period ends.
         self.kill_at: float | None = None
@@ -144,7 +169,7 @@ class _LeasedRun:
     def wake_at(self) -> float:
         if self.kill_at is not None:
             return self.kill_at
-        fence_at = self.last_renewed + self.fence_s
+        fence_at = min(self.last_renewed + self.fence_s, self.deadline)
         return fence_at if self.in_flight else min(fence_at, self.next_beat_at)
 
     def beat(self) -> tuple[bool, str | None]:
@@ -308,7 +333,9 @@ class LeaseThread:
                     run.on_overdue(run.ctx)
                 continue
             silent = now - run.last_renewed
-            if silent >= run.fence_s:
+            if now >= run.deadline and run.timeout_s is not None:
+                self._tell(run, timed_out_reason(run.timeout_s), now)
+            elif silent >= run.fence_s:
                 self._tell(run, f"lease in doubt (not renewed for {silent:.1f}s)", now)
             elif not run.in_flight and now >= run.next_beat_at:
                 run.in_flight = True

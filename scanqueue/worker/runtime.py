@@ -51,6 +51,9 @@ def worker_runtime(settings: Settings) -> WorkerRuntime:
                         heartbeat_every_s=settings.heartbeat_every_s,
                         lease_s=settings.lease_s,
                         cancel_grace_s=settings.cancel_grace_s,
+                        max_retries=settings.max_retries,
+                        retry_backoff_s=settings.retry_backoff_s,
+                        scan_timeout_s=settings.scan_timeout_s,
                     ),
                 ),
             )
