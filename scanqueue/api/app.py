@@ -4,7 +4,8 @@ Routes: ``/healthz``, ``/metrics`` (:mod:`~scanqueue.api.health`),
 ``/openapi.json`` (:mod:`~scanqueue.api.openapi`), ``/`` (the page in
 ``api/static/``) and, behind the optional bearer token, ``/api/v1/scans``
 (create, list, get, cancel — :mod:`~scanqueue.api.scans`) and
-``/api/v1/events`` (Server-Sent Events — :mod:`~scanqueue.api.sse`) and
+``/api/v1/events`` (Server-Sent Events — :mod:`~scanqueue.api.sse`),
+findings, diffs, providers and checks (:mod:`~scanqueue.api.findings`) and
 ``/api/v1/schedules`` (:mod:`~scanqueue.api.schedules`).  Requests
 pass :mod:`~scanqueue.api.guards` first.  The store's errors become 404, 409,
 503 and 500 answers here; :mod:`~scanqueue.api.serve` runs the app.
@@ -23,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from scanqueue.api.findings import get_diff, list_checks, list_findings, list_providers
 from scanqueue.api.guards import BearerAuth, LoopbackWriteGuard, error_response
 from scanqueue.api.health import healthz, metrics
 from scanqueue.api.hub import HUB_WINDOW
@@ -94,6 +96,10 @@ def create_app(
             Route("/api/v1/scans", list_scans, methods=["GET"]),
             Route("/api/v1/scans/{scan_id}", get_scan, methods=["GET"]),
             Route("/api/v1/scans/{scan_id}/cancel", cancel_scan, methods=["POST"]),
+            Route("/api/v1/scans/{scan_id}/findings", list_findings, methods=["GET"]),
+            Route("/api/v1/scans/{scan_id}/diff", get_diff, methods=["GET"]),
+            Route("/api/v1/providers", list_providers, methods=["GET"]),
+            Route("/api/v1/checks", list_checks, methods=["GET"]),
             Route("/api/v1/events", stream_events, methods=["GET"]),
             Route("/api/v1/schedules", list_schedules, methods=["GET"]),
             Route("/api/v1/schedules", create_schedule, methods=["POST"]),

@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from scanqueue.api import schedules
+from scanqueue.api import findings, schedules
 from scanqueue.db.schema import STATUSES
 
 
@@ -32,6 +32,9 @@ def _scan_schema() -> dict[str, Any]:
             "error": text_or_null,
             "findings_count": {"type": "integer"},
             "attempts": {"type": "integer"},
+            "findings_new": {"type": ["integer", "null"]},
+            "findings_fixed": {"type": ["integer", "null"]},
+            "baseline_id": text_or_null,
         },
         "required": ["id", "status", "created_at", "attempts"],
     }
@@ -93,6 +96,7 @@ OPENAPI: dict[str, Any] = {
                 "required": ["error"],
             },
             **schedules.SCHEMAS,
+            **findings.SCHEMAS,
             "Event": {
                 "type": "object",
                 "description": "Payload fields (attempt, message, percent, findings …) as well",
@@ -209,5 +213,6 @@ OPENAPI: dict[str, Any] = {
             }
         },
         **schedules.PATHS,
+        **findings.PATHS,
     },
 }
