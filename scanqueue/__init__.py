@@ -1,6 +1,7 @@
 """scanqueue: compliance scans recorded in a ``scans`` table, run by Celery workers.
 
-The public surface is the Runner API (CONTRACT §3).  The Celery app lives in
+The public surface is the Runner API (CONTRACT §3) and :func:`enqueue` (how a
+host application queues a scan, CONTRACT §7).  The Celery app lives in
 :mod:`scanqueue.worker.app` (``celery -A scanqueue`` finds it there), so importing
 this package for ``Job`` or ``ScanContext`` does not start Celery.
 """
@@ -9,27 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from scanqueue.runners.api import (
-    Job,
-    PermanentError,
-    RetryLater,
-    Runner,
-    RunnerFunc,
-    ScanContext,
-    ScanResult,
-    StubRunner,
-)
+from scanqueue.runners.api import Job, Runner, RunnerFunc, ScanContext, ScanResult, StubRunner
 
 __all__ = [
+    "EnqueueResult",
+    "InvalidScanRequest",
     "Job",
-    "PermanentError",
-    "RetryLater",
     "Runner",
     "RunnerFunc",
     "ScanContext",
     "ScanResult",
     "ScanRunner",
     "StubRunner",
+    "enqueue",
 ]
 
 
@@ -39,4 +32,13 @@ def __getattr__(name: str) -> Any:
         from scanqueue.runners.real import ScanRunner
 
         return ScanRunner
+    # Enqueueing from Python (CONTRACT §7) loads the store only when asked for.
+    if name in ("enqueue", "EnqueueResult"):
+        from scanqueue.db import producer
+
+        return getattr(producer, name)
+    if name == "InvalidScanRequest":
+        from scanqueue.db.scan_request import InvalidScanRequest
+
+        return InvalidScanRequest
     raise AttributeError(f"module 'scanqueue' has no attribute {name!r}")

@@ -4,8 +4,7 @@ Routes: ``/healthz``, ``/metrics`` (:mod:`~scanqueue.api.health`),
 ``/openapi.json`` (:mod:`~scanqueue.api.openapi`), ``/`` (the page in
 ``api/static/``) and, behind the optional bearer token, ``/api/v1/scans``
 (create, list, get, cancel — :mod:`~scanqueue.api.scans`) and
-``/api/v1/events`` (Server-Sent Events — :mod:`~scanqueue.api.sse`),
-findings, diffs, providers and checks (:mod:`~scanqueue.api.findings`) and
+``/api/v1/events`` (Server-Sent Events — :mod:`~scanqueue.api.sse`) and
 ``/api/v1/schedules`` (:mod:`~scanqueue.api.schedules`).  Requests
 pass :mod:`~scanqueue.api.guards` first.  The store's errors become 404, 409,
 503 and 500 answers here; :mod:`~scanqueue.api.serve` runs the app.
@@ -24,11 +23,18 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from scanqueue.api.findings import get_diff, list_checks, list_findings, list_providers
 from scanqueue.api.guards import BearerAuth, LoopbackWriteGuard, error_response
 from scanqueue.api.health import healthz, metrics
 from scanqueue.api.hub import HUB_WINDOW
 from scanqueue.api.openapi import openapi
+from scanqueue.api.queue import (
+    delete_limit,
+    get_queue,
+    list_limits,
+    pause_queue,
+    put_limit,
+    resume_queue,
+)
 from scanqueue.api.scans import cancel_scan, create_scan, get_scan, list_scans
 from scanqueue.api.schedules import (
     create_schedule,
@@ -96,11 +102,13 @@ def create_app(
             Route("/api/v1/scans", list_scans, methods=["GET"]),
             Route("/api/v1/scans/{scan_id}", get_scan, methods=["GET"]),
             Route("/api/v1/scans/{scan_id}/cancel", cancel_scan, methods=["POST"]),
-            Route("/api/v1/scans/{scan_id}/findings", list_findings, methods=["GET"]),
-            Route("/api/v1/scans/{scan_id}/diff", get_diff, methods=["GET"]),
-            Route("/api/v1/providers", list_providers, methods=["GET"]),
-            Route("/api/v1/checks", list_checks, methods=["GET"]),
             Route("/api/v1/events", stream_events, methods=["GET"]),
+            Route("/api/v1/queue", get_queue, methods=["GET"]),
+            Route("/api/v1/queue/pause", pause_queue, methods=["POST"]),
+            Route("/api/v1/queue/resume", resume_queue, methods=["POST"]),
+            Route("/api/v1/limits", list_limits, methods=["GET"]),
+            Route("/api/v1/limits/{key:path}", put_limit, methods=["PUT"]),
+            Route("/api/v1/limits/{key:path}", delete_limit, methods=["DELETE"]),
             Route("/api/v1/schedules", list_schedules, methods=["GET"]),
             Route("/api/v1/schedules", create_schedule, methods=["POST"]),
             Route("/api/v1/schedules/{name}", get_schedule, methods=["GET"]),

@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from scanqueue.api import findings, schedules
+from scanqueue.api import queue, schedules
 from scanqueue.db.schema import STATUSES
 
 
@@ -32,9 +32,14 @@ def _scan_schema() -> dict[str, Any]:
             "error": text_or_null,
             "findings_count": {"type": "integer"},
             "attempts": {"type": "integer"},
-            "findings_new": {"type": ["integer", "null"]},
-            "findings_fixed": {"type": ["integer", "null"]},
-            "baseline_id": text_or_null,
+            "priority": {"type": "integer"},
+            "run_after": time_or_null,
+            "scan_key": text_or_null,
+            "key": {"type": ["string", "null"], "description": "the effective key"},
+            "timeout_seconds": {"type": ["integer", "null"]},
+            "retries": {"type": "integer"},
+            "labels": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+            "deduplicated": {"type": "boolean", "description": "only in enqueue answers"},
         },
         "required": ["id", "status", "created_at", "attempts"],
     }
@@ -88,6 +93,23 @@ OPENAPI: dict[str, Any] = {
                     "providers": {"type": "array", "minItems": 1, "items": {"type": "string"}},
                     "frameworks": {"type": "array", "items": {"type": "string"}},
                     "user": {"type": ["string", "null"]},
+                    "priority": {"type": "integer", "description": "higher runs first"},
+                    "key": {"type": "string", "description": "limits, dedup, pauses"},
+                    "run_after": {
+                        "type": "string",
+                        "format": "date-time",
+                        "description": "ISO-8601; without an offset: UTC",
+                    },
+                    "timeout_seconds": {"type": "integer", "minimum": 1},
+                    "labels": {
+                        "type": "object",
+                        "maxProperties": 16,
+                        "additionalProperties": {"type": "string", "maxLength": 200},
+                    },
+                    "unique": {
+                        "type": "boolean",
+                        "description": "answer the key's queued scan (200) instead of adding one",
+                    },
                 },
             },
             "Error": {
@@ -96,7 +118,7 @@ OPENAPI: dict[str, Any] = {
                 "required": ["error"],
             },
             **schedules.SCHEMAS,
-            **findings.SCHEMAS,
+            **queue.SCHEMAS,
             "Event": {
                 "type": "object",
                 "description": "Payload fields (attempt, message, percent, findings …) as well",
@@ -136,9 +158,17 @@ OPENAPI: dict[str, Any] = {
                         "application/json": {"schema": {"$ref": "#/components/schemas/ScanRequest"}}
                     },
                 },
-                "responses": _responses(
-                    ("201", "The queued scan"), "400", "401", "403", "413", "415", "422", "503"
-                ),
+                "responses": {
+                    **_responses(
+                        ("201", "The queued scan"), "400", "401", "403", "413", "415", "422", "503"
+                    ),
+                    "200": {
+                        "description": "unique: the key's queued scan, deduplicated: true",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Scan"}}
+                        },
+                    },
+                },
             },
             "get": {
                 "summary": "List scans, newest first",
@@ -146,6 +176,14 @@ OPENAPI: dict[str, Any] = {
                     {"name": "status", "in": "query", "schema": {"enum": list(STATUSES)}},
                     {"name": "limit", "in": "query", "schema": {"type": "integer"}},
                     {"name": "offset", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "key", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "label",
+                        "in": "query",
+                        "description": "K:V, repeatable; every one must match",
+                        "schema": {"type": "array", "items": {"type": "string"}},
+                        "explode": True,
+                    },
                 ],
                 "responses": {
                     "200": {
@@ -213,6 +251,6 @@ OPENAPI: dict[str, Any] = {
             }
         },
         **schedules.PATHS,
-        **findings.PATHS,
+        **queue.PATHS,
     },
 }

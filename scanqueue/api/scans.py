@@ -1,8 +1,12 @@
 """The scan routes under ``/api/v1/scans``: create, get, list (newest first), cancel.
 
 A new scan's body is read by :func:`scanqueue.api.guards.read_json_body` and
-validated by :mod:`scanqueue.db.scan_request` (422 with details).  Database
-calls run in the thread pool, never on the event loop.
+validated by :mod:`scanqueue.db.scan_request` (422 with details) — the policy
+fields too (``priority``, ``key``, ``run_after``, ``timeout_seconds``,
+``labels``, ``unique``).  A new scan answers 201; with ``"unique": true`` and a
+queued scan of the same key, that scan answers 200 with ``"deduplicated":
+true``.  The list filters by ``status``, ``key`` and ``label=K:V`` (repeatable,
+all must match).  Database calls run in the thread pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ from starlette.responses import JSONResponse, Response
 
 from scanqueue.api.guards import RequestInvalid, error_response, read_json_body
 from scanqueue.api.state import state_of
-from scanqueue.db.scan_request import InvalidScanRequest, validate_scan_request
+from scanqueue.db.scan_request import (
+    InvalidScanRequest,
+    parse_label_filter,
+    validate_scan_request,
+)
 from scanqueue.db.schema import STATUSES
 from scanqueue.observe.event_sender import emit_standalone
 
@@ -30,9 +38,11 @@ async def create_scan(request: Request) -> Response:
         return error_response(exc.status, exc.message)
     except InvalidScanRequest as exc:
         return error_response(422, "invalid scan request", details=exc.details)
-    row = await run_in_threadpool(state.store.enqueue, scan.providers, scan.frameworks, scan.user)
+    row, deduplicated = await run_in_threadpool(state.store.enqueue_request, scan)
     return JSONResponse(
-        row.to_json(), status_code=201, headers={"Location": f"/api/v1/scans/{row.id}"}
+        {**row.to_json(), "deduplicated": deduplicated},
+        status_code=200 if deduplicated else 201,
+        headers={"Location": f"/api/v1/scans/{row.id}"},
     )
 
 
@@ -61,10 +71,18 @@ async def list_scans(request: Request) -> Response:
             raise RequestInvalid(422, f"status must be one of {', '.join(STATUSES)}")
         limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
         offset = _int_param(request, "offset", 0, 0, 10**9)
+        details: list[dict[str, str]] = []
+        labels = parse_label_filter(request.query_params.getlist("label"), ":", details, "label")
+        if details:
+            return error_response(422, details[0]["message"], details=details)
     except RequestInvalid as exc:
         return error_response(exc.status, exc.message)
-    rows = await run_in_threadpool(state_of(request).store.list_scans, status, limit, offset)
-    rows.reverse()  # the store returns a page oldest first; the API pages newest first
+    key = request.query_params.get("key") or None
+    rows = await run_in_threadpool(
+        lambda: state_of(request).store.list_scans(
+            status, limit, offset, key=key, labels=labels or None
+        )
+    )
     return JSONResponse(
         {
             "scans": [r.to_json() for r in rows],

@@ -1,0 +1,251 @@
+"""Scan policies in the store (CONTRACT §7), on SQLite and PostgreSQL: claim order,
+run_after, pauses, per-key limits (paging past a blocked hot key), intake of
+plain-SQL rows (keys, malformed rows failed), dedup under concurrency, labels."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from scanqueue.db.policies import Intake
+from scanqueue.db.scan_request import InvalidScanRequest, validate_scan_request
+from scanqueue.db.store import Store, store_for
+from scanqueue.dispatch.intake import derive_key
+from tests.conftest import insert_rows
+
+
+def add(store: Store, **body: Any) -> str:
+    body.setdefault("providers", ["aws"])
+    row, _ = store.enqueue_request(validate_scan_request(body))
+    time.sleep(0.003)  # created_at has millisecond precision on SQLite: keep the order
+    return row.id
+
+
+def claim(store: Store, n: int = 100, window: int = 1000, key_limit: int = 0) -> list[str]:
+    return store.claim_within_window(n, window, key_limit=key_limit, derive=derive_key)[0]
+
+
+def start(store: Store, ids: list[str]) -> None:
+    """Mark claimed scans running (what a worker's start does), so they hold slots."""
+    with store.engine.begin() as conn:
+        for scan_id in ids:
+            conn.execute(
+                text("UPDATE scans SET status='running', attempts=attempts+1 WHERE id=:i"),
+                {"i": scan_id},
+            )
+
+
+def finish(store: Store, ids: list[str]) -> None:
+    with store.engine.begin() as conn:
+        for scan_id in ids:
+            conn.execute(text("UPDATE scans SET status='completed' WHERE id=:i"), {"i": scan_id})
+
+
+def test_claim_order_is_priority_then_age(store: Store) -> None:
+    low = [add(store) for _ in range(3)]
+    high = add(store, priority=5)
+    neg = add(store, priority=-1)
+    assert claim(store) == [high, *low, neg]
+
+
+def test_run_after_in_the_future_is_not_claimed(store: Store) -> None:
+    later = add(store, run_after=(datetime.now(UTC) + timedelta(seconds=1.5)).isoformat())
+    now = add(store, run_after="2000-01-01T00:00:00")  # naive: UTC, long past
+    assert claim(store) == [now]
+    deadline = time.monotonic() + 10
+    got: list[str] = []
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.2)
+        got = claim(store)
+    assert got == [later]
+
+
+def test_pause_all_and_one_key_persist_and_resume(store: Store, db_url: str) -> None:
+    a = add(store, key="acct-a")
+    b = add(store, key="acct-b")
+    assert store.pause() and not store.pause()
+    assert claim(store) == []
+    # Another process (a restarted bridge) sees the same pauses.
+    other = Store(store.database_url)
+    assert [p["key"] for p in other.pauses()] == ["*"]
+    other.dispose()
+    store.pause("acct-a")
+    assert store.resume()
+    assert claim(store) == [b]
+    assert store.resume("acct-a") and not store.resume("acct-a")
+    assert claim(store) == [a]
+
+
+def test_per_key_limit_default_and_override(store: Store) -> None:
+    hot = [add(store, key="hot") for _ in range(5)]
+    cold = [add(store, key="cold") for _ in range(3)]
+    # Default limit 2: two of each key, and the others wait queued.
+    first = claim(store, key_limit=2)
+    assert first == [hot[0], hot[1], cold[0], cold[1]]
+    assert claim(store, key_limit=2) == []
+    start(store, first[:2])  # running still holds the slot
+    assert claim(store, key_limit=2) == []
+    finish(store, [hot[0]])
+    assert claim(store, key_limit=2) == [hot[2]]
+    store.set_limit("cold", 3)
+    assert claim(store, key_limit=2) == [cold[2]]
+    store.set_limit("hot", 0)  # 0: no limit for this key
+    assert claim(store, key_limit=2) == hot[3:]
+    store.clear_limit("hot")
+    with pytest.raises(Exception, match="no limit set"):
+        store.clear_limit("hot")
+
+
+def test_a_blocked_hot_key_does_not_starve_the_others(store: Store) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned, scan_key)"
+                " VALUES (:id, 'queued', '[\"aws\"]', '[]', 'hot')"
+            ),
+            [{"id": f"hot{i:05d}"} for i in range(5000)],
+        )
+    other = add(store, key="other")
+    # Take them all in first (intake works in batches), then claim under limit 1.
+    for _ in range(20):
+        if not store.has_unseen():
+            break
+        claim(store, n=0 + 1, window=0)
+    got = claim(store, key_limit=1)
+    assert got == ["hot00000", other]
+
+
+def test_intake_keys_plain_sql_rows_and_fails_malformed_ones(store: Store, db_url: str) -> None:
+    insert_rows(db_url, ["plain1"])
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned)"
+                " VALUES ('bad1', 'queued', '{\"not\": \"a list\"}', '[]')"
+            )
+        )
+    taken: list[Intake] = []
+    ids, _ = store.claim_within_window(10, 10, derive=derive_key, intake=taken)
+    assert ids == ["plain1"]
+    by_id = {t.scan_id: t for t in taken}
+    assert by_id["plain1"].key == "aws|soc2" and by_id["plain1"].error is None
+    assert by_id["bad1"].key is None and "providers_scanned" in (by_id["bad1"].error or "")
+    bad = store.get("bad1")
+    assert bad.status == "failed" and "providers_scanned" in (bad.error or "")
+    assert store.get("plain1").key == "aws|soc2"
+    # Seen once: a second pass takes nothing in again.
+    again: list[Intake] = []
+    store.claim_within_window(10, 10, derive=derive_key, intake=again)
+    assert again == []
+
+
+def test_unique_enqueue_returns_the_queued_scan_of_the_key(store: Store) -> None:
+    first = add(store, providers=["gcp", "aws"], frameworks=["soc2"], unique=True)
+    row, dup = store.enqueue_request(
+        validate_scan_request({"providers": ["aws", "gcp"], "frameworks": ["soc2"], "unique": True})
+    )
+    assert dup and row.id == first and row.key == "aws,gcp|soc2"
+    store.cancel(first)
+    row, dup = store.enqueue_request(
+        validate_scan_request({"providers": ["aws", "gcp"], "frameworks": ["soc2"], "unique": True})
+    )
+    assert not dup and row.id != first
+
+
+def test_concurrent_unique_enqueues_leave_one_queued_row(store: Store) -> None:
+    clients = 16
+    barrier = threading.Barrier(clients)
+    results: list[tuple[str, bool]] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            # A store per client: its own connections, as separate processes would have.
+            mine = Store(store.database_url)
+            barrier.wait(10)
+            row, dup = mine.enqueue_request(
+                validate_scan_request({"providers": ["aws"], "key": "acct-1", "unique": True})
+            )
+            results.append((row.id, dup))
+            mine.dispose()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len({scan_id for scan_id, _ in results}) == 1
+    assert sum(1 for _, dup in results if not dup) == 1
+    assert len(store.list_scans(key="acct-1")) == 1
+
+
+def test_labels_filter_and_list_newest_first(store: Store) -> None:
+    a = add(store, labels={"team": "payments", "env": "prod"})
+    b = add(store, labels={"team": "payments", "env": "dev"})
+    add(store, labels={"team": "search"})
+    assert [r.id for r in store.list_scans(labels={"team": "payments"})] == [b, a]
+    assert [r.id for r in store.list_scans(labels={"team": "payments", "env": "prod"})] == [a]
+    assert store.list_scans(labels={"team": "nobody"}) == []
+    row = store.get(a)
+    assert row.labels == {"team": "payments", "env": "prod"}
+    assert "triggered_by_token" not in row.to_json()
+
+
+def test_policy_fields_are_stored_and_shown(store: Store) -> None:
+    scan_id = add(
+        store,
+        priority=7,
+        key=" acct-9 ",
+        run_after="2030-01-02T03:04:05+01:00",
+        timeout_seconds=60,
+    )
+    shown = store.get(scan_id).to_json()
+    assert shown["priority"] == 7
+    assert shown["scan_key"] == "acct-9" and shown["key"] == "acct-9"
+    assert shown["run_after"] == "2030-01-02T02:04:05.000000+00:00"
+    assert shown["timeout_seconds"] == 60 and shown["retries"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"providers": ["aws"], "priority": "high"}, "priority"),
+        ({"providers": ["aws"], "priority": 10**7}, "priority"),
+        ({"providers": ["aws"], "timeout_seconds": 0}, "timeout_seconds"),
+        ({"providers": ["aws"], "run_after": "tomorrow"}, "run_after"),
+        ({"providers": ["aws"], "labels": ["x"]}, "labels"),
+        ({"providers": ["aws"], "labels": {f"k{i}": "v" for i in range(17)}}, "labels"),
+        ({"providers": ["aws"], "labels": {"bad key": "v"}}, "labels['bad key']"),
+        ({"providers": ["aws"], "labels": {"k": 1}}, "labels['k']"),
+        ({"providers": ["aws"], "key": "x" * 401}, "key"),
+        ({"providers": ["aws"], "unique": "yes"}, "unique"),
+    ],
+)
+def test_the_validator_names_the_bad_field(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidScanRequest) as info:
+        validate_scan_request(body)
+    assert [d["field"] for d in info.value.details] == [field]
+
+
+def test_queue_activity_per_key(store: Store) -> None:
+    ids = [add(store, key="k1") for _ in range(3)]
+    store.set_limit("k1", 2)
+    store.pause("k2")
+    start(store, claim(store, key_limit=0))
+    activity = {k["key"]: k for k in store.key_activity(0)}
+    assert activity["k1"]["running"] == 2 and activity["k1"]["limit"] == 2
+    assert activity["k2"]["paused"] and activity["k2"]["running"] == 0
+    assert store.oldest_queued_age_s() >= 0
+    assert ids
+
+
+def test_store_for_is_reused(db_url: str, store: Store) -> None:
+    assert store_for(store.database_url) is store
