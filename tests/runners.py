@@ -51,6 +51,14 @@ def failing_runner(job: Job, ctx: ScanContext) -> None:
     raise RuntimeError(f"scanner exploded on {','.join(job.providers_scanned)}")
 
 
+def flaky_runner(job: Job, ctx: ScanContext) -> ScanResult:
+    """Fails its first SCANQUEUE_TEST_FAILURES attempts (default 2), then completes."""
+    _journal("start", job)
+    if job.attempt <= int(os.environ.get("SCANQUEUE_TEST_FAILURES", "2")):
+        raise RuntimeError(f"throttled on attempt {job.attempt}")
+    return ScanResult(findings_count=1)
+
+
 def progress_runner(job: Job, ctx: ScanContext) -> ScanResult:
     ctx.progress("starting", percent=0)
     for i, provider in enumerate(job.providers_scanned):

@@ -8,6 +8,7 @@ to stop for a timeout never completes, whatever its runner returns.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -90,8 +91,10 @@ def run_after(store: Store, scan_id: str) -> datetime:
 
 
 def db_now(store: Store) -> datetime:
-    sql = "SELECT clock_timestamp()" if store.dialect == "postgresql" else (
-        "SELECT strftime('%Y-%m-%d %H:%M:%f','now')"
+    sql = (
+        "SELECT clock_timestamp()"
+        if store.dialect == "postgresql"
+        else ("SELECT strftime('%Y-%m-%d %H:%M:%f','now')")
     )
     with store.engine.begin() as conn:
         value = conn.execute(text(sql)).scalar_one()
@@ -351,3 +354,31 @@ def test_timeouts_and_retries_are_counted(store: Store) -> None:
 def test_no_timeout_by_default_or_with_zero(store: Store, timeout: int | None) -> None:
     insert_raw(store, "free", timeout_seconds=timeout)
     assert run(store, "free", lambda j, c: c.wait(0.7), timeouts()) is Outcome.COMPLETED
+
+
+# -- the real runner -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"command": ["/nonexistent/scanner-xyz"]}, "scanner-xyz"),
+        ({"command": [sys.executable, "-c", "import time; time.sleep(30)"], "timeout": 0.5}, ""),
+    ],
+    ids=["fails-to-start", "times-out"],
+)
+def test_a_real_scanner_that_fails_to_start_or_times_out_is_retried(
+    store: Store, monkeypatch: pytest.MonkeyPatch, config: dict[str, Any], says: str
+) -> None:
+    from scanqueue import ScanRunner
+    from scanqueue.runners.store import RunnerStore
+
+    monkeypatch.setenv("DATABASE_URL", store.database_url)
+    RunnerStore(store).add_provider("scanner", "sarif-command", config)
+    insert_raw(store, "real", providers='["scanner"]')
+    settings = timeouts(max_retries=1, retry_backoff_s=0)
+    outcome = execute_scan("real", store=store, runner=ScanRunner(), settings=settings)
+    assert outcome is Outcome.RETRYING
+    row = store.get("real")
+    assert row.status == "queued" and "scanner" in (row.error or "") and says in (row.error or "")
+    assert column(store, "real", "retries") == 1
