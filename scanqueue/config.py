@@ -48,6 +48,8 @@ DEFAULT_REDISPATCH_AFTER_S = 30.0
 DEFAULT_EVENTS_MAXLEN = 100_000  # events kept in the Redis stream or the table
 MIN_LEASE_S = 2.0
 DEFAULT_SSE_MAX_SUBSCRIBERS = 100  # open event streams per serve process; past it 503
+DEFAULT_RETAIN_DAYS = 0.0  # days a finished scan is kept (CONTRACT §9); 0: for ever
+DEFAULT_RETAIN_PER_KEY = 10  # completed scans of each key never pruned, however old
 
 # Every SCANQUEUE_* variable scanqueue reads (CONTRACT §1 and the tuning knobs
 # documented beside the code that reads them).  Anything else with the prefix is
@@ -131,6 +133,8 @@ class Settings:
     api_token: str | None = field(default=None, repr=False)
     api_insecure: bool = False
     sse_max_subscribers: int = DEFAULT_SSE_MAX_SUBSCRIBERS
+    retain_days: float = DEFAULT_RETAIN_DAYS
+    retain_per_key: int = DEFAULT_RETAIN_PER_KEY
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -225,6 +229,8 @@ class Settings:
             sse_max_subscribers=_int(
                 env, "SCANQUEUE_SSE_MAX_SUBSCRIBERS", DEFAULT_SSE_MAX_SUBSCRIBERS, minimum=1
             ),
+            retain_days=_days(env, "SCANQUEUE_RETAIN_DAYS", DEFAULT_RETAIN_DAYS),
+            retain_per_key=_int(env, "SCANQUEUE_RETAIN_PER_KEY", DEFAULT_RETAIN_PER_KEY, minimum=0),
         )
 
     @property
@@ -443,6 +449,19 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float)
         raise ConfigError(name, f"expected a number of seconds, got {raw!r}") from None
     if not value >= minimum or value == float("inf"):  # also rejects NaN
         raise ConfigError(name, f"must be a finite number of at least {minimum}, got {raw!r}")
+    return value
+
+
+def _days(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _text(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a number of days, got {raw!r}") from None
+    if not value >= 0 or value == float("inf"):  # also rejects NaN
+        raise ConfigError(name, f"must be a finite number of days of at least 0, got {raw!r}")
     return value
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from scanqueue.api import queue, schedules
+from scanqueue.api import queue, schedules, webhooks
 from scanqueue.db.schema import STATUSES
 
 
@@ -119,6 +119,7 @@ OPENAPI: dict[str, Any] = {
             },
             **schedules.SCHEMAS,
             **queue.SCHEMAS,
+            **webhooks.SCHEMAS,
             "Event": {
                 "type": "object",
                 "description": "Payload fields (attempt, message, percent, findings …) as well",
@@ -252,5 +253,6 @@ OPENAPI: dict[str, Any] = {
         },
         **schedules.PATHS,
         **queue.PATHS,
+        **webhooks.PATHS,
     },
 }

@@ -407,13 +407,17 @@ def _register_commands() -> None:
     """Commands that live beside what they drive: serve (web) and the real runner's."""
     from scanqueue.api.serve import serve_command
     from scanqueue.cli.policies import register as register_policies
+    from scanqueue.cli.prune import prune_command
     from scanqueue.cli.queue import queue_command
     from scanqueue.cli.runners import register
     from scanqueue.cli.schedules import schedules_group
+    from scanqueue.cli.webhooks import webhooks_group
 
     cli.add_command(serve_command)
     cli.add_command(queue_command)
     cli.add_command(schedules_group)
+    cli.add_command(webhooks_group)
+    cli.add_command(prune_command)
     register_policies(cli)
     register(cli)
 

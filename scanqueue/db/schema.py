@@ -24,6 +24,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    UniqueConstraint,
     false,
     literal_column,
     text,
@@ -162,6 +163,9 @@ scans = Table(
     # Schedules (CONTRACT §8): the schedule that fired the scan and its fire time.
     Column("schedule_name", Text, nullable=True),
     Column("scheduled_for", UTCDateTime, nullable=True),
+    # Webhooks (CONTRACT §9): when the leader's fan-out put the finished scan into
+    # the outbox (NULL until then).
+    Column("notified_at", UTCDateTime, nullable=True),
 )
 
 # The bridge's hot path: queued rows not yet handed to the broker, in the claim's
@@ -222,6 +226,56 @@ Index(
     postgresql_where=scans.c.schedule_name.is_not(None),
     sqlite_where=scans.c.schedule_name.is_not(None),
 )
+
+# Webhooks' fan-out: finished scans not yet put into the outbox (never the history).
+Index(
+    "scans_unnotified_idx",
+    scans.c.finished_at,
+    postgresql_where=scans.c.status.in_(FINISHED_STATUSES) & scans.c.notified_at.is_(None),
+    sqlite_where=scans.c.status.in_(FINISHED_STATUSES) & scans.c.notified_at.is_(None),
+)
+# Retention: the scans of a key that started after a candidate finished (its baseline's users).
+Index("scans_key_started_idx", scans.c.effective_key, scans.c.started_at)
+
+# Webhooks (CONTRACT §9): receivers, and the durable outbox of their deliveries, one
+# row per (receiver, scan); ``payload`` is the exact JSON text POSTed on every try,
+# ``next_attempt_at`` NULL once delivered or given up (scanqueue/db/webhooks.py).
+webhooks = Table(
+    "scanqueue_webhooks",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("url", Text, nullable=False, unique=True),
+    Column("secret", Text, nullable=False),
+    Column("events", Text, nullable=False, server_default=text("'completed,failed,canceled'")),
+    Column("only_new_findings", Boolean, nullable=False, server_default=false()),
+    Column("created_at", UTCDateTime, nullable=False, server_default=utcnow_default()),
+)
+webhook_deliveries = Table(
+    "scanqueue_webhook_deliveries",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("webhook_id", BigInteger, nullable=False),
+    Column("scan_id", Text, nullable=False),
+    Column("delivery_id", Text, nullable=False, unique=True),
+    Column("payload", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", UTCDateTime, nullable=True),
+    Column("delivered_at", UTCDateTime, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False, server_default=utcnow_default()),
+    UniqueConstraint("webhook_id", "scan_id", name="webhook_deliveries_once_uq"),
+)
+Index(
+    "webhook_deliveries_due_idx",
+    webhook_deliveries.c.next_attempt_at,
+    postgresql_where=webhook_deliveries.c.next_attempt_at.is_not(None),
+    sqlite_where=webhook_deliveries.c.next_attempt_at.is_not(None),
+)
+Index("webhook_deliveries_scan_idx", webhook_deliveries.c.scan_id)
 
 # Recurring scans (CONTRACT §8), fired by the leader bridge: ``cron`` (five fields,
 # in ``tz``) or ``every_seconds`` (multiples of it since the Unix epoch).

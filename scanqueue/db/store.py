@@ -13,7 +13,9 @@ each a mixin in a module of its own:
 * :mod:`scanqueue.db.policies` — per-key limits, pauses, keys' activity, intake;
 * :mod:`scanqueue.db.runs` — the worker and the reaper: start, heartbeat, finish, retry;
 * :mod:`scanqueue.db.leases` — leadership without Redis;
-* :mod:`scanqueue.db.schedules` — ``scan_schedules`` and the scans they fire.
+* :mod:`scanqueue.db.schedules` — ``scan_schedules`` and the scans they fire;
+* :mod:`scanqueue.db.webhooks` — webhooks, their outbox, fan-out and deliveries;
+* :mod:`scanqueue.db.retention` — which old finished scans go, deleted in batches.
 
 Each state change is one compare-and-set statement keyed on
 ``(id, status[, attempts])``, so a duplicate message, a zombie run, the reaper
@@ -36,10 +38,12 @@ from sqlalchemy import Engine
 from scanqueue.db.claims import ClaimsMixin
 from scanqueue.db.engine import describe_db_error, make_engine, retry_with_backoff
 from scanqueue.db.leases import LeasesMixin
+from scanqueue.db.retention import RetentionMixin
 from scanqueue.db.rows import ReapedScan, ScanRow, StartedRun, decode_json, iso
 from scanqueue.db.runs import RunsMixin
 from scanqueue.db.scans import ScansMixin
 from scanqueue.db.schedules import SchedulesMixin
+from scanqueue.db.webhooks import WebhooksMixin
 
 # Names that lived here before the store was split: still importable from here
 # (code being written elsewhere uses them), but new code imports from their home.
@@ -57,7 +61,15 @@ __all__ = [
 ]
 
 
-class Store(ScansMixin, ClaimsMixin, RunsMixin, LeasesMixin, SchedulesMixin):
+class Store(
+    ScansMixin,
+    ClaimsMixin,
+    RunsMixin,
+    LeasesMixin,
+    SchedulesMixin,
+    WebhooksMixin,
+    RetentionMixin,
+):
     """All statements against ``scans``; one instance per process and database."""
 
     def __init__(self, database_url: str, engine: Engine | None = None) -> None:

@@ -15,9 +15,11 @@ a ``run_once`` plus a thin loop that only waits, stops and logs:
   lock TTL to wait out.
 * maintenance — every second: renew or contest leadership; refresh the live
   workers' slots (the window's default); as leader only, reap orphaned runs,
-  re-send scans whose messages the broker lost and fire due schedules
-  (:mod:`scanqueue.dispatch.schedules`); on every replica, refresh the
-  queue-depth gauge.
+  re-send scans whose messages the broker lost, fire due schedules
+  (:mod:`scanqueue.dispatch.schedules`) and run the leader tasks plugged in by
+  :mod:`scanqueue.dispatch.service` — webhooks (:mod:`scanqueue.dispatch.webhooks`)
+  and retention (:mod:`scanqueue.dispatch.retention`); on every replica, refresh
+  the queue-depth gauge.
 
 Per scan::
 
@@ -231,6 +233,10 @@ class BridgeService:
         self._last_redispatch_check = 0.0
         self._live_slots: int | None = None  # refreshed by maintenance
         self._recheck_s = WINDOW_RECHECK_MIN_S
+        # Leader-only maintenance plugged in by service.py (webhooks, retention):
+        # (name, run_once, close); each bounded per tick, and one that fails never
+        # skips the others.
+        self.leader_tasks: list[tuple[str, Callable[[], object], Callable[[], object] | None]] = []
 
     # -- the window ---------------------------------------------------------------
 
@@ -282,6 +288,8 @@ class BridgeService:
             self.hooks.queue_depth(self.store.queue_depth(max_age_s=MAINTENANCE_EVERY_S))
         if leader:
             fire_due_once(self.store, emit=self.hooks.schedule_event)
+            for name, task, _close in self.leader_tasks:
+                self._guarded(name, task)
 
     def reap_step(self) -> None:
         reaped = self.store.reap_orphans(self.lease_s, self.max_attempts)
@@ -361,6 +369,9 @@ class BridgeService:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.watcher.close()
+        for _name, _task, close in self.leader_tasks:
+            if close is not None:
+                self._guarded("stop", close)
         self.leadership.release()
         if self.hooks.leader:
             self.hooks.leader(False)

@@ -109,6 +109,23 @@ def _schedule_events(settings: Settings) -> Any:
     return schedule_event
 
 
+def _plug_leader_tasks(service: BridgeService, settings: Settings) -> None:
+    """Webhooks (fan-out and delivery) and retention, on the leader's maintenance tick."""
+    from scanqueue.dispatch.retention import Retention
+    from scanqueue.dispatch.webhooks import WebhookDispatcher
+    from scanqueue.observe.metrics import report_delivery, report_pruned
+
+    webhooks = WebhookDispatcher(service.store, report=report_delivery)
+    retention = Retention(
+        service.store,
+        days=settings.retain_days,
+        per_key=settings.retain_per_key,
+        report=lambda c: report_pruned(c.scans, c.findings, c.events),
+    )
+    service.leader_tasks.append(("webhooks", webhooks.run_once, webhooks.close))
+    service.leader_tasks.append(("retention", retention.run_once, None))
+
+
 def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
     store = store_for(settings.database_url)
     from scanqueue.observe.metrics import bridge_hooks
@@ -116,7 +133,7 @@ def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
     hooks = bridge_hooks(store)  # store: scanqueue_scans{status}, unknown-status warnings
     hooks.lost_runs = _lost_run_events(settings)
     hooks.schedule_event = _schedule_events(settings)
-    return BridgeService(
+    service = BridgeService(
         store,
         make_publisher(app),
         leadership_for(settings, store),
@@ -132,3 +149,5 @@ def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
         derive=derive_key,
         on_intake=intake_events(settings),
     )
+    _plug_leader_tasks(service, settings)
+    return service

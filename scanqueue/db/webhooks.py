@@ -1,0 +1,558 @@
+"""Webhooks (CONTRACT §9): receivers, the durable outbox, and the statements behind both.
+
+Owns ``scanqueue_webhooks``, ``scanqueue_webhook_deliveries`` and
+``scans.notified_at``; what a webhook definition may be
+(:func:`validate_webhook`, shared by the CLI and the API); the payload a
+receiver gets (:func:`build_payload`); and the retry schedule
+(:func:`retry_delay_s`).  Sending is above, in
+:mod:`scanqueue.dispatch.webhooks`.
+
+A delivery's life, one outbox row per (receiver, scan)::
+
+    scan finished ──fan_out──▶ pending (next_attempt_at = now)
+                                 │ claim: next_attempt_at = now + CLAIM_S, attempts + 1
+                                 ▼
+                              in flight ──2xx──▶ delivered (next_attempt_at NULL)
+                                 │ error, timeout, non-2xx
+                                 ├── attempts < MAX ──▶ pending (now + backoff)
+                                 └── attempts = MAX ──▶ given up (next_attempt_at NULL)
+
+The fan-out inserts outbox rows and marks the scans notified in one
+transaction; ``INSERT … ON CONFLICT DO NOTHING`` on the unique (webhook_id,
+scan_id) makes a second fan-out of the same scan (two leaders, a crash after
+the insert) harmless.  A claim is a compare-and-set on ``next_attempt_at``, so
+of two leaders one sends; a leader that dies mid-send leaves the claim to run
+out after :data:`CLAIM_S`, and the row is sent again (at least once: receivers
+deduplicate on ``X-Scanqueue-Delivery``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import and_, case, delete, func, insert, select, update
+from sqlalchemy import exc as sa_exc
+
+from scanqueue.config import mask_url
+from scanqueue.db.engine import StoreBase
+from scanqueue.db.rows import decode_json, iso
+from scanqueue.db.schema import (
+    FINISHED_STATUSES,
+    db_now_plus,
+    scans,
+    webhook_deliveries,
+    webhooks,
+)
+from scanqueue.errors import ConflictError, NotFoundError, ScanqueueError
+
+MAX_URL_CHARS = 2000
+MAX_SECRET_CHARS = 1000
+DEFAULT_EVENTS = FINISHED_STATUSES  # completed, failed, canceled
+# Retries: attempt n (1-based) failed → the next after min(BASE·2^(n-1), MAX) seconds,
+# ±10 % jitter; after MAX_DELIVERY_ATTEMPTS tries the row is given up.  10 tries span
+# 10+20+40+80+160+320+640+900+900 s ≈ 51 minutes.
+MAX_DELIVERY_ATTEMPTS = 10
+RETRY_BASE_S = 10.0
+RETRY_MAX_S = 900.0
+RETRY_JITTER = 0.1
+CLAIM_S = 60.0  # a claimed row is the claimer's for this long (well over the HTTP timeout)
+FANOUT_BATCH = 200  # finished scans put into the outbox per call, at most
+MAX_ERROR_CHARS = 500
+# uuid5 namespace of delivery ids: one id per (receiver, scan), whoever computes it.
+DELIVERY_NAMESPACE = uuid.UUID("6f1d3c1e-4b7a-5d1e-9a43-0c2f8e5b7a10")
+
+
+class InvalidWebhook(ScanqueueError):
+    """A webhook definition that cannot be used; ``details`` name the fields."""
+
+    def __init__(self, details: list[dict[str, str]]) -> None:
+        self.details = details
+        super().__init__("; ".join(f"{d['field']}: {d['message']}" for d in details))
+
+
+@dataclass(frozen=True)
+class WebhookSpec:
+    url: str
+    secret: str = field(repr=False)
+    events: tuple[str, ...] = DEFAULT_EVENTS
+    only_new_findings: bool = False
+
+
+def parse_events(raw: Any) -> tuple[str, ...]:
+    """``"completed,failed"`` or ``["completed", "failed"]`` → the statuses, in order.
+
+    Raises ValueError naming what is wrong.
+    """
+    if isinstance(raw, str):
+        items = [part.strip() for part in raw.split(",")]
+    elif isinstance(raw, list | tuple) and all(isinstance(p, str) for p in raw):
+        items = [p.strip() for p in raw]
+    else:
+        raise ValueError("expected a list of statuses, or a comma-separated string")
+    items = [p for p in items if p]
+    if not items:
+        raise ValueError(f"name at least one of {', '.join(DEFAULT_EVENTS)}")
+    unknown = [p for p in items if p not in DEFAULT_EVENTS]
+    if unknown:
+        raise ValueError(
+            f"unknown status {unknown[0]!r}: expected some of {', '.join(DEFAULT_EVENTS)}"
+        )
+    return tuple(s for s in DEFAULT_EVENTS if s in items)
+
+
+def _url_problem(url: Any) -> str | None:
+    if not isinstance(url, str) or not url.strip():
+        return "required: an http:// or https:// URL"
+    if len(url) > MAX_URL_CHARS:
+        return f"at most {MAX_URL_CHARS} characters"
+    if any(not c.isprintable() or c.isspace() for c in url):
+        return "no spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        return "malformed URL"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "only http:// and https:// URLs are accepted"
+    if not parts.hostname:
+        return "the URL names no host"
+    return None
+
+
+def validate_webhook(body: Any) -> WebhookSpec:
+    """A webhook from a JSON object (the API's body, the CLI's options); InvalidWebhook if bad.
+
+    Fields: ``url`` (http or https), ``secret`` (1–1000 characters, no control
+    characters), optional ``events`` (list or comma-separated; default all three
+    finished statuses) and ``only_new_findings`` (boolean).
+    """
+    if not isinstance(body, Mapping):
+        raise InvalidWebhook([{"field": "body", "message": "expected a JSON object"}])
+    details: list[dict[str, str]] = []
+    unknown = sorted(set(body) - {"url", "secret", "events", "only_new_findings"})
+    for name in unknown:
+        details.append({"field": str(name), "message": "unknown field"})
+    url = body.get("url")
+    problem = _url_problem(url)
+    if problem:
+        details.append({"field": "url", "message": problem})
+    secret = body.get("secret")
+    if not isinstance(secret, str) or not secret:
+        details.append({"field": "secret", "message": "required: a non-empty string"})
+    elif len(secret) > MAX_SECRET_CHARS:
+        details.append({"field": "secret", "message": f"at most {MAX_SECRET_CHARS} characters"})
+    elif any(not c.isprintable() for c in secret):
+        details.append({"field": "secret", "message": "no control characters"})
+    events: tuple[str, ...] = DEFAULT_EVENTS
+    if body.get("events") is not None:
+        try:
+            events = parse_events(body["events"])
+        except ValueError as exc:
+            details.append({"field": "events", "message": str(exc)})
+    only_new = body.get("only_new_findings", False)
+    if only_new is None:
+        only_new = False
+    if not isinstance(only_new, bool):
+        details.append({"field": "only_new_findings", "message": "expected true or false"})
+    if details:
+        raise InvalidWebhook(details)
+    assert isinstance(url, str) and isinstance(secret, str)
+    return WebhookSpec(url.strip(), secret, events, bool(only_new))
+
+
+@dataclass(frozen=True)
+class WebhookRow:
+    """A webhook as users see it: never its secret; the URL's password masked."""
+
+    id: int
+    url: str
+    events: tuple[str, ...]
+    only_new_findings: bool
+    created_at: datetime | None
+    pending: int = 0
+    delivered: int = 0
+    given_up: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "url": mask_url(self.url),
+            "events": list(self.events),
+            "only_new_findings": self.only_new_findings,
+            "created_at": iso(self.created_at),
+            "deliveries": {
+                "pending": self.pending,
+                "delivered": self.delivered,
+                "given_up": self.given_up,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    """An outbox row claimed for sending (attempts already counts this try)."""
+
+    id: int
+    delivery_id: str
+    webhook_id: int
+    scan_id: str
+    url: str
+    secret: str = field(repr=False)
+    payload: str = field(repr=False)
+    attempts: int = 1
+
+
+def delivery_id_for(webhook_id: int, scan_id: str) -> str:
+    """The ``X-Scanqueue-Delivery`` value: one per (receiver, scan), stable."""
+    return str(uuid.uuid5(DELIVERY_NAMESPACE, f"{webhook_id}/{scan_id}"))
+
+
+def build_payload(scan: Mapping[Any, Any], delivery_id: str) -> str:
+    """The JSON body POSTed for a finished scan (never the token: it is not read)."""
+    status = scan["status"]
+    return json.dumps(
+        {
+            "type": f"scan.{status}",
+            "delivery_id": delivery_id,
+            "scan_id": scan["id"],
+            "status": status,
+            "key": scan.get("effective_key"),
+            "findings_count": scan.get("findings_count") or 0,
+            "findings_new": scan.get("findings_new"),
+            "findings_fixed": scan.get("findings_fixed"),
+            "baseline_id": scan.get("baseline_id"),
+            "error": scan.get("error"),
+            "providers": decode_json(scan.get("providers_scanned")),
+            "frameworks": decode_json(scan.get("frameworks_scanned")),
+            "triggered_by_user": scan.get("triggered_by_user"),
+            "created_at": iso(scan.get("created_at")),
+            "started_at": iso(scan.get("started_at")),
+            "finished_at": iso(scan.get("finished_at")),
+        },
+        separators=(",", ":"),
+        default=str,
+    )
+
+
+def retry_delay_s(attempts: int, rng: random.Random | None = None) -> float:
+    """Seconds before the next try after ``attempts`` failed ones (jittered)."""
+    base = min(RETRY_BASE_S * 2 ** max(0, attempts - 1), RETRY_MAX_S)
+    jitter: float = (rng or random).uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
+    return float(base * jitter)
+
+
+def _wants(hook: Mapping[Any, Any], scan: Mapping[Any, Any]) -> bool:
+    if scan["status"] not in str(hook["events"]).split(","):
+        return False
+    finished = scan["finished_at"]
+    if finished is not None and hook["created_at"] is not None and finished < hook["created_at"]:
+        return False  # finished before the webhook existed: no history flood
+    return not hook["only_new_findings"] or (scan.get("findings_new") or 0) > 0
+
+
+_PAYLOAD_COLUMNS = (
+    scans.c.id,
+    scans.c.status,
+    scans.c.effective_key,
+    scans.c.findings_count,
+    scans.c.findings_new,
+    scans.c.findings_fixed,
+    scans.c.baseline_id,
+    scans.c.error,
+    scans.c.providers_scanned,
+    scans.c.frameworks_scanned,
+    scans.c.triggered_by_user,
+    scans.c.created_at,
+    scans.c.started_at,
+    scans.c.finished_at,
+)
+
+
+class WebhooksMixin(StoreBase):
+    """Receivers, the fan-out into the outbox, and claiming and recording deliveries."""
+
+    def add_webhook(self, spec: WebhookSpec) -> WebhookRow:
+        """Insert a receiver; ConflictError when one with that URL exists."""
+        try:
+            with self._tx(single=True) as conn:
+                row = conn.execute(
+                    insert(webhooks)
+                    .values(
+                        url=spec.url,
+                        secret=spec.secret,
+                        events=",".join(spec.events),
+                        only_new_findings=spec.only_new_findings,
+                    )
+                    .returning(webhooks.c.id)
+                ).one()
+        except sa_exc.IntegrityError:
+            raise ConflictError(f"a webhook for {mask_url(spec.url)} exists already") from None
+        return self._webhook(int(row[0]))
+
+    def list_webhooks(self) -> list[WebhookRow]:
+        """Every receiver, oldest first, with its deliveries counted."""
+        d = webhook_deliveries.c
+        counts = (
+            select(
+                d.webhook_id,
+                func.sum(case((d.delivered_at.is_not(None), 1), else_=0)).label("delivered"),
+                func.sum(case((d.next_attempt_at.is_not(None), 1), else_=0)).label("pending"),
+                func.sum(
+                    case((and_(d.delivered_at.is_(None), d.next_attempt_at.is_(None)), 1), else_=0)
+                ).label("given_up"),
+            )
+            .group_by(d.webhook_id)
+            .subquery()
+        )
+        with self._tx(single=True) as conn:
+            rows = conn.execute(
+                select(
+                    webhooks.c.id,
+                    webhooks.c.url,
+                    webhooks.c.events,
+                    webhooks.c.only_new_findings,
+                    webhooks.c.created_at,
+                    counts.c.delivered,
+                    counts.c.pending,
+                    counts.c.given_up,
+                )
+                .outerjoin(counts, counts.c.webhook_id == webhooks.c.id)
+                .order_by(webhooks.c.id)
+            ).all()
+        return [
+            WebhookRow(
+                id=int(r.id),
+                url=r.url,
+                events=tuple(e for e in str(r.events).split(",") if e),
+                only_new_findings=bool(r.only_new_findings),
+                created_at=r.created_at,
+                pending=int(r.pending or 0),
+                delivered=int(r.delivered or 0),
+                given_up=int(r.given_up or 0),
+            )
+            for r in rows
+        ]
+
+    def _webhook(self, webhook_id: int) -> WebhookRow:
+        for row in self.list_webhooks():
+            if row.id == webhook_id:
+                return row
+        raise NotFoundError(f"no webhook with id {webhook_id}")
+
+    def remove_webhook(self, url: str | None = None, webhook_id: int | None = None) -> WebhookRow:
+        """Delete a receiver (by URL or id) and its outbox rows; NotFoundError if none."""
+        where = webhooks.c.url == url if url is not None else webhooks.c.id == webhook_id
+        found = [
+            w
+            for w in self.list_webhooks()
+            if (url is not None and w.url == url) or (url is None and w.id == webhook_id)
+        ]
+        what = mask_url(url) if url is not None else f"id {webhook_id}"
+        if not found:
+            raise NotFoundError(f"no webhook for {what}")
+        with self._tx() as conn:
+            conn.execute(
+                delete(webhook_deliveries).where(webhook_deliveries.c.webhook_id == found[0].id)
+            )
+            if not conn.execute(delete(webhooks).where(where)).rowcount:
+                raise NotFoundError(f"no webhook for {what}")
+        return found[0]
+
+    # -- the leader: fan-out, claims, outcomes ----------------------------------------
+
+    def fan_out(self, limit: int = FANOUT_BATCH) -> tuple[int, int]:
+        """Put up to ``limit`` finished, not yet notified scans into the outbox.
+
+        Returns (scans marked notified, outbox rows made).  One transaction: the
+        rows and the marks commit together, and a repeat inserts nothing twice.
+        """
+        with self._tx() as conn:
+            found = conn.execute(
+                select(*_PAYLOAD_COLUMNS)
+                .where(scans.c.status.in_(FINISHED_STATUSES), scans.c.notified_at.is_(None))
+                .order_by(scans.c.finished_at)
+                .limit(limit)
+            ).all()
+            if not found:
+                return 0, 0
+            hooks = [
+                r._mapping
+                for r in conn.execute(
+                    select(
+                        webhooks.c.id,
+                        webhooks.c.events,
+                        webhooks.c.only_new_findings,
+                        webhooks.c.created_at,
+                    )
+                ).all()
+            ]
+            outbox: list[dict[str, Any]] = []
+            for scan_row in found:
+                scan = scan_row._mapping
+                for hook in hooks:
+                    if _wants(hook, scan):
+                        delivery_id = delivery_id_for(int(hook["id"]), scan["id"])
+                        outbox.append(
+                            {
+                                "webhook_id": int(hook["id"]),
+                                "scan_id": scan["id"],
+                                "delivery_id": delivery_id,
+                                "payload": build_payload(scan, delivery_id),
+                                "next_attempt_at": None,
+                            }
+                        )
+            made = 0
+            if outbox:
+                if self.dialect == "postgresql":
+                    from sqlalchemy.dialects.postgresql import insert as dialect_insert
+                else:
+                    from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
+                for row in outbox:
+                    row["next_attempt_at"] = self._now
+                made = conn.execute(
+                    dialect_insert(webhook_deliveries).values(outbox).on_conflict_do_nothing()
+                ).rowcount
+            conn.execute(
+                update(scans)
+                .where(scans.c.id.in_([r.id for r in found]), scans.c.notified_at.is_(None))
+                .values(notified_at=self._now)
+            )
+        return len(found), max(made, 0)
+
+    def claim_due_deliveries(self, limit: int, claim_s: float = CLAIM_S) -> list[DueDelivery]:
+        """Claim up to ``limit`` due outbox rows (compare-and-set on ``next_attempt_at``)."""
+        if limit <= 0:
+            return []
+        d = webhook_deliveries.c
+        with self._tx(single=True) as conn:
+            due = conn.execute(
+                select(
+                    d.id,
+                    d.delivery_id,
+                    d.webhook_id,
+                    d.scan_id,
+                    d.payload,
+                    d.attempts,
+                    webhooks.c.url,
+                    webhooks.c.secret,
+                )
+                .join(webhooks, webhooks.c.id == d.webhook_id)
+                .where(d.next_attempt_at.is_not(None), d.next_attempt_at <= self._now)
+                .order_by(d.next_attempt_at)
+                .limit(limit)
+            ).all()
+        claimed: list[DueDelivery] = []
+        for row in due:
+            with self._tx(single=True) as conn:
+                won = conn.execute(
+                    update(webhook_deliveries)
+                    # attempts, not the timestamp: SQLite keeps times as text, and a
+                    # datetime read back does not compare equal to the stored string.
+                    .where(
+                        d.id == row.id,
+                        d.attempts == row.attempts,
+                        d.next_attempt_at.is_not(None),
+                        d.next_attempt_at <= self._now,
+                    )
+                    .values(
+                        next_attempt_at=db_now_plus(self.dialect, claim_s),
+                        attempts=d.attempts + 1,
+                    )
+                ).rowcount
+            if won == 1:
+                claimed.append(
+                    DueDelivery(
+                        id=int(row.id),
+                        delivery_id=row.delivery_id,
+                        webhook_id=int(row.webhook_id),
+                        scan_id=row.scan_id,
+                        url=row.url,
+                        secret=row.secret,
+                        payload=row.payload,
+                        attempts=int(row.attempts) + 1,
+                    )
+                )
+        return claimed
+
+    def record_delivery(
+        self,
+        delivery: DueDelivery,
+        error: str | None,
+        *,
+        max_attempts: int = MAX_DELIVERY_ATTEMPTS,
+        retry_in_s: float | None = None,
+    ) -> str:
+        """Record one try: ``error`` None means delivered.
+
+        Returns ``delivered``, ``retry`` (due again after ``retry_in_s``, default
+        :func:`retry_delay_s`) or ``given_up`` (``max_attempts`` tries failed).
+        """
+        d = webhook_deliveries.c
+        if error is None:
+            values: dict[str, Any] = {
+                "delivered_at": self._now,
+                "next_attempt_at": None,
+                "last_error": None,
+            }
+            outcome = "delivered"
+        elif delivery.attempts >= max_attempts:
+            values = {
+                "next_attempt_at": None,
+                "last_error": f"gave up after {delivery.attempts} attempts: {error}"[
+                    :MAX_ERROR_CHARS
+                ],
+            }
+            outcome = "given_up"
+        else:
+            delay = retry_delay_s(delivery.attempts) if retry_in_s is None else retry_in_s
+            values = {
+                "next_attempt_at": db_now_plus(self.dialect, delay),
+                "last_error": error[:MAX_ERROR_CHARS],
+            }
+            outcome = "retry"
+        with self._tx(single=True) as conn:
+            conn.execute(
+                update(webhook_deliveries)
+                # Only this try's claim: a row sent again elsewhere after our claim ran
+                # out (or delivered meanwhile) keeps that outcome.
+                .where(
+                    d.id == delivery.id,
+                    d.attempts == delivery.attempts,
+                    d.delivered_at.is_(None),
+                )
+                .values(**values)
+            )
+        return outcome
+
+    def deliveries_of(self, scan_id: str | None = None) -> list[dict[str, Any]]:
+        """Outbox rows (for tests and operators), oldest first; never the secret."""
+        d = webhook_deliveries.c
+        query = select(
+            d.id,
+            d.webhook_id,
+            d.scan_id,
+            d.delivery_id,
+            d.attempts,
+            d.next_attempt_at,
+            d.delivered_at,
+            d.last_error,
+        ).order_by(d.id)
+        if scan_id is not None:
+            query = query.where(d.scan_id == scan_id)
+        with self._tx(single=True) as conn:
+            return [dict(r._mapping) for r in conn.execute(query).all()]
+
+    def pending_deliveries(self) -> int:
+        with self._tx(single=True) as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).where(webhook_deliveries.c.next_attempt_at.is_not(None))
+                ).scalar_one()
+            )
