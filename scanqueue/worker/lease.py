@@ -22,7 +22,8 @@ a run in doubt is over before the reaper may give the scan to another worker.
 The watchdog never touches the database: it hands each heartbeat to a caller
 thread and judges the lease by the clock alone, so a heartbeat stuck on a
 half-open socket cannot delay the fence.  What the run does once told to stop
-(hand the scan back, or nothing when it was canceled) is
+(hand the scan back, nothing when it was canceled, or record a timeout as a
+failure or a retry — also from ``on_overdue``, before the process ends) is
 :mod:`scanqueue.worker.execute`'s business.
 """
 
