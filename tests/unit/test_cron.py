@@ -139,3 +139,15 @@ def test_a_definition_is_validated_like_a_scan_request() -> None:
         )
     fields = {d["field"] for d in info.value.details}
     assert fields == {"nope", "providers", "on_overlap"}
+
+
+@pytest.mark.parametrize("expr", ["30 2 * * *", "0 * * * *", "*/20 1-3 * * *"])
+@pytest.mark.parametrize("day", ["2026-03-29", "2026-10-25"])
+def test_backwards_and_forwards_agree_across_a_dst_day(expr: str, day: str) -> None:
+    """The leader finds the latest missed fire time backwards: the same times as forwards."""
+    timing = Timing(expr, None, "Europe/Berlin")
+    start = _local(day, "00:00").astimezone(UTC) - timedelta(hours=2)
+    fires = _fires(timing, start, start + timedelta(hours=30))
+    for fire in fires:
+        assert timing.latest_at_or_before(fire) == fire
+        assert timing.latest_at_or_before(fire + timedelta(seconds=59)) == fire
