@@ -6,7 +6,7 @@ masked), ``POST`` adds one (``{"url", "secret", "events"?, "only_new_findings"?}
 ``DELETE /api/v1/webhooks?url=URL`` or ``DELETE /api/v1/webhooks/{id}`` removes
 one with its pending deliveries (204; 404 unknown).  The same guards as every
 ``/api/`` route apply (bearer token, loopback writes, JSON bodies).  The body
-is validated by :func:`scanqueue.db.webhooks.validate_webhook`, the CLI's
+is validated by :func:`scanqueue.db.webhook_spec.validate_webhook`, the CLI's
 validator.  Database calls run in the thread pool.
 """
 
@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 
 from scanqueue.api.guards import RequestInvalid, error_response, read_json_body
 from scanqueue.api.state import state_of
-from scanqueue.db.webhooks import DEFAULT_EVENTS, InvalidWebhook, validate_webhook
+from scanqueue.db.webhook_spec import DEFAULT_EVENTS, InvalidWebhook, validate_webhook
 
 
 async def list_webhooks(request: Request) -> Response:

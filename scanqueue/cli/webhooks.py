@@ -1,6 +1,6 @@
 """``scanqueue webhooks …`` (CONTRACT §9): receivers of finished scans, signed and retried.
 
-``add`` validates with :func:`scanqueue.db.webhooks.validate_webhook` — the
+``add`` validates with :func:`scanqueue.db.webhook_spec.validate_webhook` — the
 API's validator — so both refuse the same definitions in the same words.  The
 secret comes from exactly one of ``--secret`` (visible in ``ps`` and shell
 history, as the contract allows), ``--secret-file PATH`` (``-``: stdin) or
@@ -19,7 +19,7 @@ import click
 from scanqueue.config import Settings
 from scanqueue.db.rows import iso
 from scanqueue.db.store import Store, store_for
-from scanqueue.db.webhooks import DEFAULT_EVENTS, InvalidWebhook, WebhookRow, validate_webhook
+from scanqueue.db.webhook_spec import DEFAULT_EVENTS, InvalidWebhook, WebhookRow, validate_webhook
 from scanqueue.errors import ScanqueueError
 
 

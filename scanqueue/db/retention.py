@@ -27,9 +27,10 @@ delete would stall every insert into ``scans``); children go first, the scan
 row last, so a pass cut off half-way leaves no orphans behind, only scans to
 delete next time.  Candidates are read by (created_at, id) through
 ``scans_created_id_idx``; the keep rules use ``scans_key_completed_idx`` and
-``scans_key_started_idx``.  Rows without ``effective_key`` (finished before a
-bridge ever saw them) get it filled in from their providers and frameworks
-before they are judged (not under ``--dry-run``, which reports them apart).
+``scans_key_started_idx``.  Completed rows without ``effective_key`` (written
+finished by another program, never seen by a bridge) get it filled in from
+their providers and frameworks before anything is judged (not under
+``--dry-run``, which reports such candidates apart).
 """
 
 from __future__ import annotations
@@ -181,30 +182,35 @@ class RetentionMixin(StoreBase):
         cursor: Cursor = (found[-1].created_at, found[-1].id) if len(found) == limit else None
         return found, cursor
 
-    def fill_missing_keys(self, candidates: Sequence[Candidate]) -> list[Candidate]:
-        """Store the derived key of candidates that have none; returns them with keys."""
-        # Only completed scans can be kept (failed and canceled ones go regardless of key).
-        missing = [c.id for c in candidates if c.key is None and c.status == "completed"]
-        if not missing:
-            return list(candidates)
+    def fill_missing_keys(self, after: Cursor, limit: int = BATCH_SCANS) -> Cursor:
+        """Store the derived key of up to ``limit`` completed scans that have none, after
+        ``after`` in (created_at, id) order; returns the cursor to go on from (None: done).
+
+        Rows other programs wrote as finished were never seen by a bridge, so they
+        have no ``effective_key``; the per-key and baseline rules need it on every
+        completed scan of the key, old or recent, before any is judged.  The partial
+        index ``scans_keyless_idx`` holds just these rows.  A row whose providers or
+        frameworks are not JSON arrays keeps no key (and no per-key protection).
+        """
+        s = scans.c
+        query = (
+            select(s.id, s.created_at, s.scan_key, s.providers_scanned, s.frameworks_scanned)
+            .where(s.status == "completed", s.effective_key.is_(None))
+            .order_by(s.created_at, s.id)
+            .limit(limit)
+        )
+        if after is not None:
+            query = query.where(tuple_(s.created_at, s.id) > tuple_(after[0], after[1]))
         with self._tx(single=True) as conn:
-            rows = conn.execute(
-                select(
-                    scans.c.id,
-                    scans.c.scan_key,
-                    scans.c.providers_scanned,
-                    scans.c.frameworks_scanned,
-                ).where(scans.c.id.in_(missing))
-            ).all()
+            rows = conn.execute(query).all()
         keys: dict[str, str] = {}
         for r in rows:
             providers = decode_json(r.providers_scanned)
             frameworks = decode_json(r.frameworks_scanned)
-            if not isinstance(providers, list) or not isinstance(frameworks, list):
-                continue  # malformed: judged without a key (no per-key protection)
-            keys[r.id] = effective_key(
-                r.scan_key, [str(p) for p in providers], [str(f) for f in frameworks]
-            )
+            if isinstance(providers, list) and isinstance(frameworks, list):
+                keys[r.id] = effective_key(
+                    r.scan_key, [str(p) for p in providers], [str(f) for f in frameworks]
+                )
         if keys:
             with self._tx() as conn:
                 conn.execute(
@@ -213,7 +219,7 @@ class RetentionMixin(StoreBase):
                     .values(effective_key=bindparam("key")),
                     [{"sid": sid, "key": key} for sid, key in keys.items()],
                 )
-        return [Candidate(c.id, c.status, keys.get(c.id, c.key), c.created_at) for c in candidates]
+        return (rows[-1].created_at, rows[-1].id) if len(rows) == limit else None
 
     def kept_candidates(
         self, candidates: Sequence[Candidate], cutoff: datetime, per_key: int

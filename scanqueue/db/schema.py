@@ -236,6 +236,14 @@ Index(
 )
 # Retention: the scans of a key that started after a candidate finished (its baseline's users).
 Index("scans_key_started_idx", scans.c.effective_key, scans.c.started_at)
+# Retention: completed rows no bridge gave a key (written finished by another program).
+Index(
+    "scans_keyless_idx",
+    scans.c.created_at,
+    scans.c.id,
+    postgresql_where=(scans.c.status == STATUS_COMPLETED) & scans.c.effective_key.is_(None),
+    sqlite_where=(scans.c.status == STATUS_COMPLETED) & scans.c.effective_key.is_(None),
+)
 
 # Webhooks (CONTRACT §9): receivers, and the durable outbox of their deliveries, one
 # row per (receiver, scan); ``payload`` is the exact JSON text POSTed on every try,

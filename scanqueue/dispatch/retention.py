@@ -57,11 +57,20 @@ class PrunePass:
         self.batch = batch
         self.cutoff: datetime = store.retention_cutoff(older_than_days)
         self.cursor: Cursor = None
+        self.key_cursor: Cursor = None
+        self.keys_filled = dry_run  # a dry run writes nothing, keys included
         self.done = False
         self.counts = PruneCounts()
 
     def step(self) -> PruneCounts:
-        """Judge and delete (or count) one batch; sets :attr:`done` after the last."""
+        """Judge and delete (or count) one batch; sets :attr:`done` after the last.
+
+        First, one batch at a time, keyless completed scans get their key.
+        """
+        if not self.keys_filled:
+            self.key_cursor = self.store.fill_missing_keys(self.key_cursor, self.batch)
+            self.keys_filled = self.key_cursor is None
+            return PruneCounts()
         found, self.cursor = self.store.prune_candidates(self.cutoff, self.cursor, self.batch)
         if self.cursor is None:
             self.done = True
@@ -72,8 +81,6 @@ class PrunePass:
             unkeyed = {c.id for c in found if c.key is None and c.status == "completed"}
             step.unkeyed = len(unkeyed)
             found = [c for c in found if c.id not in unkeyed]
-        else:
-            found = self.store.fill_missing_keys(found)
         kept = self.store.kept_candidates(found, self.cutoff, self.per_key)
         doomed = [c.id for c in found if c.id not in kept]
         if self.dry_run:

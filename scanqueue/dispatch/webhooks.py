@@ -17,7 +17,7 @@ Each POST carries the outbox row's exact JSON text with
 ``X-Scanqueue-Signature``: the hex HMAC-SHA256 of the body bytes under the
 receiver's secret (:func:`sign`).  A 2xx answer is delivered; anything else
 (another status, a redirect, a refused connection, a timeout) is retried with
-backoff (:func:`scanqueue.db.webhooks.retry_delay_s`) up to 10 tries (~51 min),
+backoff (:func:`scanqueue.db.webhook_spec.retry_delay_s`) up to 10 tries (~51 min),
 then given up.  Redirects are not followed.  The secret and the token never
 appear in a payload, a log line or an error kept in the outbox; URLs are logged
 with any password masked.
@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from scanqueue.config import mask_url
 from scanqueue.db.store import Store
-from scanqueue.db.webhooks import FANOUT_BATCH, MAX_DELIVERY_ATTEMPTS, DueDelivery
+from scanqueue.db.webhook_spec import FANOUT_BATCH, MAX_DELIVERY_ATTEMPTS, DueDelivery
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from scanqueue.api.app import create_app
 from scanqueue.config import Settings, normalize_database_url
 from scanqueue.db.schema import db_now, scans
 from scanqueue.db.store import Store, store_for
-from scanqueue.db.webhooks import validate_webhook
+from scanqueue.db.webhook_spec import validate_webhook
 from scanqueue.dispatch.webhooks import WebhookDispatcher
 from tests.conftest import base_env, free_port, insert_rows, run_cli, upgrade
 from tests.webhook_receiver import Receiver

@@ -12,7 +12,9 @@
   then), with the partial index ``scans_unnotified_idx`` on finished rows not
   yet notified, so the fan-out never reads the history.
 - ``scans_key_started_idx`` (effective_key, started_at): which scans of a key
-  started after a candidate for pruning finished (whose baseline it is).
+  started after a candidate for pruning finished (whose baseline it is);
+  ``scans_keyless_idx`` (created_at, id), partial: completed rows without a key
+  (written finished by another program), which retention fills in first.
 
 All new ``scans`` columns are nullable, so other programs' INSERTs keep
 working; indexes on ``scans`` are built concurrently on PostgreSQL.
@@ -36,9 +38,11 @@ branch_labels = None
 depends_on = None
 
 FINISHED_NOT_NOTIFIED = "status IN ('completed', 'failed', 'canceled') AND notified_at IS NULL"
+KEYLESS_COMPLETED = "status = 'completed' AND effective_key IS NULL"
 INDEXES: tuple[tuple[str, str, list[str], str | None], ...] = (
     ("scans_unnotified_idx", "scans", ["finished_at"], FINISHED_NOT_NOTIFIED),
     ("scans_key_started_idx", "scans", ["effective_key", "started_at"], None),
+    ("scans_keyless_idx", "scans", ["created_at", "id"], KEYLESS_COMPLETED),
 )
 
 
