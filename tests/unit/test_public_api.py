@@ -56,3 +56,10 @@ def test_celery_finds_the_app_with_dash_a_scanqueue() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.split() == ["Celery", "True"]
+
+
+def test_the_provider_kind_api_imports_where_docs_real_runner_says() -> None:
+    from scanqueue.runners.providers import Finding, ProviderConfigError, ProviderError
+
+    assert issubclass(ProviderConfigError, ProviderError)
+    assert Finding.__name__ == "Finding"
