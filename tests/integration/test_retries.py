@@ -382,3 +382,49 @@ def test_a_real_scanner_that_fails_to_start_or_times_out_is_retried(
     row = store.get("real")
     assert row.status == "queued" and "scanner" in (row.error or "") and says in (row.error or "")
     assert column(store, "real", "retries") == 1
+
+
+def test_a_real_scanner_past_the_scan_timeout_is_killed_and_the_scan_fails(
+    store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from scanqueue import ScanRunner
+    from scanqueue.runners.store import RunnerStore
+
+    pidfile = tmp_path / "scanner.pid"
+    script = (
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+        "time.sleep(60)\n"
+    )
+    monkeypatch.setenv("DATABASE_URL", store.database_url)
+    RunnerStore(store).add_provider(
+        "sleepy", "sarif-command", {"command": [sys.executable, "-c", script]}
+    )
+    insert_raw(store, "sleepy", providers='["sleepy"]', timeout_seconds=2)
+    t0 = time.monotonic()
+    assert execute_scan("sleepy", store=store, runner=ScanRunner(), settings=timeouts()) is (
+        Outcome.FAILED
+    )
+    assert time.monotonic() - t0 < 2 + 3
+    row = store.get("sleepy")
+    assert row.status == "failed" and row.error == "timed out after 2 s"
+    pids = [int(p) for p in pidfile.read_text().split()]
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)  # the scanner and the process it started
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
