@@ -3,9 +3,9 @@
 A new scan's body is read by :func:`scanqueue.api.guards.read_json_body` and
 validated by :mod:`scanqueue.db.scan_request` (422 with details) — the policy
 fields too (``priority``, ``key``, ``run_after``, ``timeout_seconds``,
-``labels``, ``unique``).  A new scan answers 201; with ``"unique": true`` and a
-queued scan of the same key, that scan answers 200 with ``"deduplicated":
-true``.  The list filters by ``status``, ``key`` and ``label=K:V`` (repeatable,
+``labels``, ``unique``).  A new scan answers 201; with ``"unique": true`` the
+answer also carries ``"deduplicated"``: true (status 200) when it is the queued
+scan of the same key, false (201) when it was inserted.  The list filters by ``status``, ``key`` and ``label=K:V`` (repeatable,
 all must match).  Database calls run in the thread pool, never on the event loop.
 """
 
@@ -39,8 +39,11 @@ async def create_scan(request: Request) -> Response:
     except InvalidScanRequest as exc:
         return error_response(422, "invalid scan request", details=exc.details)
     row, deduplicated = await run_in_threadpool(state.store.enqueue_request, scan)
+    shown = row.to_json()
+    if scan.unique:  # asked for dedup: say whether it happened
+        shown["deduplicated"] = deduplicated
     return JSONResponse(
-        {**row.to_json(), "deduplicated": deduplicated},
+        shown,
         status_code=200 if deduplicated else 201,
         headers={"Location": f"/api/v1/scans/{row.id}"},
     )

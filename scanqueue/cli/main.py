@@ -284,7 +284,10 @@ def enqueue(
         raise click.BadParameter(str(exc), param_hint=hints.get(first, first)) from None
     row, deduplicated = _store(_settings()).enqueue_request(scan)
     if as_json:
-        click.echo(json.dumps({**row.to_json(), "deduplicated": deduplicated}))
+        shown = row.to_json()
+        if scan.unique:  # asked for dedup: say whether it happened
+            shown["deduplicated"] = deduplicated
+        click.echo(json.dumps(shown))
     else:
         click.echo(row.id)
 

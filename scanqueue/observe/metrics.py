@@ -12,6 +12,8 @@ Which process exports what:
 ``scanqueue_scans_*``, durations, latency   processes that run scans (pool processes)
 ``scanqueue_queue_depth``                   processes that run a bridge, and ``serve``
 ``scanqueue_scans{status}`` (rows)          processes that run a bridge, and ``serve``
+``scanqueue_oldest_queued_age_seconds``     processes that run a bridge, and ``serve``
+``scanqueue_http_*`` (requests, durations)  ``serve``
 ``scanqueue_bridge_leader``, dispatch/reap  processes that run a bridge
 ``scanqueue_worker_*``                      a worker's main process
 ==========================================  ======================================
@@ -176,6 +178,62 @@ def scans_gauge() -> Gauge:
     )
 
 
+@cache
+def oldest_queued_gauge() -> Gauge:
+    """``scanqueue_oldest_queued_age_seconds``: how long the oldest queued scan has waited."""
+    from prometheus_client import Gauge
+
+    return Gauge(
+        "scanqueue_oldest_queued_age_seconds",
+        "Seconds since the oldest scan with status 'queued' was created (0: none queued).",
+        multiprocess_mode="livemax",
+    )
+
+
+def report_oldest_queued(store: Store) -> None:
+    """Set ``scanqueue_oldest_queued_age_seconds`` from the store (one indexed MIN)."""
+    age = store.oldest_queued_age_s()
+    with _writing():
+        oldest_queued_gauge().set(age)
+
+
+# Request metrics of ``scanqueue serve``: labelled by route *template* (never a scan
+# id) and method; unmatched paths are counted under route "(unmatched)".
+HTTP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
+
+
+@dataclass(frozen=True)
+class HttpMetrics:
+    requests: Counter
+    duration: Histogram
+
+
+@cache
+def http_metrics() -> HttpMetrics:
+    from prometheus_client import Counter, Histogram
+
+    return HttpMetrics(
+        requests=Counter(
+            "scanqueue_http_requests",
+            "HTTP requests served, by route template, method and status code.",
+            ["route", "method", "status"],
+        ),
+        duration=Histogram(
+            "scanqueue_http_request_duration_seconds",
+            "Time to the response's first byte, by route template and method.",
+            ["route", "method"],
+            buckets=HTTP_BUCKETS_S,
+        ),
+    )
+
+
+def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    m = http_metrics()
+    with _writing():
+        m.requests.labels(route, method, str(status)).inc()
+        m.duration.labels(route, method).observe(seconds)
+
+
 def report_scan_statuses(counts: dict[str, int]) -> dict[str, int]:
     """Set ``scanqueue_scans{status}`` from :meth:`Store.count_by_status`; returns the
     per-label values (known statuses, then ``unknown``)."""
@@ -212,6 +270,7 @@ class UnknownStatusWatch:
             return
         self._last = now
         try:
+            report_oldest_queued(self.store)
             labelled = report_scan_statuses(self.store.count_by_status())
             if not labelled["unknown"]:
                 return
@@ -272,55 +331,6 @@ def pool_metrics() -> PoolMetrics:
             multiprocess_mode="livemax",
         ),
     )
-
-
-PRUNED_WHAT = ("scans", "findings", "events")
-DELIVERY_OUTCOMES = ("delivered", "retry", "given_up")
-
-
-@cache
-def pruned_counter() -> Counter:
-    """``scanqueue_pruned_total{what}``: rows retention deleted (leader and ``prune``)."""
-    from prometheus_client import Counter
-
-    counter = Counter(
-        "scanqueue_pruned",
-        "Rows deleted by retention (SCANQUEUE_RETAIN_DAYS, scanqueue prune), by table.",
-        ["what"],
-    )
-    for what in PRUNED_WHAT:
-        counter.labels(what)
-    return counter
-
-
-def report_pruned(scans: int, findings: int, events: int) -> None:
-    counter = pruned_counter()
-    with _writing():
-        for what, n in (("scans", scans), ("findings", findings), ("events", events)):
-            if n:
-                counter.labels(what).inc(n)
-
-
-@cache
-def webhook_deliveries_counter() -> Counter:
-    """``scanqueue_webhook_deliveries_total{outcome}``: webhook POSTs tried by the leader."""
-    from prometheus_client import Counter
-
-    counter = Counter(
-        "scanqueue_webhook_deliveries",
-        "Webhook deliveries tried, by outcome (retry: failed, tried again later; "
-        "given_up: failed its last attempt).",
-        ["outcome"],
-    )
-    for outcome in DELIVERY_OUTCOMES:
-        counter.labels(outcome)
-    return counter
-
-
-def report_delivery(outcome: str) -> None:
-    if outcome in DELIVERY_OUTCOMES:
-        with _writing():
-            webhook_deliveries_counter().labels(outcome).inc()
 
 
 # -- recording ----------------------------------------------------------------------------
@@ -439,6 +449,7 @@ def render_metrics(store: Store | None = None) -> tuple[bytes, str]:
         with _writing():
             queue_depth_gauge().set(depth)
         report_scan_statuses(store.count_by_status())
+        report_oldest_queued(store)
     return generate_latest(registry()), CONTENT_TYPE_LATEST
 
 

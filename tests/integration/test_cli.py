@@ -24,6 +24,14 @@ SCAN_KEYS = {
     "findings_new",
     "findings_fixed",
     "baseline_id",
+    # Scan policies (CONTRACT §7); ``key`` is the effective key.
+    "priority",
+    "run_after",
+    "scan_key",
+    "key",
+    "timeout_seconds",
+    "retries",
+    "labels",
 }
 
 
@@ -65,7 +73,7 @@ def test_enqueue_json_and_list(env: dict[str, str]) -> None:
     assert set(a) == SCAN_KEYS
     run_cli(env, "cancel", b["id"])
     listed = json.loads(run_cli(env, "list", "--json").stdout)
-    assert [s["id"] for s in listed] == [a["id"], b["id"]]
+    assert [s["id"] for s in listed] == [b["id"], a["id"]]  # newest first
     queued = json.loads(run_cli(env, "list", "--status", "queued", "--json").stdout)
     assert [s["id"] for s in queued] == [a["id"]]
     assert a["id"] in run_cli(env, "list").stdout

@@ -118,7 +118,7 @@ def test_cli_policies(migrated: str, tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     scan = json.loads(out.stdout)
-    assert scan["labels"] == {"team": "pay"} and scan["deduplicated"] is False
+    assert scan["labels"] == {"team": "pay"} and "deduplicated" not in scan
     dup = run_cli(env, "enqueue", "--provider", "aws", "--unique", "--json")
     assert json.loads(dup.stdout)["id"] == scan["id"] and json.loads(dup.stdout)["deduplicated"]
     plain = run_cli(env, "enqueue", "--provider", "aws", "--unique")
@@ -154,3 +154,18 @@ def test_python_enqueue(migrated: str) -> None:
     assert first.scan.labels == {"via": "python"}
     with pytest.raises(scanqueue.InvalidScanRequest, match="priority"):
         scanqueue.enqueue(migrated, providers=["aws"], priority=10**9)
+
+
+def test_serve_exports_request_metrics_and_the_oldest_queued_age(client: TestClient) -> None:
+    client.post("/api/v1/scans", json={"providers": ["aws"]})
+    client.get("/api/v1/scans/no-such-id")
+    text = client.get("/metrics").text
+    assert "scanqueue_oldest_queued_age_seconds" in text
+    assert (
+        'scanqueue_http_requests_total{method="GET",route="/api/v1/scans/{scan_id}",status="404"}'
+        in text
+    )
+    assert 'scanqueue_http_request_duration_seconds_count{method="POST",route="/api/v1/scans"}' in (
+        text
+    )
+    assert "no-such-id" not in text
