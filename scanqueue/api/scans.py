@@ -5,8 +5,9 @@ validated by :mod:`scanqueue.db.scan_request` (422 with details) — the policy
 fields too (``priority``, ``key``, ``run_after``, ``timeout_seconds``,
 ``labels``, ``unique``).  A new scan answers 201; with ``"unique": true`` the
 answer also carries ``"deduplicated"``: true (status 200) when it is the queued
-scan of the same key, false (201) when it was inserted.  The list filters by ``status``, ``key`` and ``label=K:V`` (repeatable,
-all must match).  Database calls run in the thread pool, never on the event loop.
+scan of the same key, false (201) when it was inserted.  The list filters by
+``status``, ``key`` and ``label=K:V`` (repeatable, all must match).  Database
+calls run in the thread pool, never on the event loop.
 """
 
 from __future__ import annotations
