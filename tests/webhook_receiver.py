@@ -44,6 +44,7 @@ class Receiver:
         self.mode = mode
         self.hang_s = hang_s
         self.fail_first = 0
+        self.arrivals = 0  # requests read, answered or still hanging
         self.received: list[Received] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -61,6 +62,7 @@ class Receiver:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 with receiver._lock:
+                    receiver.arrivals += 1
                     failing = receiver.fail_first > 0
                     if failing:
                         receiver.fail_first -= 1

@@ -35,6 +35,7 @@ their providers and frameworks before anything is judged (not under
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -55,6 +56,11 @@ from scanqueue.db.schema import (
 
 BATCH_SCANS = 500  # scans judged and deleted per batch
 DELETE_CHUNK_SCANS = 100  # scans whose children one delete statement removes
+# SQLite: smaller deletes, and the write lock left free for a moment after each, so
+# an INSERT waiting in SQLite's busy handler (which sleeps 1, 2, 5, 10, … ms between
+# tries) gets in (bench/prune.py measures the inserter's worst wait).
+SQLITE_DELETE_CHUNK_SCANS = 25
+SQLITE_PAUSE_S = 0.01
 FAR_PAST = datetime(1970, 1, 1, tzinfo=UTC)
 FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 
@@ -263,29 +269,42 @@ class RetentionMixin(StoreBase):
     def delete_scans(self, scan_ids: Sequence[str]) -> PruneCounts:
         """Delete finished scans with their findings, events and outbox rows.
 
-        Each chunk of :data:`DELETE_CHUNK_SCANS` scans is a few short
-        transactions: children first, then the scan rows (only still finished).
+        Chunk by chunk (:data:`DELETE_CHUNK_SCANS` scans; :data:`SQLITE_DELETE_CHUNK_SCANS`
+        on SQLite), each table's rows in their own statement and transaction:
+        children first, then the scan rows (only if still finished).  On SQLite,
+        whose one writer at a time makes every other writer wait (and back off),
+        each delete is followed by :data:`SQLITE_PAUSE_S` with the lock free and
+        the WAL is checkpointed by the pruner, not by the next insert's commit.
         """
+        sqlite = self.dialect == "sqlite"
+        size = SQLITE_DELETE_CHUNK_SCANS if sqlite else DELETE_CHUNK_SCANS
         counts = PruneCounts()
-        for start in range(0, len(scan_ids), DELETE_CHUNK_SCANS):
-            chunk = list(scan_ids[start : start + DELETE_CHUNK_SCANS])
-            with self._tx(single=True) as conn:
-                counts.findings += conn.execute(
-                    delete(findings).where(findings.c.scan_id.in_(chunk))
-                ).rowcount
-            with self._tx(single=True) as conn:
-                counts.events += conn.execute(
-                    delete(events).where(events.c.scan_id.in_(chunk))
-                ).rowcount
-                counts.deliveries += conn.execute(
-                    delete(webhook_deliveries).where(webhook_deliveries.c.scan_id.in_(chunk))
-                ).rowcount
+        for start in range(0, len(scan_ids), size):
+            chunk = list(scan_ids[start : start + size])
+            for table, counter in (
+                (findings, "findings"),
+                (events, "events"),
+                (webhook_deliveries, "deliveries"),
+            ):
+                with self._tx(single=True) as conn:
+                    removed = conn.execute(delete(table).where(table.c.scan_id.in_(chunk)))
+                setattr(counts, counter, getattr(counts, counter) + removed.rowcount)
+                self._yield_writer(sqlite)
             with self._tx(single=True) as conn:
                 gone = conn.execute(
                     delete(scans)
                     .where(scans.c.id.in_(chunk), scans.c.status.in_(FINISHED_STATUSES))
                     .returning(scans.c.id)
                 ).all()
+            self._yield_writer(sqlite, checkpoint=True)
             counts.scans += len(gone)
             counts.scan_ids.extend(r[0] for r in gone)
         return counts
+
+    def _yield_writer(self, sqlite: bool, checkpoint: bool = False) -> None:
+        if not sqlite:
+            return
+        if checkpoint:
+            with self._tx(single=True) as conn:
+                conn.execute(text("PRAGMA wal_checkpoint(PASSIVE)"))
+        time.sleep(SQLITE_PAUSE_S)
