@@ -327,3 +327,15 @@ def test_api_webhook_writes_are_guarded(db_url: str) -> None:
         assert c.post("/api/v1/webhooks", json=body).status_code == 401
         ok = c.post("/api/v1/webhooks", json=body, headers={"Authorization": "Bearer api-tok"})
         assert ok.status_code == 201
+
+
+def test_without_webhooks_finished_scans_are_only_marked_and_never_sent_later(
+    store: Store, db_url: str, receiver: Receiver
+) -> None:
+    for i in range(3):
+        finish(store, db_url, f"m{i}")
+    assert store.fan_out(limit=1) == (3, 0)  # ten times the batch while nobody listens
+    assert store.fan_out() == (0, 0)
+    store.add_webhook(validate_webhook({"url": receiver.url, "secret": SECRET}))
+    assert store.fan_out() == (0, 0)
+    assert store.deliveries_of() == []
