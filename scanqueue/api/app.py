@@ -1,8 +1,10 @@
 """The ASGI app (Starlette): its route table, middleware and error answers (CONTRACT §4).
 
 Routes: ``/healthz``, ``/metrics`` (:mod:`~scanqueue.api.health`),
-``/openapi.json`` (:mod:`~scanqueue.api.openapi`), ``/`` (the page in
-``api/static/``) and, behind the optional bearer token, ``/api/v1/scans``
+``/openapi.json`` (:mod:`~scanqueue.api.openapi`), the console's pages and
+files and its session cookie (:mod:`~scanqueue.api.console`), a scan's
+timeline and the recent activity (:mod:`~scanqueue.api.timeline`) and,
+behind the optional bearer token, ``/api/v1/scans``
 (create, list, get, cancel — :mod:`~scanqueue.api.scans`) and
 ``/api/v1/events`` (Server-Sent Events — :mod:`~scanqueue.api.sse`) and
 ``/api/v1/schedules`` (:mod:`~scanqueue.api.schedules`).  Requests
@@ -14,15 +16,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from importlib import resources
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from scanqueue.api.console import asset, close_session, open_session, page
 from scanqueue.api.guards import BearerAuth, LoopbackWriteGuard, error_response
 from scanqueue.api.health import healthz, metrics
 from scanqueue.api.hub import HUB_WINDOW
@@ -48,13 +50,9 @@ from scanqueue.api.schedules import (
 )
 from scanqueue.api.sse import HEARTBEAT_S, stream_events
 from scanqueue.api.state import AppState
+from scanqueue.api.timeline import recent_activity, scan_events
 from scanqueue.config import Settings
 from scanqueue.errors import ConflictError, NotFoundError, ScanqueueError, UnavailableError
-
-
-async def index(request: Request) -> Response:
-    page = resources.files("scanqueue.api").joinpath("static/index.html").read_text("utf-8")
-    return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -95,7 +93,14 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route("/", index, methods=["GET"]),
+            Route("/", page, methods=["GET"]),
+            Route("/scans/{scan_id}", page, methods=["GET"]),
+            Route("/schedules", page, methods=["GET"]),
+            Route("/queue", page, methods=["GET"]),
+            Route("/console/{name}", asset, methods=["GET"]),
+            Route("/api/v1/session", open_session, methods=["POST"]),
+            Route("/api/v1/session", close_session, methods=["DELETE"]),
+            Route("/api/v1/activity", recent_activity, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
@@ -103,6 +108,7 @@ def create_app(
             Route("/api/v1/scans", list_scans, methods=["GET"]),
             Route("/api/v1/scans/{scan_id}", get_scan, methods=["GET"]),
             Route("/api/v1/scans/{scan_id}/cancel", cancel_scan, methods=["POST"]),
+            Route("/api/v1/scans/{scan_id}/events", scan_events, methods=["GET"]),
             Route("/api/v1/events", stream_events, methods=["GET"]),
             Route("/api/v1/queue", get_queue, methods=["GET"]),
             Route("/api/v1/queue/pause", pause_queue, methods=["POST"]),
