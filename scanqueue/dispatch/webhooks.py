@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import logging
 import threading
 import urllib.error
@@ -90,8 +91,10 @@ def post(delivery: DueDelivery, timeout_s: float = DELIVERY_TIMEOUT_S) -> str | 
         return f"no answer within {timeout_s:g}s"
     except OSError as exc:
         return f"cannot reach the receiver: {exc.strerror or type(exc).__name__}"
-    except ValueError as exc:  # e.g. a URL urllib cannot open
-        return f"cannot send: {exc}"
+    except http.client.HTTPException as exc:  # e.g. a status line that is not HTTP
+        return f"the receiver's answer is not HTTP: {type(exc).__name__}"
+    except ValueError:  # a URL urllib cannot open (its text would show the URL)
+        return "cannot send: the URL cannot be opened"
     if 200 <= status < 300:
         return None
     return f"the receiver answered HTTP {status}"
