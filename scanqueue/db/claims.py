@@ -39,6 +39,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
 from scanqueue.db.engine import StoreBase
@@ -52,6 +53,7 @@ from scanqueue.db.policies import (
 )
 from scanqueue.db.schema import (
     PAUSE_ALL,
+    SQLITE_NOW_SQL,
     STATUS_QUEUED,
     STATUS_RUNNING,
     db_now_minus,
@@ -59,6 +61,11 @@ from scanqueue.db.schema import (
     workers,
 )
 
+# What the claim may take, as SQLite text (for the statements that name the index).
+_SQLITE_CLAIMABLE = (
+    "status = 'queued' AND dispatched_at IS NULL"
+    f" AND (run_after IS NULL OR run_after <= {SQLITE_NOW_SQL})"
+)
 # pg_advisory_xact_lock key that serializes dispatch claims across bridges (any
 # constant; apart from scanqueue.db.migrate's).  Held for the claim's transaction
 # only, and released with the connection when a bridge dies: no TTL to wait out.
@@ -89,12 +96,24 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
             .cte("oldest")
             .prefix_with("MATERIALIZED", dialect="postgresql")
         )
-        self._claim_stmt = (
+        self._claim_stmt: Executable = (
             update(scans)
             .where(scans.c.id == oldest.c.id, scans.c.status == STATUS_QUEUED)
             .values(dispatched_at=now, dispatch_count=scans.c.dispatch_count + 1)
             .returning(scans.c.id, scans.c.created_at, scans.c.priority)
         )
+        if self.dialect == "sqlite":
+            # Without statistics SQLite prefers the (status, created_at) index and then
+            # sorts every queued row by priority: named here, the partial claim-order
+            # index is read in order and the cost stays flat with the backlog.
+            self._claim_stmt = text(
+                f"UPDATE scans SET dispatched_at = {SQLITE_NOW_SQL},"
+                " dispatch_count = dispatch_count + 1"
+                " WHERE status = 'queued' AND id IN (SELECT id FROM scans INDEXED BY"
+                f" scans_claim_order_idx WHERE {_SQLITE_CLAIMABLE}"
+                " ORDER BY priority DESC, created_at, id LIMIT :limit)"
+                " RETURNING id, created_at, priority"
+            )
 
     def claim_for_dispatch(self, limit: int, window: int | None = None) -> list[str]:
         """Mark up to ``limit`` undispatched queued scans as dispatched, oldest first.
@@ -131,11 +150,7 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         connection); SQLite: ``BEGIN IMMEDIATE`` takes the write lock before the
         count.  Every bridge may claim, and the window stays exact across them.
         """
-        in_flight_stmt = (
-            select(func.count())
-            .select_from(scans)
-            .where(scans.c.status == STATUS_QUEUED, scans.c.dispatched_at.is_not(None))
-        )
+        in_flight_stmt = self._in_flight_stmt()
         # A look without the lock first: while the window is full (a saturated
         # backlog, looked at many times a second) no lock is taken at all.  Safe:
         # only claims (serialized) fill the window, so "full" can only be stale
@@ -171,18 +186,11 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         page = max(CLAIM_PAGE_MIN, 2 * take)
         claimed: list[Row[Any]] = []
         for _ in range(CLAIM_MAX_PAGES):
-            stmt = select(scans.c.id, scans.c.effective_key).where(
-                scans.c.status == STATUS_QUEUED,
-                scans.c.dispatched_at.is_(None),
-                self._due,
-                # Unkeyed rows wait for intake (the same transaction keys them first).
-                scans.c.effective_key.is_not(None),
-            )
-            blocked = paused | full
-            if blocked:
-                stmt = stmt.where(scans.c.effective_key.not_in(sorted(blocked)))
+            # Unkeyed rows wait for intake (the same transaction keys them first).
+            blocked = sorted(paused | full)
             candidates = conn.execute(
-                stmt.order_by(scans.c.priority.desc(), scans.c.created_at, scans.c.id).limit(page)
+                self._candidates_stmt(bool(blocked)),
+                {"page": page, "blocked": blocked} if blocked else {"page": page},
             ).all()
             picked: list[str] = []
             for scan_id, key in candidates:
@@ -211,6 +219,29 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
                 break
         return claimed
 
+    def _candidates_stmt(self, with_blocked: bool) -> Executable:
+        """Claimable keyed scans in claim order, a page of them (``:page``), skipping the
+        keys in ``:blocked`` (paused or full) when ``with_blocked``."""
+        if self.dialect == "sqlite":  # the claim-order index by name: see the claim
+            skip = " AND effective_key NOT IN :blocked" if with_blocked else ""
+            stmt = text(
+                "SELECT id, effective_key FROM scans INDEXED BY scans_claim_order_idx"
+                f" WHERE {_SQLITE_CLAIMABLE} AND effective_key IS NOT NULL{skip}"
+                " ORDER BY priority DESC, created_at, id LIMIT :page"
+            )
+            return stmt.bindparams(bindparam("blocked", expanding=True)) if with_blocked else stmt
+        query = select(scans.c.id, scans.c.effective_key).where(
+            scans.c.status == STATUS_QUEUED,
+            scans.c.dispatched_at.is_(None),
+            self._due,
+            scans.c.effective_key.is_not(None),
+        )
+        if with_blocked:
+            query = query.where(scans.c.effective_key.not_in(bindparam("blocked", expanding=True)))
+        return query.order_by(scans.c.priority.desc(), scans.c.created_at, scans.c.id).limit(
+            bindparam("page", type_=Integer)
+        )
+
     @contextmanager
     def _serialized_tx(self) -> Iterator[Connection]:
         """A transaction that holds the dispatch lock from its first statement."""
@@ -237,13 +268,19 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
     def in_flight(self) -> int:
         """Scans dispatched but not started (queued with ``dispatched_at`` set)."""
         with self._tx(single=True) as conn:
-            return int(
-                conn.execute(
-                    select(func.count())
-                    .select_from(scans)
-                    .where(scans.c.status == STATUS_QUEUED, scans.c.dispatched_at.is_not(None))
-                ).scalar_one()
+            return int(conn.execute(self._in_flight_stmt()).scalar_one())
+
+    def _in_flight_stmt(self) -> Executable:
+        if self.dialect == "sqlite":  # the partial index by name, as in the claim
+            return text(
+                "SELECT count(*) FROM scans INDEXED BY scans_queued_dispatched_idx"
+                " WHERE status = 'queued' AND dispatched_at IS NOT NULL"
             )
+        return (
+            select(func.count())
+            .select_from(scans)
+            .where(scans.c.status == STATUS_QUEUED, scans.c.dispatched_at.is_not(None))
+        )
 
     def release_dispatch(self, scan_ids: Sequence[str]) -> None:
         """Undo a claim whose publish failed, so the next pass retries it."""
