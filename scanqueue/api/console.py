@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from importlib import resources
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -85,3 +86,46 @@ async def close_session(request: Request) -> Response:
 
 def iso_at(epoch_s: float) -> str | None:
     return iso(datetime.fromtimestamp(epoch_s, UTC))
+
+
+# -- the OpenAPI document's part (merged by scanqueue.api.openapi) ---------------------
+
+PATHS: dict[str, Any] = {
+    "/api/v1/session": {
+        "post": {
+            "summary": "Trade the bearer token for the console's read-only session cookie",
+            "description": (
+                "Sets `scanqueue_session` (HttpOnly, SameSite=Strict, Path=/api/, one hour): "
+                "an expiry and an HMAC of it under the token, never the token. GET and HEAD "
+                "requests under /api/ (the event stream and reads) accept it instead of the "
+                "Authorization header; writes never do. Without a token configured it sets "
+                "nothing and answers auth: false."
+            ),
+            "responses": {
+                "200": {
+                    "description": "The cookie is set (Set-Cookie)",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "auth": {"type": "boolean"},
+                                    "expires_at": {"type": ["string", "null"]},
+                                    "ttl_s": {"type": "integer"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "401": {"description": "Missing or wrong bearer token"},
+            },
+        },
+        "delete": {
+            "summary": "Clear the session cookie",
+            "responses": {
+                "204": {"description": "Cleared"},
+                "401": {"description": "Missing or wrong bearer token"},
+            },
+        },
+    },
+}

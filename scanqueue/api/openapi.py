@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from scanqueue.api import queue, schedules, webhooks
+from scanqueue.api import console, queue, schedules, timeline, webhooks
 from scanqueue.db.schema import STATUSES
 
 
@@ -179,6 +179,12 @@ OPENAPI: dict[str, Any] = {
                     {"name": "offset", "in": "query", "schema": {"type": "integer"}},
                     {"name": "key", "in": "query", "schema": {"type": "string"}},
                     {
+                        "name": "q",
+                        "in": "query",
+                        "description": "text in the id, user, error, key or providers (any case)",
+                        "schema": {"type": "string", "maxLength": 200},
+                    },
+                    {
                         "name": "label",
                         "in": "query",
                         "description": "K:V, repeatable; every one must match",
@@ -251,6 +257,8 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        **timeline.PATHS,
+        **console.PATHS,
         **schedules.PATHS,
         **queue.PATHS,
         **webhooks.PATHS,

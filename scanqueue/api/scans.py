@@ -28,6 +28,7 @@ from scanqueue.observe.event_sender import emit_standalone
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
+MAX_SEARCH_CHARS = 200  # ``q``, the text filter
 
 
 async def create_scan(request: Request) -> Response:
@@ -82,9 +83,12 @@ async def list_scans(request: Request) -> Response:
     except RequestInvalid as exc:
         return error_response(exc.status, exc.message)
     key = request.query_params.get("key") or None
+    search = request.query_params.get("q") or None
+    if search is not None and len(search) > MAX_SEARCH_CHARS:
+        return error_response(422, f"q must be at most {MAX_SEARCH_CHARS} characters")
     rows = await run_in_threadpool(
         lambda: state_of(request).store.list_scans(
-            status, limit, offset, key=key, labels=labels or None
+            status, limit, offset, key=key, labels=labels or None, search=search
         )
     )
     return JSONResponse(

@@ -4,11 +4,13 @@
 from the durable event log (:mod:`~scanqueue.observe.event_history`), with
 the worker that ran it.  ``GET /api/v1/activity?minutes=N`` — rows per status,
 per minute of the last N (default 60) scans finished by outcome and pickup
-latency (:mod:`~scanqueue.db.activity`), and the event stream's newest id.  Both are reads: behind the
-bearer token, or the console's session cookie.
+latency (:mod:`~scanqueue.db.activity`), and the event stream's newest id.
+Both are reads: behind the bearer token, or the console's session cookie.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -65,3 +67,87 @@ async def recent_activity(request: Request) -> Response:
             "last_event_id": last_event_id,
         }
     )
+
+
+# -- the OpenAPI document's part (merged by scanqueue.api.openapi) ---------------------
+
+_INT = {"type": "integer"}
+_SECONDS_OR_NULL = {"type": ["number", "null"]}
+PATHS: dict[str, Any] = {
+    "/api/v1/scans/{scan_id}/events": {
+        "get": {
+            "summary": "A scan's retained events, oldest first, and the worker that ran it",
+            "parameters": [
+                {"name": "scan_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 500}},
+            ],
+            "responses": {
+                "200": {
+                    "description": "The timeline",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "scan_id": {"type": "string"},
+                                    "events": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Event"},
+                                    },
+                                    "worker": {
+                                        "type": ["object", "null"],
+                                        "description": "id, hostname, pid, slots, heartbeat_at",
+                                    },
+                                },
+                            }
+                        }
+                    },
+                },
+                "401": {"description": "Missing or wrong bearer token (or session cookie)"},
+                "404": {"description": "No scan with that id"},
+            },
+        }
+    },
+    "/api/v1/activity": {
+        "get": {
+            "summary": "Rows per status, and per minute: scans finished and pickup latency",
+            "parameters": [
+                {"name": "minutes", "in": "query", "schema": {"type": "integer", "maximum": 1440}}
+            ],
+            "responses": {
+                "200": {
+                    "description": "Counts and one bucket per minute, oldest first",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "counts": {"type": "object", "additionalProperties": _INT},
+                                    "window": _INT,
+                                    "last_event_id": {"type": ["string", "null"]},
+                                    "minutes": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "properties": {
+                                                "at": {"type": "string", "format": "date-time"},
+                                                "completed": _INT,
+                                                "failed": _INT,
+                                                "canceled": _INT,
+                                                "started": _INT,
+                                                "pickup_mean_s": _SECONDS_OR_NULL,
+                                                "pickup_max_s": _SECONDS_OR_NULL,
+                                            },
+                                        },
+                                    },
+                                },
+                            }
+                        }
+                    },
+                },
+                "401": {"description": "Missing or wrong bearer token (or session cookie)"},
+                "422": {"description": "minutes out of range"},
+            },
+        }
+    },
+}

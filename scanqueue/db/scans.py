@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, and_, func, insert, select, text, update
+from sqlalchemy import Connection, Text, and_, cast, func, insert, or_, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -136,17 +136,35 @@ class ScansMixin(StoreBase):
         *,
         key: str | None = None,
         labels: Mapping[str, str] | None = None,
+        search: str | None = None,
     ) -> list[ScanRow]:
         """The newest ``limit`` scans (after ``offset``), newest first.
 
-        Filtered by ``status``, by effective ``key`` and by ``labels`` (every
-        given label must match: AND).
+        Filtered by ``status``, by effective ``key``, by ``labels`` (every
+        given label must match: AND) and by ``search``: text found, ignoring
+        case, in the id, user, error, key or providers (the console's text filter).
         """
         stmt = select(*PUBLIC_COLUMNS)
         if status is not None:
             stmt = stmt.where(scans.c.status == status)
         if key is not None:
             stmt = stmt.where(scans.c.effective_key == key)
+        if search:
+            needle = search.lower()
+            stmt = stmt.where(
+                or_(
+                    *(
+                        func.lower(func.coalesce(column, "")).contains(needle, autoescape=True)
+                        for column in (
+                            scans.c.id,
+                            scans.c.triggered_by_user,
+                            scans.c.error,
+                            scans.c.effective_key,
+                            cast(scans.c.providers_scanned, Text),
+                        )
+                    )
+                )
+            )
         if labels:
             stmt = stmt.where(and_(*self._label_matches(labels)))
         stmt = (

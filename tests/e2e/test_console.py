@@ -162,10 +162,11 @@ def wait_js(page: Any, expression: str, timeout: float = TIMEOUT_MS / 1000) -> N
     wait_for(lambda: page.evaluate(expression), timeout, interval=0.1, what=expression)
 
 
-def shot(page: Any, name: str) -> None:
+def shot(page: Any, name: str, *, full_page: bool = True) -> None:
+    """Save ``docs/console/<name>.png`` (the docs show what the tests saw)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.wait_for_timeout(300)  # let the last live update paint
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
 
 
 def launch(p: Any) -> Any:
@@ -239,6 +240,8 @@ def test_every_console_address_answers_the_page_under_a_strict_policy(sqlite_url
     assert client.get("/console/console.css").headers["content-type"].startswith("text/css")
     assert client.get("/console/../app.py").status_code == 404
     assert client.get("/console/secret.txt").status_code == 404
+    paths = set(client.get("/openapi.json").json()["paths"])
+    assert {"/api/v1/session", "/api/v1/activity", "/api/v1/scans/{scan_id}/events"} <= paths
     # No token: the session route says so and sets nothing.
     answer = client.post("/api/v1/session", headers={"Host": "127.0.0.1"})
     assert answer.json() == {"auth": False, "expires_at": None}
@@ -283,6 +286,34 @@ def test_the_session_cookie_lets_reads_through_and_never_writes(sqlite_url: str)
     )
     cleared = client.delete("/api/v1/session", headers={"Authorization": f"Bearer {TOKEN}"})
     assert cleared.status_code == 204 and "Max-Age=0" in cleared.headers["set-cookie"]
+
+
+def test_the_text_filter_searches_id_user_error_key_and_providers(db_url: str) -> None:
+    upgrade(db_url)
+    client = TestClient(create_app(Settings.from_env({"DATABASE_URL": db_url})))
+
+    def enqueue(**body: Any) -> str:
+        answer = client.post("/api/v1/scans", json=body, headers={"Host": "127.0.0.1"})
+        assert answer.status_code == 201, answer.text
+        return str(answer.json()["id"])
+
+    zoe = enqueue(providers=["aws"], user="Zoe_Admin")
+    keyed = enqueue(providers=["gcp"], key="Team-100%")
+    other = enqueue(providers=["azure-prod"], frameworks=["soc2"])
+
+    def found(q: str, **extra: str) -> list[str]:
+        answer = client.get("/api/v1/scans", params={"q": q, **extra})
+        assert answer.status_code == 200, answer.text
+        return [s["id"] for s in answer.json()["scans"]]
+
+    assert found("zoe_") == [zoe]  # any case; "_" is a character, not a wildcard
+    assert found("100%") == [keyed]  # "%" likewise
+    assert found("azure") == [other]
+    assert found(zoe[:10]) == [zoe]
+    assert found("gcp", status="queued") == [keyed]
+    assert found("nothing like it") == []
+    too_long = client.get("/api/v1/scans", params={"q": "x" * 201})
+    assert too_long.status_code == 422 and "q must be" in too_long.json()["error"]
 
 
 # -- the views, in a browser -------------------------------------------------------------------
@@ -357,11 +388,11 @@ def test_scans_view_live_with_filters_paging_counts_and_chart(console: Console) 
     summary = page.inner_text("#chart-finished .summary")
     assert int(re.search(r"(\d+) failed", summary)[1]) >= 55  # type: ignore[index]
     page.wait_for_selector("#chart-latency svg polyline, #chart-latency svg circle")
-    shot(page, "scans")
+    shot(page, "scans", full_page=False)
     phone = console.open("/", viewport=PHONE)
     phone.wait_for_selector("#scans tr[data-status]")
     assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
-    shot(phone, "scans-phone")
+    shot(phone, "scans-phone", full_page=False)
     phone.context.close()
     page.context.close()
 
