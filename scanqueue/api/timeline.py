@@ -10,6 +10,7 @@ Both are reads: behind the bearer token, or the console's session cookie.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -17,13 +18,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from scanqueue.api.guards import error_response
-from scanqueue.api.state import state_of
+from scanqueue.api.state import AppState, state_of
 from scanqueue.db.activity import activity, worker_of
 from scanqueue.db.schema import STATUSES
 from scanqueue.observe.event_history import DEFAULT_LIMIT, events_of_scan
 
 DEFAULT_MINUTES = 60
 MAX_MINUTES = 24 * 60
+ACTIVITY_CACHE_S = 2.0  # seconds one /api/v1/activity answer is reused
+
+_activity_cache: dict[tuple[int, int], tuple[float, dict[str, Any]]] = {}
 
 
 async def scan_events(request: Request) -> Response:
@@ -48,6 +52,18 @@ async def recent_activity(request: Request) -> Response:
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_MINUTES:
             return error_response(422, f"minutes must be from 1 to {MAX_MINUTES}")
         minutes = int(raw)
+    # Every open console polls this; the window's rows are read at most once per
+    # ACTIVITY_CACHE_S per server, however many consoles are open.
+    cache_key = (id(state), minutes)
+    cached = _activity_cache.get(cache_key)
+    if cached is not None and time.monotonic() - cached[0] < ACTIVITY_CACHE_S:
+        return JSONResponse(cached[1])
+    answer = await _activity(state, minutes)
+    _activity_cache[cache_key] = (time.monotonic(), answer)
+    return JSONResponse(answer)
+
+
+async def _activity(state: AppState, minutes: int) -> dict[str, Any]:
     counts = await run_in_threadpool(state.store.count_by_status)
     buckets = await run_in_threadpool(activity, state.store, minutes)
     statuses = {status: counts.get(status, 0) for status in STATUSES}
@@ -59,14 +75,12 @@ async def recent_activity(request: Request) -> Response:
         last_event_id: str | None = await run_in_threadpool(state.sink.last_id)
     except Exception:
         last_event_id = None
-    return JSONResponse(
-        {
-            "counts": statuses,
-            "minutes": [b.to_json() for b in buckets],
-            "window": minutes,
-            "last_event_id": last_event_id,
-        }
-    )
+    return {
+        "counts": statuses,
+        "minutes": [b.to_json() for b in buckets],
+        "window": minutes,
+        "last_event_id": last_event_id,
+    }
 
 
 # -- the OpenAPI document's part (merged by scanqueue.api.openapi) ---------------------
