@@ -2,9 +2,10 @@
 
 Every console address — ``/``, ``/scans/{id}``, ``/schedules``, ``/queue`` —
 answers the same single page (``api/static/index.html``), which routes on the
-path itself, so a reload or a shared link lands on the same view.  Its script
-and styles come from ``/console/<file>`` (packaged with the wheel: no CDN, no
-build step), under a Content-Security-Policy that allows this origin only.
+path itself, so a reload or a shared link lands on the same view.  Its
+JavaScript modules (``main.js`` and the views it imports) and styles come from
+``/console/<file>`` (packaged with the wheel: no CDN, no build step), under a
+Content-Security-Policy that allows this origin only.
 
 ``POST /api/v1/session`` (bearer token required, like every write) sets the
 short-lived cookie of :mod:`~scanqueue.api.session`, which lets the page's
@@ -16,6 +17,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -26,9 +28,12 @@ from scanqueue.api.session import SESSION_TTL_S, make_session, session_cookie_he
 from scanqueue.api.state import state_of
 from scanqueue.db.rows import iso
 
+MEDIA_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+# The files /console/<name> serves: the page's modules and styles, nothing else.
 ASSETS = {
-    "console.js": "text/javascript; charset=utf-8",
-    "console.css": "text/css; charset=utf-8",
+    entry.name: MEDIA_TYPES[Path(entry.name).suffix]
+    for entry in resources.files("scanqueue.api").joinpath("static").iterdir()
+    if Path(entry.name).suffix in MEDIA_TYPES
 }
 SECURITY_HEADERS = {
     "Content-Security-Policy": (

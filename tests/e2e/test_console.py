@@ -231,12 +231,15 @@ def test_every_console_address_answers_the_page_under_a_strict_policy(sqlite_url
         answer = client.get(path)
         assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
         assert "script-src 'self'" in answer.headers["content-security-policy"]
-        assert '<script src="/console/console.js"' in answer.text
-    script = client.get("/console/console.js")
+        assert '<script type="module" src="/console/main.js">' in answer.text
+    script = client.get("/console/main.js")
     assert script.status_code == 200 and script.headers["content-type"].startswith(
         "text/javascript"
     )
     assert "new EventSource(" in script.text and "/events" in script.text
+    # Its modules, imported by relative path from the same place.
+    for module in re.findall(r'from "\./(\w+)\.js"', script.text):
+        assert client.get(f"/console/{module}.js").status_code == 200, module
     assert client.get("/console/console.css").headers["content-type"].startswith("text/css")
     assert client.get("/console/../app.py").status_code == 404
     assert client.get("/console/secret.txt").status_code == 404
