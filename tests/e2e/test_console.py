@@ -612,6 +612,16 @@ def test_a_dropped_stream_is_shown_and_resumes_without_a_reload(console: Console
 
 def test_keyboard_alone_reaches_every_view_with_visible_focus(console: Console) -> None:
     page = console.open("/")
+    # A button keeps the keyboard focus across the list's periodic refresh (8 s).
+    button = "#scans tr[data-status] td.actions button"
+    page.wait_for_selector(button)
+    page.focus(button)
+    marked = page.evaluate("(document.activeElement.dataset.kept = 'yes')")
+    assert marked == "yes"
+    page.wait_for_timeout(9000)
+    assert page.evaluate("document.activeElement.dataset.kept || ''") == "yes"
+    page.goto(console.url + "/")
+    wait_live(page)
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.className") == "skip"
     seen = []
@@ -703,8 +713,14 @@ def test_with_a_token_it_asks_once_and_keeps_it_out_of_urls_cookies_and_logs(
         page.wait_for_selector(f"#scan-{done}[data-status='completed']")
         page.fill("#providers", "slow")
         page.click("#enqueue-button")
-        page.wait_for_selector("#notice:has-text('Enqueued scan')")
-        slow = re.search(r"scan (\w+)", page.inner_text("#notice"))[1]  # type: ignore[index]
+        notice = wait_for(
+            lambda: (
+                (t := page.inner_text("#notice")) and "Enqueued scan" in t and done not in t and t
+            ),
+            30,
+            what="the second scan's notice",
+        )
+        slow = re.search(r"scan (\w+)", notice)[1]  # type: ignore[index]
         auth = {"Authorization": f"Bearer {TOKEN}"}
 
         def slow_status() -> str:

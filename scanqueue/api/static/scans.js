@@ -51,8 +51,13 @@ async function loadScans() {
     const keep = new Set(rows.map((s) => "scan-" + s.id));
     for (const tr of [...body.children]) if (!keep.has(tr.id)) tr.remove();
     for (const scan of rows.slice().reverse()) renderRow(scan);
-    // Newest first, whatever order the rows were added in.
-    for (const scan of rows) body.append($("scan-" + scan.id));
+    // Newest first, moving only rows out of place: a moved row would lose the keyboard
+    // focus of a button in it.
+    let at = body.firstElementChild;
+    for (const scan of rows) {
+      const tr = $("scan-" + scan.id);
+      if (tr === at) at = at.nextElementSibling; else body.insertBefore(tr, at);
+    }
     if (!rows.length) body.append(el("tr", {id: "scan-none"},
       el("td", {colspan: 10, className: "muted", text: "No scans match."})));
     const first = rows.length ? state.offset + 1 : 0;
@@ -85,6 +90,10 @@ function renderRow(scan) {
     tr = el("tr", {id: "scan-" + scan.id});
     $("scans").prepend(tr);
   }
+  // Unchanged rows stay as they are (polls must not take the focus from a button).
+  const sig = JSON.stringify([scan.status, scan.findings_count, scan.attempts, scan.error, scan.key]);
+  if (tr.dataset.sig === sig) return;
+  tr.dataset.sig = sig;
   const idCell = el("td", {className: "id mono", title: scan.id}, scanLink(scan.id, true));
   const actions = el("td", {className: "actions"});
   if (ACTIVE.has(scan.status)) {
