@@ -19,8 +19,8 @@ keep coming they wait (docs/reference.md#policies says so).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import Any
 
@@ -38,7 +38,6 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -242,28 +241,9 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
             bindparam("page", type_=Integer)
         )
 
-    @contextmanager
-    def _serialized_tx(self) -> Iterator[Connection]:
+    def _serialized_tx(self) -> AbstractContextManager[Connection]:
         """A transaction that holds the dispatch lock from its first statement."""
-        if self.dialect == "postgresql":
-            with self._tx() as conn:
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": DISPATCH_LOCK_KEY})
-                yield conn
-            return
-        try:
-            # Autocommit connection: the driver issues no BEGIN of its own, so ours
-            # can be IMMEDIATE (a deferred one would read, then fail to upgrade).
-            with self._autocommit_engine.connect() as conn:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                except BaseException:
-                    conn.exec_driver_sql("ROLLBACK")
-                    raise
-                conn.exec_driver_sql("COMMIT")
-        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-            self._raise_unavailable_if_gone(exc)
-            raise
+        return self._locked_tx("SELECT pg_advisory_xact_lock(:k)", {"k": DISPATCH_LOCK_KEY})
 
     def in_flight(self) -> int:
         """Scans dispatched but not started (queued with ``dispatched_at`` set)."""

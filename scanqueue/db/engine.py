@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool
 
@@ -196,6 +196,35 @@ class StoreBase:
             else:
                 with self.engine.begin() as conn:
                     yield conn
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            self._raise_unavailable_if_gone(exc)
+            raise
+
+    @contextmanager
+    def _locked_tx(self, pg_lock_sql: str, params: Mapping[str, Any]) -> Iterator[Connection]:
+        """A transaction that holds a lock from its first statement.
+
+        PostgreSQL: the advisory lock that ``pg_lock_sql`` takes (a
+        ``pg_advisory_xact_lock``, released at commit, and with the connection if
+        the process dies).  SQLite: the database's write lock, ``BEGIN IMMEDIATE``
+        (a deferred BEGIN would read, then fail to upgrade), which serializes
+        every writer anyway.
+        """
+        if self.dialect == "postgresql":
+            with self._tx() as conn:
+                conn.execute(text(pg_lock_sql), dict(params))
+                yield conn
+            return
+        try:
+            # Autocommit connection: the driver issues no BEGIN of its own.
+            with self._autocommit_engine.connect() as conn:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.exec_driver_sql("ROLLBACK")
+                    raise
+                conn.exec_driver_sql("COMMIT")
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
             self._raise_unavailable_if_gone(exc)
             raise

@@ -13,12 +13,11 @@ scan's age.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Text, and_, cast, func, insert, or_, select, text, update
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.elements import ColumnElement
 
 from scanqueue.db.engine import StoreBase
@@ -97,29 +96,11 @@ class ScansMixin(StoreBase):
             row = conn.execute(insert(scans).values(**values).returning(*PUBLIC_COLUMNS)).one()
         return ScanRow.from_row(row), False
 
-    @contextmanager
-    def _key_locked_tx(self, key: str) -> Iterator[Connection]:
+    def _key_locked_tx(self, key: str) -> AbstractContextManager[Connection]:
         """A transaction that holds ``key``'s unique-enqueue lock from its first statement."""
-        if self.dialect == "postgresql":
-            with self._tx() as conn:
-                conn.execute(
-                    text("SELECT pg_advisory_xact_lock(:c, hashtext(:k))"),
-                    {"c": UNIQUE_LOCK_CLASS, "k": key},
-                )
-                yield conn
-            return
-        try:
-            with self._autocommit_engine.connect() as conn:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                except BaseException:
-                    conn.exec_driver_sql("ROLLBACK")
-                    raise
-                conn.exec_driver_sql("COMMIT")
-        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-            self._raise_unavailable_if_gone(exc)
-            raise
+        return self._locked_tx(
+            "SELECT pg_advisory_xact_lock(:c, hashtext(:k))", {"c": UNIQUE_LOCK_CLASS, "k": key}
+        )
 
     def get(self, scan_id: str) -> ScanRow:
         with self._tx(single=True) as conn:
