@@ -55,12 +55,13 @@ from scanqueue.db.schema import (
 )
 
 BATCH_SCANS = 500  # scans judged and deleted per batch
-DELETE_CHUNK_SCANS = 100  # scans whose children one delete statement removes
+DELETE_CHUNK_SCANS = 50  # scans whose children one delete statement removes
 # SQLite: smaller deletes, and the write lock left free for a moment after each, so
 # an INSERT waiting in SQLite's busy handler (which sleeps 1, 2, 5, 10, … ms between
 # tries) gets in (bench/prune.py measures the inserter's worst wait).
 SQLITE_DELETE_CHUNK_SCANS = 25
 SQLITE_PAUSE_S = 0.01
+PG_PAUSE_S = 0.02  # PostgreSQL: between chunks (row deletes never block inserts there)
 FAR_PAST = datetime(1970, 1, 1, tzinfo=UTC)
 FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 
@@ -303,6 +304,8 @@ class RetentionMixin(StoreBase):
 
     def _yield_writer(self, sqlite: bool, checkpoint: bool = False) -> None:
         if not sqlite:
+            if checkpoint:  # after each chunk: the host's writes get the disk and CPU
+                time.sleep(PG_PAUSE_S)
             return
         if checkpoint:
             with self._tx(single=True) as conn:
