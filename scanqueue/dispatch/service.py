@@ -122,8 +122,48 @@ def _plug_leader_tasks(service: BridgeService, settings: Settings) -> None:
         per_key=settings.retain_per_key,
         report=lambda c: report_pruned(c.scans, c.findings, c.events),
     )
-    service.leader_tasks.append(("webhooks", webhooks.run_once, webhooks.close))
-    service.leader_tasks.append(("retention", retention.run_once, None))
+    service.leader_tasks.append(
+        ("webhooks", _until_schema("webhooks", webhooks.run_once), webhooks.close)
+    )
+    service.leader_tasks.append(("retention", _until_schema("retention", retention.run_once), None))
+
+
+SCHEMA_WARN_EVERY_S = 300.0
+
+
+def _until_schema(name: str, step: Any) -> Any:
+    """``step``, but a schema older than the code (a rolling deploy before ``db upgrade``)
+    is one warning every few minutes, not a traceback every tick."""
+    import logging
+    import time
+
+    from sqlalchemy import exc as sa_exc
+
+    last_warned = -SCHEMA_WARN_EVERY_S
+
+    def guarded() -> object:
+        nonlocal last_warned
+        problem: sa_exc.DBAPIError
+        try:
+            return step()
+        except sa_exc.ProgrammingError as exc:  # PostgreSQL: relation/column does not exist
+            problem = exc
+        except sa_exc.OperationalError as exc:  # SQLite: no such table/column
+            if "no such" not in str(exc):
+                raise
+            problem = exc
+        now = time.monotonic()
+        if now - last_warned >= SCHEMA_WARN_EVERY_S:
+            last_warned = now
+            logging.getLogger(__name__).warning(
+                "leader %s skipped: the schema is older than this code (run `scanqueue db"
+                " upgrade`): %s",
+                name,
+                str(getattr(problem, "orig", problem)).strip().splitlines()[0],
+            )
+        return None
+
+    return guarded
 
 
 def build_bridge_service(settings: Settings, app: Any) -> BridgeService:

@@ -339,3 +339,18 @@ def test_without_webhooks_finished_scans_are_only_marked_and_never_sent_later(
     store.add_webhook(validate_webhook({"url": receiver.url, "secret": SECRET}))
     assert store.fan_out() == (0, 0)
     assert store.deliveries_of() == []
+
+
+def test_a_schema_older_than_the_code_is_one_warning_not_a_traceback_every_tick(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from scanqueue.db.migrate import upgrade as run_upgrade
+    from scanqueue.dispatch.service import _until_schema
+
+    store = store_for(sqlite_url)
+    run_upgrade(store, "0008")  # a rolling deploy: new code, old schema
+    step = _until_schema("webhooks", WebhookDispatcher(store).run_once)
+    with caplog.at_level("WARNING"):
+        assert [step() for _ in range(3)] == [None, None, None]
+    warned = [r for r in caplog.records if "schema is older" in r.getMessage()]
+    assert len(warned) == 1 and "scanqueue db upgrade" in warned[0].getMessage()
