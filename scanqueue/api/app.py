@@ -2,7 +2,7 @@
 
 Routes: ``/healthz``, ``/metrics`` (:mod:`~scanqueue.api.health`),
 ``/openapi.json`` (:mod:`~scanqueue.api.openapi`), the console's pages and
-files and its session cookie (:mod:`~scanqueue.api.console`), a scan's
+files (:mod:`~scanqueue.api.console`), a scan's
 timeline and the recent activity (:mod:`~scanqueue.api.timeline`) and,
 behind the optional bearer token, ``/api/v1/scans``
 (create, list, get, cancel — :mod:`~scanqueue.api.scans`) and
@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from scanqueue.api.console import asset, close_session, open_session, page
+from scanqueue.api.console import asset, page
 from scanqueue.api.guards import BearerAuth, LoopbackWriteGuard, error_response
 from scanqueue.api.health import healthz, metrics
 from scanqueue.api.hub import HUB_WINDOW
@@ -98,8 +98,6 @@ def create_app(
             Route("/schedules", page, methods=["GET"]),
             Route("/queue", page, methods=["GET"]),
             Route("/console/{name}", asset, methods=["GET"]),
-            Route("/api/v1/session", open_session, methods=["POST"]),
-            Route("/api/v1/session", close_session, methods=["DELETE"]),
             Route("/api/v1/activity", recent_activity, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),

@@ -20,8 +20,6 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from scanqueue.api.session import cookie_from_header, session_valid
-
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -51,9 +49,9 @@ class RequestInvalid(Exception):
 class BearerAuth:
     """Every ``/api/`` request must carry ``Authorization: Bearer <token>`` when a token is set.
 
-    A ``GET`` or ``HEAD`` may instead carry the console's session cookie
-    (:mod:`~scanqueue.api.session`): an ``EventSource`` cannot send headers.
-    Writes never accept the cookie, so it cannot be ridden by another site.
+    The header is the only credential, for reads and writes alike (CONTRACT §4):
+    no cookie, no query parameter.  The console reads the event stream with
+    ``fetch()``, which sends the header (``docs/console.md``).
     """
 
     def __init__(self, app: ASGIApp, token: str | None) -> None:
@@ -78,15 +76,12 @@ class BearerAuth:
 
     def _authorized(self, scope: Scope) -> bool:
         assert self.token is not None
-        cookie: str | None = None
         for name, value in scope.get("headers", []):
-            if name.lower() == b"authorization":
+            if bytes(name).lower() == b"authorization":
                 scheme, _, given = bytes(value).partition(b" ")
                 if scheme.lower() == b"bearer":
                     return hmac.compare_digest(given.strip(), self.token)
-            elif name.lower() == b"cookie" and scope.get("method") in ("GET", "HEAD"):
-                cookie = cookie_from_header(bytes(value).decode("latin-1")) or cookie
-        return cookie is not None and session_valid(self.token, cookie)
+        return False
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})

@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from scanqueue.api import console, queue, schedules, timeline, webhooks
+from scanqueue.api import queue, schedules, timeline, webhooks
 from scanqueue.db.schema import STATUSES
 
 
@@ -258,7 +258,6 @@ OPENAPI: dict[str, Any] = {
             }
         },
         **timeline.PATHS,
-        **console.PATHS,
         **schedules.PATHS,
         **queue.PATHS,
         **webhooks.PATHS,

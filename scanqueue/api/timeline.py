@@ -5,7 +5,7 @@ from the durable event log (:mod:`~scanqueue.observe.event_history`), with
 the worker that ran it.  ``GET /api/v1/activity?minutes=N`` — rows per status,
 per minute of the last N (default 60) scans finished by outcome and pickup
 latency (:mod:`~scanqueue.db.activity`), and the event stream's newest id.
-Both are reads: behind the bearer token, or the console's session cookie.
+Both are reads, behind the bearer token like every ``/api/`` route.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ PATHS: dict[str, Any] = {
                         }
                     },
                 },
-                "401": {"description": "Missing or wrong bearer token (or session cookie)"},
+                "401": {"description": "Missing or wrong bearer token"},
                 "404": {"description": "No scan with that id"},
             },
         }
@@ -159,7 +159,7 @@ PATHS: dict[str, Any] = {
                         }
                     },
                 },
-                "401": {"description": "Missing or wrong bearer token (or session cookie)"},
+                "401": {"description": "Missing or wrong bearer token"},
                 "422": {"description": "minutes out of range"},
             },
         }

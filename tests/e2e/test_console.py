@@ -32,7 +32,6 @@ import pytest
 from starlette.testclient import TestClient
 
 from scanqueue.api.app import create_app
-from scanqueue.api.session import COOKIE_NAME, make_session, session_valid
 from scanqueue.config import Settings
 from tests.browser import CHROMIUM_ARGS, chromium_path
 from tests.conftest import (
@@ -221,7 +220,7 @@ def _no_page_errors(request: pytest.FixtureRequest) -> Iterator[None]:
         assert not errors, errors
 
 
-# -- the pages and the session cookie, without a browser ------------------------------------------
+# -- the pages and the bearer header, without a browser -------------------------------------------
 
 
 def test_every_console_address_answers_the_page_under_a_strict_policy(sqlite_url: str) -> None:
@@ -236,7 +235,10 @@ def test_every_console_address_answers_the_page_under_a_strict_policy(sqlite_url
     assert script.status_code == 200 and script.headers["content-type"].startswith(
         "text/javascript"
     )
-    assert "new EventSource(" in script.text and "/events" in script.text
+    # The stream is read with fetch() (which sends the Authorization header), not EventSource.
+    stream = client.get("/console/stream.js").text
+    assert "getReader()" in stream and "/events" in stream and "Last-Event-ID" in stream
+    assert "new EventSource(" not in script.text + stream
     # Its modules, imported by relative path from the same place.
     for module in re.findall(r'from "\./(\w+)\.js"', script.text):
         assert client.get(f"/console/{module}.js").status_code == 200, module
@@ -244,51 +246,62 @@ def test_every_console_address_answers_the_page_under_a_strict_policy(sqlite_url
     assert client.get("/console/../app.py").status_code == 404
     assert client.get("/console/secret.txt").status_code == 404
     paths = set(client.get("/openapi.json").json()["paths"])
-    assert {"/api/v1/session", "/api/v1/activity", "/api/v1/scans/{scan_id}/events"} <= paths
-    # No token: the session route says so and sets nothing.
-    answer = client.post("/api/v1/session", headers={"Host": "127.0.0.1"})
-    assert answer.json() == {"auth": False, "expires_at": None}
-    assert "set-cookie" not in answer.headers
+    assert {"/api/v1/activity", "/api/v1/scans/{scan_id}/events"} <= paths
+    assert "/api/v1/session" not in paths
+    assert client.post("/api/v1/session", headers={"Host": "127.0.0.1"}).status_code == 404
 
 
-def test_the_session_cookie_lets_reads_through_and_never_writes(sqlite_url: str) -> None:
+def test_with_a_token_the_bearer_header_is_the_only_credential(sqlite_url: str) -> None:
+    """CONTRACT §4 to the letter: every /api/ route, reads and the stream included."""
     upgrade(sqlite_url)
     settings = Settings.from_env({"DATABASE_URL": sqlite_url, "SCANQUEUE_API_TOKEN": TOKEN})
     client = TestClient(create_app(settings), base_url="http://127.0.0.1")
-    assert client.post("/api/v1/session").status_code == 401
-    answer = client.post("/api/v1/session", headers={"Authorization": f"Bearer {TOKEN}"})
-    assert answer.status_code == 200 and answer.json()["auth"] is True
-    set_cookie = answer.headers["set-cookie"]
-    assert set_cookie.startswith(f"{COOKIE_NAME}=")
-    for part in ("HttpOnly", "SameSite=Strict", "Path=/api/", "Max-Age=3600"):
-        assert part in set_cookie
-    value = set_cookie.split(";")[0].split("=", 1)[1]
-    assert TOKEN not in value and TOKEN not in answer.text
-    cookie = {"Cookie": f"{COOKIE_NAME}={value}"}
-    client.cookies.clear()
-    assert client.get("/api/v1/scans", headers=cookie).status_code == 200
-    assert client.get("/api/v1/activity", headers=cookie).status_code == 200
-    # Writes want the header: a page riding on the cookie can change nothing.
-    body = {"providers": ["aws"]}
-    assert client.post("/api/v1/scans", json=body, headers=cookie).status_code == 401
-    # Forged, expired or made under another token: refused.
-    for bad in ("1.abc", f"{int(time.time()) + 60}.{'0' * 64}", "", "x"):
+    origin = {"Origin": "http://127.0.0.1", "Referer": "http://127.0.0.1/"}
+    for path in ("/api/v1/scans", "/api/v1/activity", "/api/v1/events", "/api/v1/session"):
+        refused = client.get(path, headers=origin)
+        assert refused.status_code == 401, path
+        assert refused.headers["www-authenticate"] == 'Bearer realm="scanqueue"'
+        # No cookie and no query parameter stands in for the header.
         assert (
-            client.get("/api/v1/scans", headers={"Cookie": f"{COOKIE_NAME}={bad}"}).status_code
+            client.get(path, headers={**origin, "Cookie": f"scanqueue_session={TOKEN}"}).status_code
             == 401
         )
-    expired = make_session(TOKEN.encode(), now=time.time() - 7200)
-    assert not session_valid(TOKEN.encode(), expired)
-    assert (
-        client.get("/api/v1/scans", headers={"Cookie": f"{COOKIE_NAME}={expired}"}).status_code
-        == 401
+        assert client.get(f"{path}?token={TOKEN}").status_code == 401
+        assert client.head(path).status_code == 401
+    assert client.post("/api/v1/scans", json={"providers": ["aws"]}).status_code == 401
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.get("/api/v1/scans", headers=bearer).status_code == 200
+    assert client.get("/api/v1/scans", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    # The session route is gone: with the header it is an unknown path, and nothing sets a cookie.
+    gone = client.post("/api/v1/session", headers=bearer)
+    assert gone.status_code in (404, 405) and "set-cookie" not in gone.headers
+    # The pages themselves need no token.
+    assert client.get("/").status_code == 200
+
+
+def test_the_stream_parser_follows_the_event_stream_format(console: Console) -> None:
+    page = console.open("/")
+    events = page.evaluate(
+        r"""import('/console/stream.js').then(({EventStreamParser}) => {
+          const out = [], ids = [], retries = [];
+          const p = new EventStreamParser({onEvent: (e) => out.push(e),
+            onId: (id) => ids.push(id), onRetry: (ms) => retries.push(ms)});
+          const text = 'retry: 2000\n: subscribed after 0\n\nid: 1\ndata: {"a":\r\n' +
+            'data: 1}\r\n\r\nid: 2\nevent: ping\ndata:x\r\rid: 3\n\n:keepalive\n\n' +
+            'data\n\nid: 4\ndata: last';
+          for (let i = 0; i < text.length; i += 3) p.feed(text.slice(i, i + 3));
+          return {out, ids, retries};
+        })"""
     )
-    other = make_session(b"another token")
-    assert (
-        client.get("/api/v1/scans", headers={"Cookie": f"{COOKIE_NAME}={other}"}).status_code == 401
-    )
-    cleared = client.delete("/api/v1/session", headers={"Authorization": f"Bearer {TOKEN}"})
-    assert cleared.status_code == 204 and "Max-Age=0" in cleared.headers["set-cookie"]
+    assert events["retries"] == [2000]
+    assert events["out"] == [
+        {"type": "message", "data": '{"a":\n1}', "id": "1"},
+        {"type": "ping", "data": "x", "id": "2"},
+        {"type": "message", "data": "", "id": "3"},
+    ]
+    # An id without data still moves the cursor; an unfinished event is not dispatched.
+    assert events["ids"] == ["1", "2", "3", "3", "3"]
+    page.context.close()
 
 
 def test_the_text_filter_searches_id_user_error_key_and_providers(db_url: str) -> None:
@@ -653,7 +666,7 @@ def test_keyboard_alone_reaches_every_view_with_visible_focus(console: Console) 
 # -- with a token, on PostgreSQL and Redis ---------------------------------------------------------
 
 
-def test_with_a_token_it_asks_once_and_keeps_it_out_of_urls_cookies_and_logs(
+def test_with_a_token_it_asks_once_and_keeps_it_out_of_urls_and_logs(
     pg_url: str, redis_url: str, tmp_path: Path, browser: Any
 ) -> None:
     upgrade(pg_url)
@@ -672,7 +685,8 @@ def test_with_a_token_it_asks_once_and_keeps_it_out_of_urls_cookies_and_logs(
     errors: list[str] = []
     try:
         start_worker(procs, env, tmp_path, "--autoscale=2,2")
-        url = start_serve(env, tmp_path, procs)
+        port = free_port()
+        url = start_serve(env, tmp_path, procs, port)
         context = browser.new_context(viewport=DESKTOP)
         requests: list[str] = []
         context.on("request", lambda r: requests.append(r.url))
@@ -691,13 +705,12 @@ def test_with_a_token_it_asks_once_and_keeps_it_out_of_urls_cookies_and_logs(
         wait_live(page)
         page.wait_for_selector("#auth", state="hidden")
 
-        # The stream rides on an HttpOnly cookie that is not the token.
-        assert page.evaluate("document.cookie") == ""
-        (cookie,) = context.cookies()
-        assert cookie["name"] == COOKIE_NAME and cookie["httpOnly"] is True
-        assert cookie["sameSite"] == "Strict" and cookie["path"] == "/api/"
-        assert TOKEN not in cookie["value"]
-        # …which lets no write through: the page's own fetch without the header.
+        # No cookie stands in for the header (CONTRACT §4): the page's own requests from
+        # its origin, without the header, are refused — reads, the stream and writes.
+        assert context.cookies() == [] and page.evaluate("document.cookie") == ""
+        for path in ("/api/v1/scans", "/api/v1/activity", "/api/v1/events"):
+            status = page.evaluate(f"fetch('{path}').then(r => r.status)")
+            assert status == 401, path
         status = page.evaluate(
             "fetch('/api/v1/scans', {method: 'POST', headers: {'Content-Type': "
             "'application/json'}, body: JSON.stringify({providers: ['lint']})})"
@@ -732,20 +745,47 @@ def test_with_a_token_it_asks_once_and_keeps_it_out_of_urls_cookies_and_logs(
         page.wait_for_selector(f"#scan-{slow}[data-status='running']")
         page.click(f"#scan-{slow} button:has-text('Cancel')")
         page.wait_for_selector(f"#scan-{slow}[data-status='canceled']")
+
+        # The server goes away: shown at once; it comes back: the stream resumes from the
+        # last id it saw, with the header, and the scan that ran meanwhile appears.
+        page.evaluate("window.__notReloaded = true")
+        serve = procs[-1]
+        serve.stop()
+        page.wait_for_selector("#conn[data-state='retrying']")
+        assert page.inner_text("#conn") == "disconnected, retrying…"
+        result = run_cli(env, "enqueue", "--provider", "lint", "--user", "offline")
+        assert result.returncode == 0, result.stderr
+        offline = result.stdout.strip()
+        wait_for(
+            lambda: '"completed"' in run_cli(env, "status", offline, "--json").stdout,
+            60,
+            interval=0.3,
+            what="the scan enqueued while the server was away",
+        )
+        start_serve(env, tmp_path, procs, port)
+        wait_live(page)
+        page.wait_for_selector(f"#scan-{offline}[data-status='completed']")
+        assert page.evaluate("window.__notReloaded") is True
+        assert page.is_hidden("#auth")
+
         page.click(f"#scan-{done} td.id a")
         page.wait_for_selector("#timeline li[data-type='scan.completed']")
         page.wait_for_selector("#findings tr[data-state='new']")
 
-        # Asked once: a reload keeps the tab's token; a new tab's session asks again.
+        # Asked once: a reload keeps the tab's token; a new tab (sessionStorage is per
+        # tab) asks again.
         page.reload()
         wait_live(page)
         assert page.is_hidden("#auth")
-        other = browser.new_context().new_page()
+        other = context.new_page()
         other.goto(url + "/")
         other.wait_for_selector("#auth", state="visible")
-        other.context.close()
+        assert other.get_attribute("#conn", "data-state") == "auth"
+        other.close()
 
+        assert any(u.startswith(url + "/api/v1/events") for u in requests)
         assert not [u for u in requests if TOKEN in u]
+        assert context.cookies() == []
         context.close()
     finally:
         for proc in procs:

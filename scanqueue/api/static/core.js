@@ -12,7 +12,6 @@ const STATUS_OF = {"scan.queued": "queued", "scan.started": "running",
                    "scan.canceled": "canceled", "scan.requeued": "queued"};
 const PAGE_SIZE = 50;
 const BULK_MAX = 1000;          // scans one bulk action touches at most
-const SESSION_RENEW_MS = 20 * 60 * 1000;  // the cookie lives an hour
 const TOKEN_KEY = "scanqueue-token";
 
 const state = {
@@ -30,9 +29,7 @@ const state = {
   findingsOffset: 0,
   stream: null,
   lastEventId: "",
-  retryTimer: null,
   pollTimer: null,
-  renewTimer: null,
 };
 
 
@@ -108,7 +105,8 @@ function authHeaders(extra) {
 }
 
 async function api(path, options) {
-  const opts = Object.assign({credentials: "same-origin"}, options || {});
+  // No cookies: the Authorization header is the only credential (CONTRACT §4).
+  const opts = Object.assign({credentials: "omit"}, options || {});
   opts.headers = authHeaders(opts.headers);
   if (opts.json !== undefined) {
     opts.headers["Content-Type"] = "application/json";
@@ -133,26 +131,13 @@ async function api(path, options) {
 }
 
 
-// -- auth: the token stays in this tab; the stream rides on a short-lived cookie ---------------
+// -- auth: the token stays in this tab (sessionStorage), sent only as a header -----------------
 
 function askForToken(message) {
   state.needsToken = true;
   $("auth").style.display = "flex";
   $("auth-error").textContent = message || "";
   setConn("down", "needs a token");
-}
-
-async function openSession() {
-  // Trades the bearer token for an HttpOnly cookie (an HMAC of an expiry, not the token)
-  // that the server accepts on reads only, so the EventSource can authenticate.
-  if (!state.token) return;
-  await api("/session", {method: "POST"});
-}
-
-
-function startRenewing() {
-  clearInterval(state.renewTimer);
-  state.renewTimer = setInterval(() => openSession().catch(() => {}), SESSION_RENEW_MS);
 }
 
 
@@ -250,7 +235,6 @@ export {
   STATUS_OF,
   PAGE_SIZE,
   BULK_MAX,
-  SESSION_RENEW_MS,
   TOKEN_KEY,
   state,
   list,
@@ -266,8 +250,6 @@ export {
   authHeaders,
   api,
   askForToken,
-  openSession,
-  startRenewing,
   setConn,
   confirmDialog,
   table,

@@ -1,15 +1,16 @@
 // scanqueue console (CONTRACT §10): the entry point. It asks for the token when the
 // server wants one, routes between the views by address (no reload), and follows the
-// scans live through an EventSource on /api/v1/events, resuming after a dropped
-// connection and showing it when the stream is down.
+// scans live through the event stream (stream.js: fetch() with the Authorization
+// header, never the token in a URL), resuming after a dropped connection and showing
+// it when the stream is down.
 import {
-  $, API, TOKEN_KEY, askForToken, api, navigate, openSession, primeCursor, setConn, setError,
-  setRouter, startRenewing, state,
+  $, TOKEN_KEY, api, askForToken, navigate, primeCursor, setConn, setError, setRouter, state,
 } from "./core.js";
 import {queueView} from "./queue.js";
 import {scanView} from "./scan.js";
 import {scansView} from "./scans.js";
 import {schedulesView} from "./schedules.js";
+import {openStream} from "./stream.js";
 
 const VIEWS = {scans: scansView, scan: scanView, queue: queueView, schedules: schedulesView};
 
@@ -21,64 +22,55 @@ $("auth").addEventListener("submit", async (e) => {
   if (!given) return;
   state.token = given;
   try {
-    await openSession();
+    // Any read proves the token; this one also says where the stream stands now.
+    const a = await api("/activity?minutes=1");
+    if (!state.lastEventId && a.last_event_id) state.lastEventId = a.last_event_id;
   } catch (err) {
-    state.token = "";
-    $("auth-error").textContent = err.status === 401 ? "That token was refused." : err.message;
-    return;
+    if (err.status === 401) {
+      state.token = "";
+      $("auth-error").textContent = "That token was refused.";
+      return;
+    }
+    // Anything else (an older server without /activity): the token was not refused.
   }
   sessionStorage.setItem(TOKEN_KEY, given);
   $("token").value = "";
   $("auth").style.display = "none";
   $("signout").hidden = false;
   state.needsToken = false;
-  startRenewing();
-  await primeCursor();
   connect();
   route();
 });
 
-$("signout").addEventListener("click", async () => {
-  try { await api("/session", {method: "DELETE"}); } catch (e) { /* gone already */ }
+$("signout").addEventListener("click", () => {
   sessionStorage.removeItem(TOKEN_KEY);
   state.token = "";
   $("signout").hidden = true;
   if (state.stream) state.stream.close();
+  state.stream = null;
   askForToken("");
 });
 
 
 function connect() {
-  clearTimeout(state.retryTimer);
   if (state.stream) state.stream.close();
-  // A fresh EventSource resumes from the last event seen (the browser's own retries
-  // send Last-Event-ID themselves); an event id is no secret, so the query is fine.
-  const url = API + "/events" + (state.lastEventId ?
-    "?last_event_id=" + encodeURIComponent(state.lastEventId) : "");
-  const stream = new EventSource(url, {withCredentials: true});
-  state.stream = stream;
-  stream.onopen = () => {
-    setConn("ok", "live");
-    refreshView();          // whatever happened while disconnected
-  };
-  stream.onerror = () => {
-    if (stream !== state.stream) return;
-    setConn("down", "disconnected, retrying…");
-    if (stream.readyState === EventSource.CLOSED) {
-      // The server answered but not with a stream (401 after the cookie expired, 503
-      // when full): renew the session and start again, a little later each time.
-      state.retryTimer = setTimeout(async () => {
-        try { await openSession(); } catch (e) { if (e.status === 401) return; }
-        connect();
-      }, 3000);
-    }
-  };
-  stream.onmessage = (message) => {
-    if (message.lastEventId) state.lastEventId = message.lastEventId;
-    let event;
-    try { event = JSON.parse(message.data); } catch (e) { return; }
-    for (const view of Object.values(VIEWS)) view.onEvent(event);
-  };
+  state.stream = openStream({
+    onOpen: () => {
+      setConn("ok", "live");
+      refreshView();          // whatever happened while disconnected
+    },
+    onDown: () => setConn("down", "disconnected, retrying…"),
+    onRefused: () => {
+      state.stream = null;
+      askForToken(state.token ? "That token was refused." : "");
+    },
+    onEvent: (message) => {
+      if (message.type !== "message") return;
+      let event;
+      try { event = JSON.parse(message.data); } catch (e) { return; }
+      for (const view of Object.values(VIEWS)) view.onEvent(event);
+    },
+  });
 }
 
 
@@ -131,11 +123,8 @@ setRouter(route);
 // -- start ------------------------------------------------------------------------------------------
 
 async function start() {
-  if (state.token) {
-    $("signout").hidden = false;
-    try { await openSession(); startRenewing(); } catch (e) { /* askForToken was called on a 401 */ }
-  }
-  await primeCursor();
+  if (state.token) $("signout").hidden = false;
+  await primeCursor();        // a 401 here asks for the token
   route();
   if (!state.needsToken) connect();
 }
