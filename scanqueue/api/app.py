@@ -7,7 +7,8 @@ timeline and the recent activity (:mod:`~scanqueue.api.timeline`) and,
 behind the optional bearer token, ``/api/v1/scans``
 (create, list, get, cancel — :mod:`~scanqueue.api.scans`) and
 ``/api/v1/events`` (Server-Sent Events — :mod:`~scanqueue.api.sse`) and
-``/api/v1/schedules`` (:mod:`~scanqueue.api.schedules`).  Requests
+``/api/v1/schedules`` (:mod:`~scanqueue.api.schedules`) and ``/api/v1/webhooks``
+(:mod:`~scanqueue.api.webhooks`).  Requests
 pass :mod:`~scanqueue.api.guards` first.  The store's errors become 404, 409,
 503 and 500 answers here; :mod:`~scanqueue.api.serve` runs the app.
 """
@@ -51,6 +52,12 @@ from scanqueue.api.schedules import (
 from scanqueue.api.sse import HEARTBEAT_S, stream_events
 from scanqueue.api.state import AppState
 from scanqueue.api.timeline import recent_activity, scan_events
+from scanqueue.api.webhooks import (
+    create_webhook,
+    delete_webhook_by_id,
+    delete_webhook_by_url,
+    list_webhooks,
+)
 from scanqueue.config import Settings
 from scanqueue.errors import ConflictError, NotFoundError, ScanqueueError, UnavailableError
 
@@ -121,6 +128,10 @@ def create_app(
             Route("/api/v1/schedules/{name}/pause", pause_schedule, methods=["POST"]),
             Route("/api/v1/schedules/{name}/resume", resume_schedule, methods=["POST"]),
             Route("/api/v1/schedules/{name}/run", run_schedule, methods=["POST"]),
+            Route("/api/v1/webhooks", list_webhooks, methods=["GET"]),
+            Route("/api/v1/webhooks", create_webhook, methods=["POST"]),
+            Route("/api/v1/webhooks", delete_webhook_by_url, methods=["DELETE"]),
+            Route("/api/v1/webhooks/{webhook_id}", delete_webhook_by_id, methods=["DELETE"]),
         ],
         middleware=[
             Middleware(RequestMetrics),

@@ -333,6 +333,55 @@ def pool_metrics() -> PoolMetrics:
     )
 
 
+PRUNED_WHAT = ("scans", "findings", "events")
+DELIVERY_OUTCOMES = ("delivered", "retry", "given_up")
+
+
+@cache
+def pruned_counter() -> Counter:
+    """``scanqueue_pruned_total{what}``: rows retention deleted (leader and ``prune``)."""
+    from prometheus_client import Counter
+
+    counter = Counter(
+        "scanqueue_pruned",
+        "Rows deleted by retention (SCANQUEUE_RETAIN_DAYS, scanqueue prune), by table.",
+        ["what"],
+    )
+    for what in PRUNED_WHAT:
+        counter.labels(what)
+    return counter
+
+
+def report_pruned(scans: int, findings: int, events: int) -> None:
+    counter = pruned_counter()
+    with _writing():
+        for what, n in (("scans", scans), ("findings", findings), ("events", events)):
+            if n:
+                counter.labels(what).inc(n)
+
+
+@cache
+def webhook_deliveries_counter() -> Counter:
+    """``scanqueue_webhook_deliveries_total{outcome}``: webhook POSTs tried by the leader."""
+    from prometheus_client import Counter
+
+    counter = Counter(
+        "scanqueue_webhook_deliveries",
+        "Webhook deliveries tried, by outcome (retry: failed, tried again later; "
+        "given_up: failed its last attempt).",
+        ["outcome"],
+    )
+    for outcome in DELIVERY_OUTCOMES:
+        counter.labels(outcome)
+    return counter
+
+
+def report_delivery(outcome: str) -> None:
+    if outcome in DELIVERY_OUTCOMES:
+        with _writing():
+            webhook_deliveries_counter().labels(outcome).inc()
+
+
 # -- recording ----------------------------------------------------------------------------
 
 
