@@ -6,31 +6,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
 import scanqueue
-from scanqueue.api.app import create_app
-from scanqueue.config import Settings, normalize_database_url
-from tests.conftest import base_env, run_cli, upgrade
-
-
-@pytest.fixture
-def migrated(db_url: str) -> str:
-    upgrade(db_url)
-    return normalize_database_url(db_url)
-
-
-@pytest.fixture
-def client(migrated: str) -> Iterator[TestClient]:
-    settings = Settings.from_env(
-        {"DATABASE_URL": migrated, "SCANQUEUE_QUEUE": f"q{time.monotonic_ns()}"}
-    )
-    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
-        yield c
+from tests.conftest import base_env, run_cli
 
 
 def test_api_enqueue_with_policies_and_dedup(client: TestClient) -> None:

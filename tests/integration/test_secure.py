@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from scanqueue.runners.api import ScanContext
 from scanqueue.runners.providers.base import masked_config
 from scanqueue.runners.providers.sarif_command import SarifCommandProvider
 from tests.conftest import BIN, Proc, base_env, free_port, run_cli, upgrade, wait_for
+from tests.integration.conftest import api_settings
 from tests.integration.test_web import LiveServer, SSEClient
 
 TOKEN = "s3cure-api-token"
@@ -39,21 +39,9 @@ JSON = {"Content-Type": "application/json"}
 ENVDUMP = Path(__file__).resolve().parents[1] / "fixtures" / "sarif" / "envdump.py"
 
 
-def _settings(db_url: str, **env: str) -> Settings:
-    return Settings.from_env(
-        {"DATABASE_URL": db_url, "SCANQUEUE_QUEUE": f"q{time.monotonic_ns()}", **env}
-    )
-
-
-@pytest.fixture
-def migrated(db_url: str) -> str:
-    upgrade(db_url)
-    return normalize_database_url(db_url)
-
-
 @pytest.fixture
 def client(migrated: str) -> Iterator[TestClient]:
-    with TestClient(create_app(_settings(migrated)), base_url="http://127.0.0.1:8000") as c:
+    with TestClient(create_app(api_settings(migrated)), base_url="http://127.0.0.1:8000") as c:
         yield c
 
 
@@ -133,7 +121,7 @@ def test_valid_json_with_bad_fields_is_422(client: TestClient) -> None:
 
 
 def test_without_a_token_writes_need_loopback_host_and_origin(migrated: str) -> None:
-    app = create_app(_settings(migrated))
+    app = create_app(api_settings(migrated))
     body = {"providers": ["aws"]}
     with TestClient(app, base_url="http://127.0.0.1:8000") as c:
         for host in ("evil.example", "127.0.0.1.evil.example", "localhost:8000@evil", "10.0.0.5"):
@@ -164,7 +152,7 @@ def test_without_a_token_writes_need_loopback_host_and_origin(migrated: str) -> 
         assert c.get("/api/v1/scans", headers={"Host": "evil.example"}).status_code == 200
         assert len(c.get("/api/v1/scans").json()["scans"]) == 3
     # With a token the bearer check guards writes, whatever the Host (a platform's name).
-    with TestClient(create_app(_settings(migrated, SCANQUEUE_API_TOKEN=TOKEN))) as c:
+    with TestClient(create_app(api_settings(migrated, SCANQUEUE_API_TOKEN=TOKEN))) as c:
         auth = {"Authorization": f"Bearer {TOKEN}", "Host": "scanqueue.example.com"}
         assert c.post("/api/v1/scans", json=body, headers=auth).status_code == 201
         assert c.post("/api/v1/scans", json=body, headers={"Host": "x"}).status_code == 401
@@ -172,7 +160,7 @@ def test_without_a_token_writes_need_loopback_host_and_origin(migrated: str) -> 
 
 def test_healthz_says_nothing_about_hosts(migrated: str) -> None:
     dead_redis = f"redis://:redispw@127.0.0.1:{free_port()}/0"
-    with TestClient(create_app(_settings(migrated, REDIS_URL=dead_redis))) as c:
+    with TestClient(create_app(api_settings(migrated, REDIS_URL=dead_redis))) as c:
         response = c.get("/healthz")
     assert response.status_code == 503
     doc = response.json()
@@ -184,7 +172,7 @@ def test_healthz_says_nothing_about_hosts(migrated: str) -> None:
 
 def test_event_subscribers_are_capped(sqlite_url: str) -> None:
     upgrade(sqlite_url)
-    settings = _settings(normalize_database_url(sqlite_url), SCANQUEUE_SSE_MAX_SUBSCRIBERS="2")
+    settings = api_settings(normalize_database_url(sqlite_url), SCANQUEUE_SSE_MAX_SUBSCRIBERS="2")
     assert Settings.from_env({}).sse_max_subscribers == 100  # the default
     with LiveServer(settings, heartbeat_s=0.5) as server:
         first, second = SSEClient(server.url), SSEClient(server.url)

@@ -33,27 +33,9 @@ from tests.conftest import (
     upgrade,
     wait_for,
 )
+from tests.integration.conftest import api_settings
 
 TOKEN = "t0ps3cret-api-token"
-
-
-def _settings(db_url: str, **env: str) -> Settings:
-    return Settings.from_env(
-        {"DATABASE_URL": db_url, "SCANQUEUE_QUEUE": f"q{time.monotonic_ns()}", **env}
-    )
-
-
-@pytest.fixture
-def migrated(db_url: str) -> str:
-    upgrade(db_url)
-    return normalize_database_url(db_url)
-
-
-@pytest.fixture
-def client(migrated: str) -> Iterator[TestClient]:
-    # A loopback Host: without a token, writes from any other name answer 403.
-    with TestClient(create_app(_settings(migrated)), base_url="http://127.0.0.1") as c:
-        yield c
 
 
 # -- request / response ------------------------------------------------------------------------
@@ -160,7 +142,7 @@ def test_the_token_column_never_leaves(client: TestClient, migrated: str) -> Non
 
 def test_bearer_token_guards_every_api_route(sqlite_url: str) -> None:
     upgrade(sqlite_url)
-    app = create_app(_settings(sqlite_url, SCANQUEUE_API_TOKEN=TOKEN))
+    app = create_app(api_settings(sqlite_url, SCANQUEUE_API_TOKEN=TOKEN))
     with TestClient(app) as c:
         for method, path in (
             ("POST", "/api/v1/scans"),
@@ -188,7 +170,7 @@ def test_bearer_token_guards_every_api_route(sqlite_url: str) -> None:
 
 
 def test_healthz_checks_database_and_redis(migrated: str, redis_url: str) -> None:
-    with TestClient(create_app(_settings(migrated, REDIS_URL=redis_url))) as c:
+    with TestClient(create_app(api_settings(migrated, REDIS_URL=redis_url))) as c:
         response = c.get("/healthz")
         assert response.status_code == 200, response.text
         assert response.json() == {
@@ -197,7 +179,7 @@ def test_healthz_checks_database_and_redis(migrated: str, redis_url: str) -> Non
             "event_subscribers": 0,
         }
     dead_redis = f"redis://:pw-in-url@127.0.0.1:{free_port()}/0"
-    with TestClient(create_app(_settings(migrated, REDIS_URL=dead_redis))) as c:
+    with TestClient(create_app(api_settings(migrated, REDIS_URL=dead_redis))) as c:
         response = c.get("/healthz")
         assert response.status_code == 503
         assert response.json()["checks"]["database"] == "ok"
@@ -206,7 +188,7 @@ def test_healthz_checks_database_and_redis(migrated: str, redis_url: str) -> Non
 
 def test_healthz_without_a_database(tmp_path: Path) -> None:
     dead = f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/x"
-    with TestClient(create_app(_settings(dead))) as c:
+    with TestClient(create_app(api_settings(dead))) as c:
         response = c.get("/healthz")
         assert response.status_code == 503
         assert response.json()["status"] == "unavailable"
@@ -354,7 +336,7 @@ def live(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[LiveS
     if request.param == "redis":
         env["REDIS_URL"] = request.getfixturevalue("redis_url")
     upgrade(db)
-    settings = _settings(normalize_database_url(db), **env)
+    settings = api_settings(normalize_database_url(db), **env)
     with LiveServer(settings, heartbeat_s=0.5, hub_window=8) as server:
         yield server, event_sink_for(settings)
 
@@ -443,7 +425,7 @@ def test_filter_heartbeat_and_bad_ids(live: tuple[LiveServer, EventSink]) -> Non
 
 def test_sse_requires_the_token(sqlite_url: str) -> None:
     upgrade(sqlite_url)
-    settings = _settings(sqlite_url, SCANQUEUE_API_TOKEN=TOKEN)
+    settings = api_settings(sqlite_url, SCANQUEUE_API_TOKEN=TOKEN)
     with LiveServer(settings, heartbeat_s=0.5) as server:
         denied = SSEClient(server.url)
         denied.thread.join(10)
@@ -675,7 +657,7 @@ def test_page_shows_a_new_scan_turn_completed_without_reload(
 def test_a_stream_survives_a_redis_restart(redis_server: Any, tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'scans.db'}"
     upgrade(db)
-    settings = _settings(db, REDIS_URL=redis_server.url)
+    settings = api_settings(db, REDIS_URL=redis_server.url)
     sink = event_sink_for(settings)
     with LiveServer(settings, heartbeat_s=0.5) as server:
         watcher = _subscribe(server)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from starlette.testclient import TestClient
 
 from scanqueue.api.app import create_app
-from scanqueue.config import Settings, normalize_database_url
-from tests.conftest import upgrade
+from tests.integration.conftest import api_settings
 
 TOKEN = "t0ps3cret-api-token"
 NIGHTLY = {
@@ -22,24 +18,6 @@ NIGHTLY = {
     "frameworks": ["soc2"],
     "priority": 2,
 }
-
-
-def _settings(db_url: str, **env: str) -> Settings:
-    return Settings.from_env(
-        {"DATABASE_URL": db_url, "SCANQUEUE_QUEUE": f"q{time.monotonic_ns()}", **env}
-    )
-
-
-@pytest.fixture
-def migrated(db_url: str) -> str:
-    upgrade(db_url)
-    return normalize_database_url(db_url)
-
-
-@pytest.fixture
-def client(migrated: str) -> Iterator[TestClient]:
-    with TestClient(create_app(_settings(migrated)), base_url="http://127.0.0.1") as c:
-        yield c
 
 
 def test_create_get_list_pause_resume_run_delete(client: TestClient) -> None:
@@ -98,7 +76,7 @@ def test_errors_answer_404_409_and_422_naming_the_field(client: TestClient) -> N
 
 
 def test_the_routes_are_guarded_like_every_api_route(migrated: str) -> None:
-    app = create_app(_settings(migrated, SCANQUEUE_API_TOKEN=TOKEN))
+    app = create_app(api_settings(migrated, SCANQUEUE_API_TOKEN=TOKEN))
     with TestClient(app, base_url="http://127.0.0.1") as client:
         for method, path in (
             ("GET", "/api/v1/schedules"),
@@ -111,7 +89,7 @@ def test_the_routes_are_guarded_like_every_api_route(migrated: str) -> None:
         auth = {"Authorization": f"Bearer {TOKEN}"}
         assert client.post("/api/v1/schedules", json=NIGHTLY, headers=auth).status_code == 201
     # Without a token, a write from a non-loopback Host is refused.
-    with TestClient(create_app(_settings(migrated)), base_url="http://evil.example") as client:
+    with TestClient(create_app(api_settings(migrated)), base_url="http://evil.example") as client:
         assert client.post("/api/v1/schedules/nightly/run").status_code == 403
         assert client.delete("/api/v1/schedules/nightly").status_code == 403
 
