@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from scanqueue.api.guards import RequestInvalid, error_response
+from scanqueue.api.guards import RequestInvalid, error_response, int_param
 from scanqueue.api.state import state_of
 from scanqueue.runners.diff import FINDING_STATES
 from scanqueue.runners.diff_view import read_diff
@@ -37,19 +37,6 @@ MAX_OFFSET = 10**9
 
 def _runner_store(request: Request) -> RunnerStore:
     return RunnerStore(state_of(request).store)
-
-
-def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise RequestInvalid(422, f"{name} must be a whole number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise RequestInvalid(422, f"{name} must be from {low} to {high}, got {value}")
-    return value
 
 
 def _findings_page(
@@ -74,8 +61,8 @@ async def list_findings(request: Request) -> Response:
     try:
         if state is not None and state not in FINDING_STATES:
             raise RequestInvalid(422, f"state must be one of {', '.join(FINDING_STATES)}")
-        limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
-        offset = _int_param(request, "offset", 0, 0, MAX_OFFSET)
+        limit = int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
     except RequestInvalid as exc:
         return error_response(exc.status, exc.message)
     page = await run_in_threadpool(

@@ -210,3 +210,17 @@ def _not_json(name: str) -> Any:
 def _first_line(text: str, limit: int = 200) -> str:
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line[:limit]
+
+
+def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    """Query parameter ``name`` as a whole number in [low, high]; 422 naming it otherwise."""
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise RequestInvalid(422, f"{name} must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise RequestInvalid(422, f"{name} must be from {low} to {high}, got {value}")
+    return value

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from scanqueue.api.guards import RequestInvalid, error_response, read_json_body
+from scanqueue.api.guards import RequestInvalid, error_response, int_param, read_json_body
 from scanqueue.api.state import state_of
 from scanqueue.db.scan_request import (
     InvalidScanRequest,
@@ -56,26 +56,13 @@ async def get_scan(request: Request) -> Response:
     return JSONResponse(row.to_json())
 
 
-def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise RequestInvalid(422, f"{name} must be a whole number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise RequestInvalid(422, f"{name} must be from {low} to {high}, got {value}")
-    return value
-
-
 async def list_scans(request: Request) -> Response:
     status = request.query_params.get("status") or None
     try:
         if status is not None and status not in STATUSES:
             raise RequestInvalid(422, f"status must be one of {', '.join(STATUSES)}")
-        limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
-        offset = _int_param(request, "offset", 0, 0, 10**9)
+        limit = int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        offset = int_param(request, "offset", 0, 0, 10**9)
         details: list[dict[str, str]] = []
         labels = parse_label_filter(request.query_params.getlist("label"), ":", details, "label")
         if details:
