@@ -10,12 +10,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from scanqueue.runners.api import Job, Runner, RunnerFunc, ScanContext, ScanResult, StubRunner
+from scanqueue.runners.api import (
+    Job,
+    PermanentError,
+    RetryLater,
+    Runner,
+    RunnerFunc,
+    ScanContext,
+    ScanResult,
+    StubRunner,
+)
 
 __all__ = [
     "EnqueueResult",
     "InvalidScanRequest",
     "Job",
+    "PermanentError",
+    "RetryLater",
     "Runner",
     "RunnerFunc",
     "ScanContext",

@@ -6,7 +6,8 @@ files (:mod:`~scanqueue.api.console`), a scan's
 timeline and the recent activity (:mod:`~scanqueue.api.timeline`) and,
 behind the optional bearer token, ``/api/v1/scans``
 (create, list, get, cancel — :mod:`~scanqueue.api.scans`) and
-``/api/v1/events`` (Server-Sent Events — :mod:`~scanqueue.api.sse`) and
+``/api/v1/events`` (Server-Sent Events — :mod:`~scanqueue.api.sse`),
+findings, diffs, providers and checks (:mod:`~scanqueue.api.findings`) and
 ``/api/v1/schedules`` (:mod:`~scanqueue.api.schedules`) and ``/api/v1/webhooks``
 (:mod:`~scanqueue.api.webhooks`).  Requests
 pass :mod:`~scanqueue.api.guards` first.  The store's errors become 404, 409,
@@ -26,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from scanqueue.api.console import asset, page
+from scanqueue.api.findings import get_diff, list_checks, list_findings, list_providers
 from scanqueue.api.guards import BearerAuth, LoopbackWriteGuard, error_response
 from scanqueue.api.health import healthz, metrics
 from scanqueue.api.hub import HUB_WINDOW
@@ -114,6 +116,10 @@ def create_app(
             Route("/api/v1/scans/{scan_id}", get_scan, methods=["GET"]),
             Route("/api/v1/scans/{scan_id}/cancel", cancel_scan, methods=["POST"]),
             Route("/api/v1/scans/{scan_id}/events", scan_events, methods=["GET"]),
+            Route("/api/v1/scans/{scan_id}/findings", list_findings, methods=["GET"]),
+            Route("/api/v1/scans/{scan_id}/diff", get_diff, methods=["GET"]),
+            Route("/api/v1/providers", list_providers, methods=["GET"]),
+            Route("/api/v1/checks", list_checks, methods=["GET"]),
             Route("/api/v1/events", stream_events, methods=["GET"]),
             Route("/api/v1/queue", get_queue, methods=["GET"]),
             Route("/api/v1/queue/pause", pause_queue, methods=["POST"]),

@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from scanqueue.api import queue, schedules, timeline, webhooks
+from scanqueue.api import findings, queue, schedules, timeline, webhooks
 from scanqueue.db.schema import STATUSES
 
 
@@ -32,6 +32,9 @@ def _scan_schema() -> dict[str, Any]:
             "error": text_or_null,
             "findings_count": {"type": "integer"},
             "attempts": {"type": "integer"},
+            "findings_new": {"type": ["integer", "null"]},
+            "findings_fixed": {"type": ["integer", "null"]},
+            "baseline_id": text_or_null,
             "priority": {"type": "integer"},
             "run_after": time_or_null,
             "scan_key": text_or_null,
@@ -119,6 +122,7 @@ OPENAPI: dict[str, Any] = {
             },
             **schedules.SCHEMAS,
             **queue.SCHEMAS,
+            **findings.SCHEMAS,
             **webhooks.SCHEMAS,
             "Event": {
                 "type": "object",
@@ -260,6 +264,7 @@ OPENAPI: dict[str, Any] = {
         **timeline.PATHS,
         **schedules.PATHS,
         **queue.PATHS,
+        **findings.PATHS,
         **webhooks.PATHS,
     },
 }
