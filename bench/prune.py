@@ -1,4 +1,5 @@
-"""Pruning old scans never blocks the host application's inserts (issue 20, CONTRACT §9).
+"""Pruning old scans never blocks the host application's inserts (issue 20,
+docs/reference.md#retention).
 
     .venv/bin/python -m bench.prune [--scans 100000] [--keys 100] [--findings 3]
                                     [--dbs postgresql,sqlite]

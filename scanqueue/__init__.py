@@ -1,7 +1,7 @@
 """scanqueue: compliance scans recorded in a ``scans`` table, run by Celery workers.
 
-The public surface is the Runner API (CONTRACT §3) and :func:`enqueue` (how a
-host application queues a scan, CONTRACT §7).  The Celery app lives in
+The public surface is the Runner API (docs/reference.md#runner-api) and :func:`enqueue` (how a
+host application queues a scan, docs/reference.md#policies).  The Celery app lives in
 :mod:`scanqueue.worker.app` (``celery -A scanqueue`` finds it there), so importing
 this package for ``Job`` or ``ScanContext`` does not start Celery.
 """
@@ -43,7 +43,7 @@ def __getattr__(name: str) -> Any:
         from scanqueue.runners.real import ScanRunner
 
         return ScanRunner
-    # Enqueueing from Python (CONTRACT §7) loads the store only when asked for.
+    # Enqueueing from Python (docs/reference.md#policies) loads the store only when asked for.
     if name in ("enqueue", "EnqueueResult"):
         from scanqueue.db import producer
 

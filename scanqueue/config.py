@@ -1,4 +1,4 @@
-"""Settings: the environment of CONTRACT §1, read once, validated, frozen.
+"""Settings: the environment of docs/reference.md#environment, read once, validated, frozen.
 
 ``Settings.from_env()`` turns environment variables into a typed, immutable
 object or raises :class:`ConfigError` naming the variable.  Every default is a
@@ -31,7 +31,7 @@ DEFAULT_LEASE_S = 30.0
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_CANCEL_GRACE_S = 10.0
 DEFAULT_CONNECT_TIMEOUT_S = 60.0
-DEFAULT_MAX_RETRIES = 0  # runner failures retried per scan (CONTRACT §7)
+DEFAULT_MAX_RETRIES = 0  # runner failures retried per scan (docs/reference.md#policies)
 DEFAULT_RETRY_BACKOFF_S = 10.0  # the backoff's base: base × 2^retries, jittered, ≤ 1 h
 DEFAULT_SCAN_TIMEOUT_S = 0.0  # 0: a run may take as long as it likes
 DEFAULT_METRICS_PORT = 0
@@ -48,10 +48,10 @@ DEFAULT_REDISPATCH_AFTER_S = 30.0
 DEFAULT_EVENTS_MAXLEN = 100_000  # events kept in the Redis stream or the table
 MIN_LEASE_S = 2.0
 DEFAULT_SSE_MAX_SUBSCRIBERS = 100  # open event streams per serve process; past it 503
-DEFAULT_RETAIN_DAYS = 0.0  # days a finished scan is kept (CONTRACT §9); 0: for ever
+DEFAULT_RETAIN_DAYS = 0.0  # days a finished scan is kept (docs/reference.md#retention); 0: for ever
 DEFAULT_RETAIN_PER_KEY = 10  # completed scans of each key never pruned, however old
 
-# Every SCANQUEUE_* variable scanqueue reads (CONTRACT §1 and the tuning knobs
+# Every SCANQUEUE_* variable scanqueue reads (docs/reference.md#environment and the tuning knobs
 # documented beside the code that reads them).  Anything else with the prefix is
 # warned about, with the closest of these names: a typo must not be silently
 # ignored.  Add a name here when you add a variable.

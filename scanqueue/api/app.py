@@ -1,4 +1,5 @@
-"""The ASGI app (Starlette): its route table, middleware and error answers (CONTRACT §4).
+"""The ASGI app (Starlette): its route table, middleware and error answers
+(docs/reference.md#commands).
 
 Routes: ``/healthz``, ``/metrics`` (:mod:`~scanqueue.api.health`),
 ``/openapi.json`` (:mod:`~scanqueue.api.openapi`), the console's pages and

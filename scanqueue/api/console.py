@@ -1,4 +1,4 @@
-"""The operator console (CONTRACT §10): its pages and its files.
+"""The operator console (docs/reference.md#console): its pages and its files.
 
 Every console address — ``/``, ``/scans/{id}``, ``/schedules``, ``/queue`` —
 answers the same single page (``api/static/index.html``), which routes on the

@@ -1,4 +1,5 @@
-"""Findings over time and the real runner's tables, read over HTTP (CONTRACT §9).
+"""Findings over time and the real runner's tables, read over HTTP
+(docs/reference.md#findings-over-time).
 
 - ``GET /api/v1/scans/{id}/findings?state=&limit=&offset=``: a page of what
   the scan found, in the order stored (``state`` one of new, reopened,

@@ -1,4 +1,5 @@
-"""What every request passes before a route sees it, and how a refusal reads (CONTRACT §4).
+"""What every request passes before a route sees it, and how a refusal reads
+(docs/reference.md#commands).
 
 Owns the bearer-token check on ``/api/`` (:class:`BearerAuth`, 401), the
 loopback rule for token-less writes (:class:`LoopbackWriteGuard`, 403), what a
@@ -26,7 +27,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-MAX_BODY_BYTES = 1024 * 1024  # 1 MiB (CONTRACT §4); larger bodies answer 413
+MAX_BODY_BYTES = 1024 * 1024  # 1 MiB (docs/reference.md#commands); larger bodies answer 413
 
 
 def error_response(
@@ -49,7 +50,7 @@ class RequestInvalid(Exception):
 class BearerAuth:
     """Every ``/api/`` request must carry ``Authorization: Bearer <token>`` when a token is set.
 
-    The header is the only credential, for reads and writes alike (CONTRACT §4):
+    The header is the only credential, for reads and writes alike (docs/reference.md#commands):
     no cookie, no query parameter.  The console reads the event stream with
     ``fetch()``, which sends the header (``docs/console.md``).
     """
@@ -118,7 +119,7 @@ def _loopback_header(value: str, *, is_origin: bool) -> bool:
 
 
 class LoopbackWriteGuard:
-    """Without a token, writes must come from this machine's own names (CONTRACT §4).
+    """Without a token, writes must come from this machine's own names (docs/reference.md#commands).
 
     A token-less server listens on loopback only, but a browser on the same
     machine can still be made to write to it: by any web page (a cross-site

@@ -1,4 +1,5 @@
-"""The queue's routes (CONTRACT §7): ``GET /api/v1/queue``, pause/resume, per-key limits.
+"""The queue's routes (docs/reference.md#policies): ``GET /api/v1/queue``, pause/resume, per-key
+limits.
 
 * ``GET /api/v1/queue`` — the object ``scanqueue queue --json`` prints
   (:mod:`scanqueue.db.queue_view`).

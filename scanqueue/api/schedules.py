@@ -1,4 +1,4 @@
-"""The schedule routes under ``/api/v1/schedules`` (CONTRACT §8).
+"""The schedule routes under ``/api/v1/schedules`` (docs/reference.md#schedules).
 
 ``GET``/``POST /api/v1/schedules``, ``GET``/``DELETE /api/v1/schedules/{name}``
 and ``POST /api/v1/schedules/{name}/pause|resume|run``, behind the same

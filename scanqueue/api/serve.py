@@ -1,4 +1,4 @@
-"""``scanqueue serve``: where to listen, whether to, and uvicorn (CONTRACT §4).
+"""``scanqueue serve``: where to listen, whether to, and uvicorn (docs/reference.md#commands).
 
 The port is ``--port``, else ``$PORT`` (a platform's, then on 0.0.0.0), else
 8000 on 127.0.0.1.  Secure by default: ``serve`` refuses to listen beyond

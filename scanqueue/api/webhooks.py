@@ -1,4 +1,4 @@
-"""The webhook routes under ``/api/v1/webhooks`` (CONTRACT §9).
+"""The webhook routes under ``/api/v1/webhooks`` (docs/reference.md#webhooks).
 
 ``GET /api/v1/webhooks`` lists receivers (never their secrets; a URL's password
 masked), ``POST`` adds one (``{"url", "secret", "events"?, "only_new_findings"?}``;

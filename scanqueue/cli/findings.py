@@ -1,4 +1,5 @@
-"""Reading findings over time (CONTRACT §9): ``findings``, ``diff``, and ``status``'s detail view.
+"""Reading findings over time (docs/reference.md#findings-over-time): ``findings``, ``diff``, and
+``status``'s detail view.
 
 ``scanqueue findings ID [--state S] [--json]`` lists what a scan found (with
 ``--state fixed``: the baseline's findings it no longer found);

@@ -1,4 +1,4 @@
-"""The ``scanqueue`` command (CONTRACT §4).
+"""The ``scanqueue`` command (docs/reference.md#commands).
 
 Exit codes: 0 success; 1 a handled error, printed as exactly one line on
 stderr; 2 usage error (click's own).  ``--json`` prints scans as objects whose

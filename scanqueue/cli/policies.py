@@ -1,4 +1,5 @@
-"""``scanqueue pause|resume [KEY]`` and ``scanqueue limits set|list|clear`` (CONTRACT §7).
+"""``scanqueue pause|resume [KEY]`` and ``scanqueue limits set|list|clear``
+(docs/reference.md#policies).
 
 Pauses and limits live in the database (``scanqueue_pauses``,
 ``scanqueue_limits``), so they hold across restarts and for every bridge: from

@@ -1,4 +1,4 @@
-"""``scanqueue prune`` (CONTRACT §9): retention on demand.
+"""``scanqueue prune`` (docs/reference.md#retention): retention on demand.
 
 The rules are the leader's (:mod:`scanqueue.db.retention`): finished scans
 that finished more than ``--older-than`` days ago (default

@@ -1,4 +1,5 @@
-"""``scanqueue queue [--json]``: what the queue holds and what limits it (CONTRACT §7).
+"""``scanqueue queue [--json]``: what the queue holds and what limits it
+(docs/reference.md#policies).
 
 Rows per status (the ones whose status scanqueue does not know — another
 program wrote ``QUEUED`` — counted under ``unknown`` and named by value,

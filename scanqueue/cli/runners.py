@@ -1,4 +1,4 @@
-"""The real runner's commands (CONTRACT §3): ``providers`` and ``checks``.
+"""The real runner's commands (docs/reference.md#runner-api): ``providers`` and ``checks``.
 
 :func:`register` adds them to the ``scanqueue`` group, with ``findings`` and
 ``diff`` from :mod:`scanqueue.cli.findings`.  Handled errors are

@@ -1,4 +1,5 @@
-"""``scanqueue schedules …`` (CONTRACT §8): recurring scans, fired by the leader bridge.
+"""``scanqueue schedules …`` (docs/reference.md#schedules): recurring scans, fired by the leader
+bridge.
 
 ``add`` validates with :func:`scanqueue.db.schedule_spec.validate_schedule` —
 the API's validator — so both refuse the same definitions in the same words.

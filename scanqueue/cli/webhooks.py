@@ -1,4 +1,5 @@
-"""``scanqueue webhooks …`` (CONTRACT §9): receivers of finished scans, signed and retried.
+"""``scanqueue webhooks …`` (docs/reference.md#webhooks): receivers of finished scans,
+signed and retried.
 
 ``add`` validates with :func:`scanqueue.db.webhook_spec.validate_webhook` — the
 API's validator — so both refuse the same definitions in the same words.  The

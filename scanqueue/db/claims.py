@@ -6,7 +6,7 @@ a claim whose publish failed, re-claiming scans whose message the broker lost
 (with backoff), and the ``workers`` registry whose live slots are the window's
 default.
 
-The claim enforces the scan policies (CONTRACT §7) inside its serialized
+The claim enforces the scan policies (docs/reference.md#policies) inside its serialized
 transaction: ``run_after`` in the future is skipped; nothing is claimed while
 the whole queue is paused; paused keys are skipped; a key whose running plus
 dispatched-not-started scans reach its limit (``scanqueue_limits``, else the

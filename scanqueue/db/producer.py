@@ -1,4 +1,5 @@
-"""``scanqueue.enqueue``: how a host application enqueues a scan from Python (CONTRACT §7).
+"""``scanqueue.enqueue``: how a host application enqueues a scan from Python
+(docs/reference.md#policies).
 
 The same options and the same validation as ``scanqueue enqueue`` and
 ``POST /api/v1/scans`` (:func:`scanqueue.db.scan_request.validate_scan_request`),

@@ -1,4 +1,5 @@
-"""What ``scanqueue queue`` and ``GET /api/v1/queue`` show: one JSON object (CONTRACT §7).
+"""What ``scanqueue queue`` and ``GET /api/v1/queue`` show: one JSON object
+(docs/reference.md#policies).
 
 ``depth`` (queued rows), ``oldest_queued_age_s``, ``statuses`` (rows per status,
 ``unknown`` summing the values scanqueue does not know, which are also listed

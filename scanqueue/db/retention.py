@@ -1,4 +1,5 @@
-"""Retention (CONTRACT §9): which finished scans may go, and deleting them in small batches.
+"""Retention (docs/reference.md#retention): which finished scans may go, and deleting them
+in small batches.
 
 Owns the statements behind ``SCANQUEUE_RETAIN_DAYS`` / ``SCANQUEUE_RETAIN_PER_KEY``
 and ``scanqueue prune``; the pass that drives them (a cursor, pauses, the

@@ -35,7 +35,7 @@ PUBLIC_COLUMNS = (
     scans.c.findings_new,
     scans.c.findings_fixed,
     scans.c.baseline_id,
-    # Scan policies (CONTRACT §7); ``effective_key`` is shown as ``key``.
+    # Scan policies (docs/reference.md#policies); ``effective_key`` is shown as ``key``.
     scans.c.priority,
     scans.c.run_after,
     scans.c.scan_key,
@@ -48,7 +48,8 @@ PUBLIC_COLUMNS = (
 
 @dataclass(frozen=True)
 class ScanRow:
-    """A scan as users see it (CONTRACT §4): the contract columns, never the token."""
+    """A scan as users see it (docs/reference.md#commands): the contract columns, never the
+    token."""
 
     id: str
     status: str
@@ -61,11 +62,11 @@ class ScanRow:
     error: str | None
     findings_count: int
     attempts: int
-    # Findings over time (CONTRACT §9): NULL until the diff is computed.
+    # Findings over time (docs/reference.md#findings-over-time): NULL until the diff is computed.
     findings_new: int | None = None
     findings_fixed: int | None = None
     baseline_id: str | None = None
-    # Scan policies (CONTRACT §7): ``key`` is the effective key (``scan_key`` when
+    # Scan policies (docs/reference.md#policies): ``key`` is the effective key (``scan_key`` when
     # set, else derived from providers and frameworks; None until a bridge saw it).
     priority: int = 0
     run_after: datetime | None = None
@@ -143,7 +144,8 @@ class StartedRun:
     triggered_by_token: str | None = None
     created_at: datetime | None = None
     started_at: datetime | None = None
-    # Scan policies (CONTRACT §7): the row's own timeout (None: SCANQUEUE_SCAN_TIMEOUT)
+    # Scan policies (docs/reference.md#policies): the row's own timeout (None:
+    # SCANQUEUE_SCAN_TIMEOUT)
     # and the runner failures retried so far.
     timeout_seconds: int | None = None
     retries: int = 0

@@ -3,7 +3,7 @@
 Owns the per-scan hot statements (built once; on PostgreSQL run through
 :mod:`scanqueue.db.direct_sql`), the compare-and-set transitions of a run —
 start, heartbeat, finish, retry, hand-back — and the reaper that re-queues or
-fails runs whose heartbeat stopped.  Two budgets (CONTRACT §7): ``retries``
+fails runs whose heartbeat stopped.  Two budgets (docs/reference.md#policies): ``retries``
 counts runner failures put back by :meth:`RunsMixin.retry_run`, and the reaper
 fails a scan once ``attempts - retries`` (runs lost, not retried) reaches
 ``SCANQUEUE_MAX_ATTEMPTS``; a graceful hand-back spends neither.  The state
@@ -85,7 +85,7 @@ class RunsMixin(StoreBase):
                 finished_at=None,
                 error=None,
                 # A scan's findings are its last run's: a re-run starts from none,
-                # and without the previous run's diff (CONTRACT §9).
+                # and without the previous run's diff (docs/reference.md#findings-over-time).
                 findings_count=0,
                 findings_new=None,
                 findings_fixed=None,

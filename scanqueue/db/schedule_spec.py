@@ -1,4 +1,5 @@
-"""A schedule's definition (CONTRACT §8): the one validator, and the times it fires at.
+"""A schedule's definition (docs/reference.md#schedules): the one validator, and the times it fires
+at.
 
 ``scanqueue schedules add`` and ``POST /api/v1/schedules`` both hand
 :func:`validate_schedule` the same mapping and get back a :class:`ScheduleSpec`

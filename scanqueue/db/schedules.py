@@ -1,4 +1,5 @@
-"""Schedules as rows (CONTRACT §8): the statements behind ``scanqueue schedules`` and firing.
+"""Schedules as rows (docs/reference.md#schedules): the statements behind ``scanqueue schedules``
+and firing.
 
 Owns ``scan_schedules`` and the scans a schedule makes.  Firing is one
 transaction per schedule (:meth:`SchedulesMixin.advance_schedule`):

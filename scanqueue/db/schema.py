@@ -1,6 +1,6 @@
 """The tables, as SQLAlchemy Core metadata: the one source for Alembic and the store.
 
-``scans`` is shared with other programs (CONTRACT §2): its contract columns are
+``scans`` is shared with other programs (docs/reference.md#tables): its contract columns are
 fixed, and every column scanqueue adds is nullable or has a database default so
 that a plain ``INSERT (id, status, providers_scanned, frameworks_scanned)``
 keeps working.  Timestamps are written by the database clock, in UTC, with at
@@ -155,15 +155,17 @@ scans = Table(
     # the moment of the scan.queued event).
     Column("effective_key", Text, nullable=True),
     Column("seen_at", UTCDateTime, nullable=True),
-    # Findings over time (CONTRACT §9): NULL until the scan's diff is computed
+    # Findings over time (docs/reference.md#findings-over-time): NULL until the scan's diff is
+    # computed
     # (baseline_id: the scan it was compared against; NULL also when there is none).
     Column("findings_new", Integer, nullable=True),
     Column("findings_fixed", Integer, nullable=True),
     Column("baseline_id", Text, nullable=True),
-    # Schedules (CONTRACT §8): the schedule that fired the scan and its fire time.
+    # Schedules (docs/reference.md#schedules): the schedule that fired the scan and its fire time.
     Column("schedule_name", Text, nullable=True),
     Column("scheduled_for", UTCDateTime, nullable=True),
-    # Webhooks (CONTRACT §9): when the leader's fan-out put the finished scan into
+    # Webhooks (docs/reference.md#findings-over-time): when the leader's fan-out put the finished
+    # scan into
     # the outbox (NULL until then).
     Column("notified_at", UTCDateTime, nullable=True),
 )
@@ -245,7 +247,8 @@ Index(
     sqlite_where=(scans.c.status == STATUS_COMPLETED) & scans.c.effective_key.is_(None),
 )
 
-# Webhooks (CONTRACT §9): receivers, and the durable outbox of their deliveries, one
+# Webhooks (docs/reference.md#findings-over-time): receivers, and the durable outbox of their
+# deliveries, one
 # row per (receiver, scan); ``payload`` is the exact JSON text POSTed on every try,
 # ``next_attempt_at`` NULL once delivered or given up (scanqueue/db/webhooks.py).
 webhooks = Table(
@@ -285,7 +288,7 @@ Index(
 )
 Index("webhook_deliveries_scan_idx", webhook_deliveries.c.scan_id)
 
-# Recurring scans (CONTRACT §8), fired by the leader bridge: ``cron`` (five fields,
+# Recurring scans (docs/reference.md#schedules), fired by the leader bridge: ``cron`` (five fields,
 # in ``tz``) or ``every_seconds`` (multiples of it since the Unix epoch).
 scan_schedules = Table(
     "scan_schedules",
@@ -307,7 +310,7 @@ scan_schedules = Table(
     Column("created_at", UTCDateTime, nullable=False, server_default=utcnow_default()),
 )
 
-# Live workers and their slots (CONTRACT §7): the default dispatch window is twice
+# Live workers and their slots (docs/reference.md#policies): the default dispatch window is twice
 # the slots of the workers whose heartbeat is fresh; ``scanqueue queue`` shows them.
 workers = Table(
     "scanqueue_workers",
@@ -348,7 +351,7 @@ leader_lease = Table(
     Column("expires_at", UTCDateTime, nullable=True),
 )
 
-# Events without Redis (CONTRACT §5): an append-only log a subscriber resumes by id.
+# Events without Redis (docs/reference.md#events): an append-only log a subscriber resumes by id.
 events = Table(
     "scanqueue_events",
     metadata,
@@ -362,7 +365,8 @@ events = Table(
 )
 Index("scanqueue_events_scan_idx", events.c.scan_id, events.c.id)
 
-# The real runner (CONTRACT §3): what to scan, which checks are off, what was found.
+# The real runner (docs/reference.md#runner-api): what to scan, which checks are off, what was
+# found.
 providers = Table(
     "providers",
     metadata,
@@ -398,7 +402,8 @@ findings = Table(
     Column("message", Text, nullable=True),
     Column("location", Text, nullable=True),
     Column("created_at", UTCDateTime, nullable=True, server_default=utcnow_default()),
-    # Findings over time (CONTRACT §9): identity across scans of one key, and the
+    # Findings over time (docs/reference.md#findings-over-time): identity across scans of one key,
+    # and the
     # state against the baseline (new, reopened, unchanged, fixed) once computed.
     Column("fingerprint", Text, nullable=True),
     Column("state", Text, nullable=True),

@@ -1,4 +1,5 @@
-"""What a webhook is (CONTRACT §9): its definition, what a receiver gets, the retry schedule.
+"""What a webhook is (docs/reference.md#webhooks): its definition, what a receiver gets,
+the retry schedule.
 
 Owns :func:`validate_webhook` (shared by ``scanqueue webhooks add`` and
 ``POST /api/v1/webhooks``, so both refuse the same definitions in the same

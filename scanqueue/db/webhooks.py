@@ -1,4 +1,5 @@
-"""Webhooks (CONTRACT §9): receivers, the durable outbox, and the statements behind both.
+"""Webhooks (docs/reference.md#webhooks): receivers, the durable outbox, and the
+statements behind both.
 
 Owns the statements on ``scanqueue_webhooks``, ``scanqueue_webhook_deliveries``
 and ``scans.notified_at``: adding, listing and removing receivers, the fan-out,

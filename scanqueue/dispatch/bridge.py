@@ -37,7 +37,7 @@ Per bridge::
                     ▲                            │
                     └────── leadership lost ◀────┘
 
-**The window** (CONTRACT §7) bounds scans dispatched but not started:
+**The window** (docs/reference.md#policies) bounds scans dispatched but not started:
 ``SCANQUEUE_DISPATCH_WINDOW``, or by default twice the slots of the live
 workers (``scanqueue_workers`` rows with a fresh heartbeat), at least
 :data:`MIN_WINDOW`.  The broker never holds the backlog: a later row of
@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 MAX_BATCHES_PER_DRAIN = 1000  # bounds one drain; the next wake-up continues
 MAINTENANCE_EVERY_S = 1.0
 REDISPATCH_CHECK_EVERY_S = 5.0
-MIN_WINDOW = 4  # the default window's floor (CONTRACT §7), also with no live worker
+MIN_WINDOW = 4  # the default window's floor (docs/reference.md#policies), also with no live worker
 WINDOW_PER_SLOT = 2
 # While the window is full, a scan's start frees room without notifying anyone: look
 # again after WINDOW_RECHECK_MIN_S, doubling up to WINDOW_RECHECK_MAX_S while no room

@@ -1,4 +1,5 @@
-"""Intake: what a bridge does with a queued row the first time it sees it (CONTRACT §7).
+"""Intake: what a bridge does with a queued row the first time it sees it
+(docs/reference.md#policies).
 
 Whoever inserted the row (scanqueue, or another program with a plain INSERT),
 the bridge derives its key from the stored columns — parsed and validated as

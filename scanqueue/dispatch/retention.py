@@ -1,4 +1,5 @@
-"""Retention's passes (CONTRACT §9): the leader's run_once and ``scanqueue prune``.
+"""Retention's passes (docs/reference.md#retention): the leader's run_once and ``scanqueue
+prune``.
 
 What may go and how rows are deleted is :mod:`scanqueue.db.retention`; this
 module walks the candidates in batches (:class:`PrunePass`), pausing between

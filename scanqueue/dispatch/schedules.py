@@ -1,4 +1,5 @@
-"""Firing schedules (CONTRACT §8): the leader's run_once, called on its maintenance tick.
+"""Firing schedules (docs/reference.md#schedules): the leader's run_once, called on its maintenance
+tick.
 
 There is no ``celery beat``: the leader bridge calls :func:`fire_due_once`
 every maintenance tick (about once a second).  For each due schedule it

@@ -1,4 +1,5 @@
-"""Webhook delivery (CONTRACT §9): the leader's run_once, fan-out and sending.
+"""Webhook delivery (docs/reference.md#webhooks): the leader's run_once, fan-out and
+sending.
 
 On each maintenance tick the leader calls :meth:`WebhookDispatcher.run_once`:
 

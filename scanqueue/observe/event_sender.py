@@ -356,7 +356,8 @@ class EventObserver:
         }
         if row.status == STATUS_COMPLETED:
             event_type = "scan.completed"
-            # Against the baseline (CONTRACT §9); None when no diff was computed.
+            # Against the baseline (docs/reference.md#findings-over-time); None when no diff was
+            # computed.
             payload["findings_new"] = row.findings_new
             payload["findings_fixed"] = row.findings_fixed
         elif row.status == STATUS_FAILED:

@@ -42,11 +42,12 @@ EVENT_TYPES = (
     "scan.canceled",
     # A queued row a bridge saw for the first time (whoever inserted it): ``key``.
     "scan.queued",
-    # Scan policies (CONTRACT §7): a failed run put back for a retry (delay_s, error,
+    # Scan policies (docs/reference.md#policies): a failed run put back for a retry (delay_s, error,
     # retries, run_after), and a run that ran past its timeout (timeout_s).
     "scan.retrying",
     "scan.timed_out",
-    # Schedules (CONTRACT §8): ``scan_id`` is the fired scan, or "" when none was made.
+    # Schedules (docs/reference.md#schedules): ``scan_id`` is the fired scan, or "" when none was
+    # made.
     "schedule.fired",
     "schedule.skipped",
 )

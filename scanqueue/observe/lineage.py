@@ -1,4 +1,4 @@
-"""OpenLineage run events for scans (CONTRACT §5), sent only when configured.
+"""OpenLineage run events for scans (docs/reference.md#events), sent only when configured.
 
 This module owns the lineage observer: ``START`` when a run starts,
 ``COMPLETE``/``FAIL`` when it finishes and ``ABORT`` when it is canceled or its

@@ -144,9 +144,7 @@ def scan_metrics() -> ScanMetrics:
             "From a scan's created_at to the start of its run.",
             buckets=PICKUP_BUCKETS_S,
         ),
-        retries=Counter(
-            "scanqueue_retries", "Failed runs put back to queued for a retry (CONTRACT §7)."
-        ),
+        retries=Counter("scanqueue_retries", "Failed runs put back to queued for a retry."),
         timeouts=Counter("scanqueue_timeouts", "Runs stopped because they ran past their timeout."),
     )
 

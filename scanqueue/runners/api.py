@@ -1,4 +1,5 @@
-"""The Runner API (CONTRACT §3): Job, ScanContext, ScanResult, Runner, and loading one.
+"""The Runner API (docs/reference.md#runner-api): Job, ScanContext, ScanResult, Runner, and loading
+one.
 
 A runner is an object with ``run(job, ctx)``, a class with such a method
 (built with no arguments), or a plain function ``f(job, ctx)`` (wrapped in
@@ -6,7 +7,7 @@ A runner is an object with ``run(job, ctx)``, a class with such a method
 findings out (they become events) and the stop signal in (``ctx.cancelled`` /
 ``ctx.wait()``), set when the scan is canceled, its lease is lost or it timed out.
 A runner that raises :class:`PermanentError` fails the scan at once; one that
-raises :class:`RetryLater` asks for its retry after a delay (CONTRACT §7;
+raises :class:`RetryLater` asks for its retry after a delay (docs/reference.md#policies;
 the retries themselves are :mod:`scanqueue.worker.retry`'s).
 """
 

@@ -1,4 +1,5 @@
-"""A scan's findings against its baseline (CONTRACT §9): the SQL that computes the diff.
+"""A scan's findings against its baseline (docs/reference.md#findings-over-time): the SQL that
+computes the diff.
 
 The **baseline** of scan S is the latest ``completed`` scan of S's key (its
 ``effective_key``; see :mod:`scanqueue.db.keys`) that finished before S

@@ -1,4 +1,5 @@
-"""A finding's fingerprint: what identifies it across the scans of one key (CONTRACT §9).
+"""A finding's fingerprint: what identifies it across the scans of one key
+(docs/reference.md#findings-over-time).
 
 Two sources, in this order:
 

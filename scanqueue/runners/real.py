@@ -1,4 +1,5 @@
-"""The real runner, ``SCANQUEUE_RUNNER=scanqueue:ScanRunner`` (CONTRACT §3, "The real runner").
+"""The real runner, ``SCANQUEUE_RUNNER=scanqueue:ScanRunner`` (docs/reference.md#runner-api, "The
+real runner").
 
 A scan's ``providers_scanned`` names rows of ``providers``; each row's kind
 builds a collector (:mod:`scanqueue.runners.providers`).  The runner clears the scan's
@@ -57,7 +58,7 @@ class ScanRunner:
             stored = self._run(rs, job, ctx)
             if not ctx.cancelled:
                 # Before the run completes, fenced like every findings write: a
-                # run that lost its lease writes no diff (CONTRACT §9).
+                # run that lost its lease writes no diff (docs/reference.md#findings-over-time).
                 rs.write_diff(job.scan_id, job.attempt)
         except LeaseLostError:
             raise  # what is stored belongs to the newer run now: leave it alone

@@ -213,7 +213,8 @@ class RunnerStore:
         return int(result.rowcount)
 
     def write_diff(self, scan_id: str, attempt: int) -> DiffCounts:
-        """Compare the run's findings with the baseline's (CONTRACT §9), in one fenced
+        """Compare the run's findings with the baseline's (docs/reference.md#findings-over-time),
+        in one fenced
         transaction: a run that no longer owns the scan writes no states and no counts."""
         with self._tx() as conn:
             self._fence(conn, scan_id, attempt)  # first: PostgreSQL holds the row lock now

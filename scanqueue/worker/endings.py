@@ -69,7 +69,7 @@ class ExecutionSettings:
     cancel_grace_s: float
     # None: derived from the lease and the grace (self_fence_after_s).
     fence_after_s: float | None = None
-    # Scan policies (CONTRACT §7): SCANQUEUE_MAX_RETRIES, SCANQUEUE_RETRY_BACKOFF and
+    # Scan policies (docs/reference.md#policies): SCANQUEUE_MAX_RETRIES, SCANQUEUE_RETRY_BACKOFF and
     # SCANQUEUE_SCAN_TIMEOUT (0: none; a row's timeout_seconds wins).
     max_retries: int = 0
     retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S

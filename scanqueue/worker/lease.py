@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 # while calls hang, until the connection's client-side deadline frees them).
 MAX_HEARTBEAT_CALLERS = 64
 STOP_REASON_CANCELED = "canceled"
-# A timed-out run's stop reason starts so, and so does its scan's error (CONTRACT §7).
+# A timed-out run's stop reason starts so, and so does its scan's error
+# (docs/reference.md#policies).
 STOP_REASON_TIMED_OUT = "timed out after"
 
 

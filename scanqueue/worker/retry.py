@@ -1,4 +1,5 @@
-"""Retries of runner failures and timeouts (CONTRACT §7): whether, and how long to wait.
+"""Retries of runner failures and timeouts (docs/reference.md#policies): whether, and how long to
+wait.
 
 A run that failed is retried while the scan has retries left (``retries <
 SCANQUEUE_MAX_RETRIES``), unless its runner raised

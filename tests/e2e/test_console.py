@@ -1,4 +1,4 @@
-"""The operator console (CONTRACT §10) in a real browser, against real services.
+"""The operator console (docs/reference.md#console) in a real browser, against real services.
 
 Debian's ``/usr/bin/chromium`` driven by Playwright (never a downloaded browser)
 opens a real ``scanqueue serve`` whose scans a real ``celery -A scanqueue
@@ -54,7 +54,7 @@ DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 TIMEOUT_MS = 30_000
 
-# Two files with an unused import each, then one fixed and one new (CONTRACT §9).
+# Two files with an unused import each, then one fixed and one new (docs/reference.md#findings-over-time).
 TREE_BEFORE = {"a.py": "import os\n", "b.py": "import sys\n"}
 TREE_AFTER = {"b.py": "import sys\n", "c.py": "import json\n"}
 
@@ -252,7 +252,7 @@ def test_every_console_address_answers_the_page_under_a_strict_policy(sqlite_url
 
 
 def test_with_a_token_the_bearer_header_is_the_only_credential(sqlite_url: str) -> None:
-    """CONTRACT §4 to the letter: every /api/ route, reads and the stream included."""
+    """docs/reference.md#commands to the letter: every /api/ route, reads and the stream included."""
     upgrade(sqlite_url)
     settings = Settings.from_env({"DATABASE_URL": sqlite_url, "SCANQUEUE_API_TOKEN": TOKEN})
     client = TestClient(create_app(settings), base_url="http://127.0.0.1")
@@ -705,7 +705,7 @@ def test_with_a_token_it_asks_once_and_keeps_it_out_of_urls_and_logs(
         wait_live(page)
         page.wait_for_selector("#auth", state="hidden")
 
-        # No cookie stands in for the header (CONTRACT §4): the page's own requests from
+        # No cookie stands in for the header (docs/reference.md#commands): the page's own requests from
         # its origin, without the header, are refused — reads, the stream and writes.
         assert context.cookies() == [] and page.evaluate("document.cookie") == ""
         for path in ("/api/v1/scans", "/api/v1/activity", "/api/v1/events"):

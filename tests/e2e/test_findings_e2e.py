@@ -1,4 +1,4 @@
-"""Findings over time through a real ``celery -A scanqueue worker`` (CONTRACT §9).
+"""Findings over time through a real ``celery -A scanqueue worker`` (docs/reference.md#findings-over-time).
 
 One worker (its embedded bridge dispatches) runs the real runner with ruff as
 provider ``lint``; the tree changes between two scans enqueued with the CLI, and

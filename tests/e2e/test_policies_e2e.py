@@ -1,4 +1,4 @@
-"""Scan policies with real workers (CONTRACT §7): per-key limits journalled across many
+"""Scan policies with real workers (docs/reference.md#policies): per-key limits journalled across many
 keys, a SIGKILLed worker's key slot freed by the reaper, a high-priority scan behind a
 10,000-row backlog, and a pause that outlives a bridge restart.
 

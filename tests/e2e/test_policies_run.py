@@ -1,4 +1,4 @@
-"""Retries and timeouts with real `celery -A scanqueue worker` processes (CONTRACT §7).
+"""Retries and timeouts with real `celery -A scanqueue worker` processes (docs/reference.md#policies).
 
 A runner that ignores its timeout is terminated after the grace (its pool process
 ends and is replaced) and its scan ends ``failed`` "timed out after N s", with

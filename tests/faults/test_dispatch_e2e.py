@@ -2,9 +2,9 @@
 
 * Two workers (each with its embedded bridge); the leader's whole process tree
   is SIGKILLed and a scan inserted at that moment must start within 2 s on the
-  survivor (CONTRACT §5), while the maintenance leadership moves within 30 s —
+  survivor (docs/reference.md#events), while the maintenance leadership moves within 30 s —
   with Redis (lock) and without (lease row).
-* The broker never holds more than the dispatch window (CONTRACT §7), and the
+* The broker never holds more than the dispatch window (docs/reference.md#policies), and the
   workers' registrations come and go with them.
 * A message the broker lost is re-sent while the workers stay saturated.
 

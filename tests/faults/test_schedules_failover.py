@@ -1,4 +1,4 @@
-"""Schedules with real bridges and workers (CONTRACT §8): exactly once across failovers.
+"""Schedules with real bridges and workers (docs/reference.md#schedules): exactly once across failovers.
 
 * PostgreSQL + Redis (the Redis lock): a schedule every 2 s runs for ~40 s
   while the leader bridge is SIGKILLed twice; every fire time makes at most one

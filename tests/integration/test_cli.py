@@ -24,7 +24,7 @@ SCAN_KEYS = {
     "findings_new",
     "findings_fixed",
     "baseline_id",
-    # Scan policies (CONTRACT §7); ``key`` is the effective key.
+    # Scan policies (docs/reference.md#policies); ``key`` is the effective key.
     "priority",
     "run_after",
     "scan_key",

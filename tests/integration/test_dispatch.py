@@ -1,4 +1,4 @@
-"""Bounded dispatch (CONTRACT §7) and re-sending lost messages, at the store level.
+"""Bounded dispatch (docs/reference.md#policies) and re-sending lost messages, at the store level.
 
 Real SQLite and PostgreSQL; the claim under the window must stay exact however
 many claimers race, and a due re-send must never hide behind one not yet due.

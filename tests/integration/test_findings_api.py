@@ -1,4 +1,4 @@
-"""Findings over time over HTTP (CONTRACT §9): findings (paged, filtered), diff, providers, checks.
+"""Findings over time over HTTP (docs/reference.md#findings-over-time): findings (paged, filtered), diff, providers, checks.
 
 The scans are run by the real runner (ruff over a tree in ``tmp_path`` that
 changes between runs), then read through the app with Starlette's TestClient,

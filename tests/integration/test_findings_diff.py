@@ -1,4 +1,4 @@
-"""Findings over time (CONTRACT §9): fingerprints, the diff against the baseline, reading it.
+"""Findings over time (docs/reference.md#findings-over-time): fingerprints, the diff against the baseline, reading it.
 
 End to end with the real runner and real scanners from PyPI (ruff, bandit,
 semgrep) over a tree in ``tmp_path`` that changes between runs, on SQLite and

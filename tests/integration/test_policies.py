@@ -1,4 +1,4 @@
-"""Scan policies in the store (CONTRACT §7), on SQLite and PostgreSQL: claim order,
+"""Scan policies in the store (docs/reference.md#policies), on SQLite and PostgreSQL: claim order,
 run_after, pauses, per-key limits (paging past a blocked hot key), intake of
 plain-SQL rows (keys, malformed rows failed), dedup under concurrency, labels."""
 

@@ -1,4 +1,4 @@
-"""Retention (CONTRACT §9) on SQLite and PostgreSQL: what is kept, what goes, and
+"""Retention (docs/reference.md#retention) on SQLite and PostgreSQL: what is kept, what goes, and
 ``scanqueue prune --dry-run`` changing nothing.
 
 One history, built with explicit times relative to the database clock, with

@@ -1,4 +1,4 @@
-"""Retries and timeouts on the run side (CONTRACT §7), against SQLite and PostgreSQL.
+"""Retries and timeouts on the run side (docs/reference.md#policies), against SQLite and PostgreSQL.
 
 execute_scan with real runners and a real database: retry then success, retries
 exhausted, PermanentError, RetryLater(after=…), the reaper's separate budget, and

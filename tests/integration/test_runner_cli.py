@@ -1,4 +1,4 @@
-"""The real runner's commands (CONTRACT §3): providers, checks, findings — and the whole
+"""The real runner's commands (docs/reference.md#runner-api): providers, checks, findings — and the whole
 path with a real worker: register a provider, enqueue, read real findings back.
 """
 

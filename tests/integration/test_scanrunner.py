@@ -1,4 +1,4 @@
-"""The real runner (CONTRACT §3, "The real runner"): ScanRunner, sarif-command, the SARIF reader.
+"""The real runner (docs/reference.md#runner-api, "The real runner"): ScanRunner, sarif-command, the SARIF reader.
 
 Everything that touches the database runs on SQLite and PostgreSQL; scanners are
 real processes (ruff over tests/fixtures/sarif/tree, and small scripts that

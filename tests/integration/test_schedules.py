@@ -1,4 +1,4 @@
-"""Schedules (CONTRACT §8) against real SQLite and PostgreSQL: storing, firing, policies, CLI.
+"""Schedules (docs/reference.md#schedules) against real SQLite and PostgreSQL: storing, firing, policies, CLI.
 
 Firing is driven with an explicit ``now`` so the policies (missed ``once`` /
 ``skip``, overlap ``skip`` / ``queue``) are tested at exact instants; the

@@ -492,7 +492,7 @@ def test_worker_events_reach_a_subscriber_in_order(
     wait_for(lambda: "scan.completed" in types(), 60, what="scan.completed over SSE")
     completed_after = time.monotonic() - posted_at
     assert types() == [
-        "scan.queued",  # the bridge saw the row (CONTRACT §7)
+        "scan.queued",  # the bridge saw the row (docs/reference.md#policies)
         "scan.started",
         "scan.progress",
         "scan.finding",

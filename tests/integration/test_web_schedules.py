@@ -1,4 +1,4 @@
-"""``/api/v1/schedules`` (CONTRACT §8) on SQLite and PostgreSQL: routes, errors, guards."""
+"""``/api/v1/schedules`` (docs/reference.md#schedules) on SQLite and PostgreSQL: routes, errors, guards."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Webhooks (CONTRACT §9) against a real HTTP receiver, on SQLite and PostgreSQL.
+"""Webhooks (docs/reference.md#webhooks) against a real HTTP receiver, on SQLite and PostgreSQL.
 
 The receiver (tests/webhook_receiver.py) fails, is down, hangs and recovers;
 the leader's run_once (fan-out, claim, delivery in a thread pool) is driven

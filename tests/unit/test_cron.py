@@ -1,4 +1,4 @@
-"""Schedule times (CONTRACT §8): five-field cron in a real zone, across both DST changes.
+"""Schedule times (docs/reference.md#schedules): five-field cron in a real zone, across both DST changes.
 
 Europe/Berlin moves from 02:00 CET to 03:00 CEST on 2026-03-29 (02:00–03:00 does
 not exist) and back from 03:00 CEST to 02:00 CET on 2026-10-25 (02:00–03:00

@@ -1,4 +1,4 @@
-"""Retries of runner failures: the backoff maths and the decision (CONTRACT §7)."""
+"""Retries of runner failures: the backoff maths and the decision (docs/reference.md#policies)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-// scanqueue console (CONTRACT §10) — the shared core: constants, the page's state,
+// scanqueue console (docs/reference.md#console) — the shared core: constants, the page's state,
 // small DOM helpers, the API client and the token. Plain JavaScript modules, no build
 // step, no third-party code; every value from the server is put into the page as text
 // (textContent), never as markup. main.js wires the views (scans.js, scan.js, queue.js,
@@ -105,7 +105,7 @@ function authHeaders(extra) {
 }
 
 async function api(path, options) {
-  // No cookies: the Authorization header is the only credential (CONTRACT §4).
+  // No cookies: the Authorization header is the only credential (docs/reference.md#http-api).
   const opts = Object.assign({credentials: "omit"}, options || {});
   opts.headers = authHeaders(opts.headers);
   if (opts.json !== undefined) {
@@ -173,7 +173,7 @@ function table(caption, head, rows, id) {
 }
 
 function retryBody(scan) {
-  // A new scan with the same providers, frameworks and key (CONTRACT §10).
+  // A new scan with the same providers, frameworks and key (docs/reference.md#console).
   const body = {providers: scan.providers_scanned || [], frameworks: scan.frameworks_scanned || []};
   if (scan.scan_key) body.key = scan.scan_key;
   if (scan.priority) body.priority = scan.priority;

@@ -1,4 +1,4 @@
-// scanqueue console (CONTRACT §10): the entry point. It asks for the token when the
+// scanqueue console (docs/reference.md#console): the entry point. It asks for the token when the
 // server wants one, routes between the views by address (no reload), and follows the
 // scans live through the event stream (stream.js: fetch() with the Authorization
 // header, never the token in a URL), resuming after a dropped connection and showing

@@ -30,7 +30,7 @@ function limitText(limit, overridden) {
 }
 
 function renderQueue(q) {
-  // GET /api/v1/queue: what `scanqueue queue --json` prints (CONTRACT §7).
+  // GET /api/v1/queue: what `scanqueue queue --json` prints (docs/reference.md#policies).
   const all = !!q.paused_all;
   const statuses = q.statuses || {};
   const workers = q.workers || [];

@@ -1,4 +1,4 @@
-// scanqueue console (CONTRACT §10) — the live event stream, read with fetch().
+// scanqueue console (docs/reference.md#console) — the live event stream, read with fetch().
 //
 // An EventSource cannot send an Authorization header, and the contract (§4) wants that
 // header on every /api/ route when a token is set; a token in the URL would end up in

@@ -1,4 +1,5 @@
-"""Schedules (CONTRACT §8): ``scan_schedules``, and which schedule and fire time a scan is for.
+"""Schedules (docs/reference.md#schedules): ``scan_schedules``, and which schedule and fire time a
+scan is for.
 
 ``scan_schedules`` holds one row per schedule (a five-field cron expression in a
 zone, or a fixed period in seconds).  ``scans`` gains ``schedule_name`` and

@@ -1,4 +1,4 @@
-"""Webhooks from a durable outbox, and what retention needs (CONTRACT §9).
+"""Webhooks from a durable outbox, and what retention needs (docs/reference.md#webhooks).
 
 - ``scanqueue_webhooks``: one row per receiver (``url`` unique, its HMAC
   ``secret``, the statuses it wants in ``events``, ``only_new_findings``).
