@@ -20,8 +20,10 @@ from alembic.util import CommandError as AlembicCommandError
 from sqlalchemy import exc as sa_exc
 
 from scanqueue.config import Settings, mask_url, warn_unknown_variables
+from scanqueue.db.engine import describe_db_error
+from scanqueue.db.rows import ScanRow
 from scanqueue.db.schema import STATUSES
-from scanqueue.db.store import ScanRow, Store, describe_db_error, store_for
+from scanqueue.db.store import Store, store_for
 from scanqueue.errors import ScanqueueError
 
 F = TypeVar("F", bound=Callable[..., Any])

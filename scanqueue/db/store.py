@@ -36,29 +36,12 @@ import threading
 from sqlalchemy import Engine
 
 from scanqueue.db.claims import ClaimsMixin
-from scanqueue.db.engine import describe_db_error, make_engine, retry_with_backoff
 from scanqueue.db.leases import LeasesMixin
 from scanqueue.db.retention import RetentionMixin
-from scanqueue.db.rows import ReapedScan, ScanRow, StartedRun, decode_json, iso
 from scanqueue.db.runs import RunsMixin
 from scanqueue.db.scans import ScansMixin
 from scanqueue.db.schedules import SchedulesMixin
 from scanqueue.db.webhooks import WebhooksMixin
-
-# Names that lived here before the store was split: still importable from here
-# (code being written elsewhere uses them), but new code imports from their home.
-__all__ = [
-    "ReapedScan",
-    "ScanRow",
-    "StartedRun",
-    "Store",
-    "decode_json",
-    "describe_db_error",
-    "iso",
-    "make_engine",
-    "retry_with_backoff",
-    "store_for",
-]
 
 
 class Store(

@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from scanqueue.config import TASK_NAME, Settings
-from scanqueue.db.store import ReapedScan, store_for
+from scanqueue.db.rows import ReapedScan
+from scanqueue.db.store import store_for
 from scanqueue.dispatch.bridge import BridgeService, PublishError
 from scanqueue.dispatch.intake import derive_key, intake_events
 from scanqueue.dispatch.leader import leadership_for

@@ -16,7 +16,8 @@ import pytest
 
 from scanqueue.config import Settings, normalize_database_url
 from scanqueue.db.redisconn import redis_client
-from scanqueue.db.store import ScanRow, store_for
+from scanqueue.db.rows import ScanRow
+from scanqueue.db.store import store_for
 from scanqueue.observe import event_sender
 from scanqueue.observe.event_sender import (
     BackgroundEmitter,
