@@ -206,6 +206,9 @@ class PoliciesMixin(StoreBase):
                 .where(scans.c.status == STATUS_QUEUED, scans.c.seen_at.is_(None))
                 .order_by(scans.c.created_at, scans.c.id)
                 .limit(bindparam("limit"))
+                # A row another session holds locked (a host application's open
+                # transaction) waits for a later pass instead of stalling every claim.
+                .with_for_update(skip_locked=True)
             )
         rows = conn.execute(unseen, {"limit": limit}).all()
         taken: list[Intake] = []
