@@ -285,9 +285,13 @@ def test_the_reaper_ends_a_dead_workers_runs_in_lineage(store: Any, receiver: Re
     )
     lost_runs = _lost_run_events(settings)
     again, gone = store.enqueue(["aws"], ["cis"]), store.enqueue(["aws"], ["cis"])
+    # Each reap waits past the start's millisecond: "older than 0 s" is strict, and
+    # SQLite's clock counts milliseconds.
     assert store.start_run(again.id, "dead-worker") is not None
+    time.sleep(0.01)
     reaped = store.reap_orphans(lease_s=0, max_attempts=3)  # its heartbeat went stale
     assert store.start_run(gone.id, "dead-worker") is not None
+    time.sleep(0.01)
     reaped += store.reap_orphans(lease_s=0, max_attempts=1)  # its last attempt
     assert [(r.scan_id, r.requeued) for r in reaped] == [(again.id, True), (gone.id, False)]
 

@@ -92,7 +92,9 @@ def assert_no_unbounded_labels(exposition: str, secrets: list[str]) -> None:
         # scanqueue_scans{status} adds the other row statuses; any status scanqueue
         # does not know is summed under "unknown", never a label value of its own.
         "status": {"completed", "failed", "canceled", "discarded", "queued", "running", "unknown"},
-        "outcome": {"requeued", "failed"},
+        # reaped runs; webhook deliveries
+        "outcome": {"requeued", "failed", "delivered", "retry", "given_up"},
+        "what": {"scans", "findings", "events"},
     }
     for family in text_string_to_metric_families(exposition):
         if not family.name.startswith("scanqueue_"):
@@ -101,7 +103,30 @@ def assert_no_unbounded_labels(exposition: str, secrets: list[str]) -> None:
             for key, label_value in s.labels.items():
                 if key == "le":
                     continue
+                if family.name.startswith("scanqueue_http_"):
+                    # Request metrics: route templates, never the ids in a path.
+                    assert _bounded_http_label(key, label_value), (family.name, key, label_value)
+                    continue
                 assert label_value in allowed.get(key, set()), (family.name, key, label_value)
+
+
+def _bounded_http_label(key: str, value: str) -> bool:
+    if key == "method":
+        return value in {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}
+    if key == "status":
+        return value.isdigit() and len(value) == 3
+    if key == "route":
+        segments = value.strip("/").split("/")
+        return (
+            value.startswith("/")
+            and all(
+                (seg.startswith("{") and seg.endswith("}"))
+                or not any(c.isdigit() for c in seg)
+                or seg in {"v1"}
+                for seg in segments
+            )
+        ) or value == "(unmatched)"
+    return False
 
 
 # -- in-process -----------------------------------------------------------------------
