@@ -38,6 +38,8 @@ def _scan_schema() -> dict[str, Any]:
             "priority": {"type": "integer"},
             "run_after": time_or_null,
             "scan_key": text_or_null,
+            "schedule_name": text_or_null,
+            "scheduled_for": time_or_null,
             "key": {"type": ["string", "null"], "description": "the effective key"},
             "timeout_seconds": {"type": ["integer", "null"]},
             "retries": {"type": "integer"},

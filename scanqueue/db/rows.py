@@ -43,6 +43,9 @@ PUBLIC_COLUMNS = (
     scans.c.timeout_seconds,
     scans.c.retries,
     scans.c.labels,
+    # Schedules (docs/reference.md#schedules): which schedule and fire time made it.
+    scans.c.schedule_name,
+    scans.c.scheduled_for,
 )
 
 
@@ -75,6 +78,8 @@ class ScanRow:
     timeout_seconds: int | None = None
     retries: int = 0
     labels: Any = None
+    schedule_name: str | None = None
+    scheduled_for: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any] | Any) -> ScanRow:
@@ -104,6 +109,8 @@ class ScanRow:
             timeout_seconds=m.get("timeout_seconds"),
             retries=m.get("retries") or 0,
             labels=decode_json(m.get("labels")),
+            schedule_name=m.get("schedule_name"),
+            scheduled_for=m.get("scheduled_for"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -129,6 +136,8 @@ class ScanRow:
             "timeout_seconds": self.timeout_seconds,
             "retries": self.retries,
             "labels": self.labels,
+            "schedule_name": self.schedule_name,
+            "scheduled_for": iso(self.scheduled_for),
         }
 
 

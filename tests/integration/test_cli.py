@@ -32,6 +32,9 @@ SCAN_KEYS = {
     "timeout_seconds",
     "retries",
     "labels",
+    # Schedules (docs/reference.md#schedules): the schedule and fire time that made it.
+    "schedule_name",
+    "scheduled_for",
 }
 
 

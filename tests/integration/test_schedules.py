@@ -287,6 +287,8 @@ def test_cli_add_list_run_pause_resume_remove(env: dict[str, str], store: Store)
     assert run.returncode == 0, run.stderr
     scan_id = run.stdout.strip()
     assert store.get(scan_id).status == "queued"
+    shown = json.loads(run_cli(env, "status", scan_id, "--json").stdout)
+    assert shown["schedule_name"] == "nightly" and shown["scheduled_for"].endswith("+00:00")
     assert json.loads(run_cli(env, "schedules", "pause", "nightly", "--json").stdout)["paused"]
     resumed = run_cli(env, "schedules", "resume", "nightly", "--json")
     assert json.loads(resumed.stdout)["paused"] is False
