@@ -18,43 +18,27 @@ from typing import Any
 
 import click
 
-from scanqueue.config import Settings
+from scanqueue.cli.output import one_line, runner_store, table
 from scanqueue.db.rows import ScanRow
-from scanqueue.db.store import store_for
 from scanqueue.runners.diff import FINDING_STATES
 from scanqueue.runners.diff_view import DiffView, read_diff
-from scanqueue.runners.store import FindingRow, RunnerStore
-
-
-def _runner_store() -> RunnerStore:
-    return RunnerStore(store_for(Settings.from_env().database_url))
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    for line in (headers, *rows):
-        click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
-
-
-def _one_line(text: str | None, limit: int = 80) -> str:
-    first = text.strip().splitlines()[0] if text and text.strip() else ""
-    return first if len(first) <= limit else first[: limit - 1] + "…"
+from scanqueue.runners.store import FindingRow
 
 
 def _findings_table(rows: Sequence[FindingRow], with_state: bool = True) -> None:
-    table: list[Sequence[str]] = [
+    cells: list[Sequence[str]] = [
         (
             *((r.state or "",) if with_state else ()),
             r.severity or "",
             r.check_id,
             r.provider,
             r.location or r.resource or "",
-            _one_line(r.message),
+            one_line(r.message),
         )
         for r in rows
     ]
     headers = ("SEVERITY", "CHECK", "PROVIDER", "LOCATION", "MESSAGE")
-    _table((("STATE",) if with_state else ()) + headers, table)
+    table((("STATE",) if with_state else ()) + headers, cells)
 
 
 @click.command("findings")
@@ -69,7 +53,7 @@ def _findings_table(rows: Sequence[FindingRow], with_state: bool = True) -> None
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def findings_command(scan_id: str, state: str | None, as_json: bool) -> None:
     """Show the findings of scan SCAN_ID (an unknown id exits 1)."""
-    rs = _runner_store()
+    rs = runner_store()
     rs.store.get(scan_id)  # NotFoundError for an unknown id
     rows = rs.list_findings(scan_id, state)
     if as_json:
@@ -88,7 +72,7 @@ def diff_command(scan_id: str, as_json: bool) -> None:
     before SCAN_ID started.  A scan whose diff is not computed yet (it has not
     completed) exits 1.
     """
-    view = read_diff(_runner_store(), scan_id)
+    view = read_diff(runner_store(), scan_id)
     if as_json:
         click.echo(json.dumps(view.to_json()))
         return
@@ -151,7 +135,7 @@ def print_scan_detail(row: ScanRow) -> None:
         ("duration", _duration(row)),
     ]
     if row.error:
-        lines.append(("error", _one_line(row.error, 200)))
+        lines.append(("error", one_line(row.error, 200)))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         click.echo(f"{key.ljust(width)}  {value}")

@@ -9,38 +9,18 @@ into one line on stderr and exit 1.  Nothing here reads or prints a token.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 import click
 
 from scanqueue.cli.findings import diff_command, findings_command
-from scanqueue.config import Settings
-from scanqueue.db.store import store_for
+from scanqueue.cli.output import one_line, runner_store, table
 from scanqueue.errors import ScanqueueError
 from scanqueue.runners.providers.base import ProviderConfigError, build_collector, masked_config
-from scanqueue.runners.store import RunnerStore
 
 
 class UsageProblemError(ScanqueueError):
     """An argument is well-formed for click but unusable (e.g. --config is not JSON)."""
-
-
-def _runner_store() -> RunnerStore:
-    return RunnerStore(store_for(Settings.from_env().database_url))
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    for line in (headers, *rows):
-        click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
-
-
-def _one_line(text: str | None, limit: int = 80) -> str:
-    if not text:
-        return ""
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
 def register(cli: click.Group) -> None:
@@ -118,7 +98,7 @@ def providers_add(
         build_collector(name, kind, config)
     except ProviderConfigError as exc:
         raise UsageProblemError(str(exc)) from None
-    row = _runner_store().add_provider(name, kind, config, enabled=not disabled)
+    row = runner_store().add_provider(name, kind, config, enabled=not disabled)
     if as_json:
         click.echo(json.dumps(_shown(row.to_json())))
     else:
@@ -141,18 +121,18 @@ def _shown(provider: dict[str, Any]) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def providers_list(as_json: bool) -> None:
     """List providers (env values and other secrets in configs shown as ***)."""
-    rows = _runner_store().list_providers()
+    rows = runner_store().list_providers()
     if as_json:
         click.echo(json.dumps([_shown(r.to_json()) for r in rows]))
     elif rows:
-        _table(
+        table(
             ("NAME", "KIND", "ENABLED", "CONFIG"),
             [
                 (
                     r.name,
                     r.kind,
                     "yes" if r.enabled else "no",
-                    _one_line(json.dumps(masked_config(r.config))),
+                    one_line(json.dumps(masked_config(r.config))),
                 )
                 for r in rows
             ],
@@ -163,7 +143,7 @@ def providers_list(as_json: bool) -> None:
 @click.argument("name")
 def providers_remove(name: str) -> None:
     """Remove provider NAME (an unknown name exits 1)."""
-    _runner_store().remove_provider(name)
+    runner_store().remove_provider(name)
     click.echo(f"provider {name} removed")
 
 
@@ -171,7 +151,7 @@ def providers_remove(name: str) -> None:
 @click.argument("name")
 def providers_enable(name: str) -> None:
     """Let scans use provider NAME again."""
-    _runner_store().set_provider_enabled(name, True)
+    runner_store().set_provider_enabled(name, True)
     click.echo(f"provider {name} enabled")
 
 
@@ -179,7 +159,7 @@ def providers_enable(name: str) -> None:
 @click.argument("name")
 def providers_disable(name: str) -> None:
     """Make scans that name provider NAME fail instead of running it."""
-    _runner_store().set_provider_enabled(name, False)
+    runner_store().set_provider_enabled(name, False)
     click.echo(f"provider {name} disabled")
 
 
@@ -197,7 +177,7 @@ def checks_disable(check_id: str) -> None:
     """Disable CHECK_ID for every provider."""
     if not check_id.strip():
         raise UsageProblemError("check id must not be empty")
-    _runner_store().set_check(check_id, False)
+    runner_store().set_check(check_id, False)
     click.echo(f"check {check_id} disabled")
 
 
@@ -207,7 +187,7 @@ def checks_enable(check_id: str) -> None:
     """Enable CHECK_ID again."""
     if not check_id.strip():
         raise UsageProblemError("check id must not be empty")
-    _runner_store().set_check(check_id, True)
+    runner_store().set_check(check_id, True)
     click.echo(f"check {check_id} enabled")
 
 
@@ -215,11 +195,11 @@ def checks_enable(check_id: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def checks_list(as_json: bool) -> None:
     """List checks with a recorded state."""
-    rows = _runner_store().list_checks()
+    rows = runner_store().list_checks()
     if as_json:
         click.echo(json.dumps([r.to_json() for r in rows]))
     elif rows:
-        _table(
+        table(
             ("CHECK", "ENABLED", "UPDATED"),
             [
                 (
