@@ -95,6 +95,36 @@ class Recorder:
 # -- configuration ------------------------------------------------------------------------
 
 
+def _run_cooperative(
+    store: Store, scan_id: str, *, wait_s: float, findings: int
+) -> tuple[threading.Thread, list[Outcome], Recorder]:
+    """Run ``scan_id`` in a thread with a runner that waits on its context, then returns
+    ``findings``; return once the runner has been entered."""
+    entered = threading.Event()
+
+    def cooperative(job: Job, ctx: ScanContext) -> ScanResult:
+        entered.set()
+        ctx.wait(wait_s)
+        return ScanResult(findings_count=findings)
+
+    observer = Recorder()
+    result: list[Outcome] = []
+    thread = threading.Thread(
+        target=lambda: result.append(
+            execute_scan(
+                scan_id,
+                store=store,
+                runner=RunnerFunc(cooperative),
+                settings=OUTAGE,
+                observer=observer,
+            )
+        )
+    )
+    thread.start()
+    assert entered.wait(10)
+    return thread, result, observer
+
+
 def test_defaults_fence_and_terminate_strictly_before_the_lease() -> None:
     s = Settings.from_env({})
     fence = self_fence_after_s(s.lease_s, s.cancel_grace_s)
@@ -193,28 +223,9 @@ def test_a_run_stopped_by_the_fence_is_handed_back_never_completed(
 ) -> None:
     """The database is cut off longer than the fence, shorter than the lease."""
     insert_raw(proxied_store, "doubt")
-    entered = threading.Event()
-
-    def cooperative(job: Job, ctx: ScanContext) -> ScanResult:
-        entered.set()
-        ctx.wait(30)
-        return ScanResult(findings_count=5)  # would be a partial result
-
-    observer = Recorder()
-    result: list[Outcome] = []
-    thread = threading.Thread(
-        target=lambda: result.append(
-            execute_scan(
-                "doubt",
-                store=proxied_store,
-                runner=RunnerFunc(cooperative),
-                settings=OUTAGE,
-                observer=observer,
-            )
-        )
-    )
-    thread.start()
-    assert entered.wait(10)
+    thread, result, observer = _run_cooperative(
+        proxied_store, "doubt", wait_s=30, findings=5
+    )  # the runner's result would be a partial one
     time.sleep(0.3)
     proxy.stall()
     t0 = time.monotonic()
@@ -243,28 +254,7 @@ def test_a_run_stopped_while_the_database_stays_stalled_still_returns(
     assert proxied_store._direct is not None
     proxied_store._direct.deadline_s = 1.0
     insert_raw(proxied_store, "gone")
-    entered = threading.Event()
-
-    def cooperative(job: Job, ctx: ScanContext) -> ScanResult:
-        entered.set()
-        ctx.wait(60)
-        return ScanResult(findings_count=5)
-
-    observer = Recorder()
-    result: list[Outcome] = []
-    thread = threading.Thread(
-        target=lambda: result.append(
-            execute_scan(
-                "gone",
-                store=proxied_store,
-                runner=RunnerFunc(cooperative),
-                settings=OUTAGE,
-                observer=observer,
-            )
-        )
-    )
-    thread.start()
-    assert entered.wait(10)
+    thread, result, observer = _run_cooperative(proxied_store, "gone", wait_s=60, findings=5)
     proxy.stall()
     t0 = time.monotonic()
     thread.join(30)
@@ -280,28 +270,7 @@ def test_a_run_stopped_while_the_database_stays_stalled_still_returns(
 
 def test_a_canceled_run_stays_canceled_and_is_counted_as_canceled(proxied_store: Store) -> None:
     insert_raw(proxied_store, "cx")
-    entered = threading.Event()
-
-    def cooperative(job: Job, ctx: ScanContext) -> ScanResult:
-        entered.set()
-        ctx.wait(30)
-        return ScanResult(findings_count=1)
-
-    observer = Recorder()
-    result: list[Outcome] = []
-    thread = threading.Thread(
-        target=lambda: result.append(
-            execute_scan(
-                "cx",
-                store=proxied_store,
-                runner=RunnerFunc(cooperative),
-                settings=OUTAGE,
-                observer=observer,
-            )
-        )
-    )
-    thread.start()
-    assert entered.wait(10)
+    thread, result, observer = _run_cooperative(proxied_store, "cx", wait_s=30, findings=1)
     proxied_store.cancel("cx")
     thread.join(10)
     assert result == [Outcome.CANCELED] and proxied_store.get("cx").status == "canceled"
