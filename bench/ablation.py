@@ -11,6 +11,7 @@ An experiment for the bound analysis in ``bench/README.md``.
     .venv/bin/python -m bench.ablation                  # every arm, 3 rounds of 4,000
     BENCH_ABLATION_ARMS=shipped,no_events BENCH_AB_ROUNDS=5 .venv/bin/python -m bench.ablation
     BENCH_ABLATION_ARMS=shipped,sync_commit_off .venv/bin/python -m bench.ablation
+    BENCH_ABLATION_ARMS=shipped,unbounded_window .venv/bin/python -m bench.ablation
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from bench.run import Bench, RawCelery, Sizes, db_throughput, start_scanqueue
 class Arm:
     ablate: str = ""  # BENCH_ABLATE: the parts switched off
     synchronous_commit: str = "on"  # the benchmark database's setting
+    window: str = ""  # SCANQUEUE_DISPATCH_WINDOW; "" = the default (twice the slots, at least 4)
 
 
 ARMS = {
@@ -41,6 +43,7 @@ ARMS = {
     "no_lease": Arm("lease"),
     "none": Arm("events,metrics,lease"),
     "sync_commit_off": Arm(synchronous_commit="off"),
+    "unbounded_window": Arm(window=str(10**9)),
 }
 
 
@@ -64,6 +67,7 @@ def scanqueue_run(b: Bench, n: int, arm: Arm) -> float:
             "2,2",
             runner="bench.ablation_runners:noop",
             BENCH_ABLATE=arm.ablate,
+            **({"SCANQUEUE_DISPATCH_WINDOW": arm.window} if arm.window else {}),
         )
         run = db_throughput(db, n, worker, timeout_s=n / 20.0)
         b.stop(worker)

@@ -14,6 +14,7 @@ from scanqueue.db.store import store_for
 from scanqueue.dispatch.bridge import BridgeService, PublishError
 from scanqueue.dispatch.intake import derive_key, intake_events
 from scanqueue.dispatch.leader import leadership_for
+from scanqueue.dispatch.wake import StartSignal
 from scanqueue.dispatch.watch import watcher_for
 from scanqueue.observe.observer import RunInfo
 
@@ -167,7 +168,9 @@ def _until_schema(name: str, step: Any) -> Any:
     return guarded
 
 
-def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
+def build_bridge_service(
+    settings: Settings, app: Any, *, start_signal: StartSignal | None = None
+) -> BridgeService:
     store = store_for(settings.database_url)
     from scanqueue.observe.metrics import bridge_hooks
 
@@ -178,7 +181,7 @@ def build_bridge_service(settings: Settings, app: Any) -> BridgeService:
         store,
         make_publisher(app),
         leadership_for(settings, store),
-        watcher_for(settings.database_url, settings.poll_every_s),
+        watcher_for(settings.database_url, settings.poll_every_s, start_signal),
         batch=settings.dispatch_batch,
         lease_s=settings.lease_s,
         max_attempts=settings.max_attempts,

@@ -18,7 +18,9 @@ poll is followed by a full look.
 
 ``wait(stop, timeout_s)`` also returns after ``timeout_s``: while its dispatch
 window is full the bridge looks again soon whether or not a row was inserted,
-because a scan *starting* frees room and notifies nobody.
+because a scan *starting* frees room.  With a :class:`~scanqueue.dispatch.wake.StartSignal`
+(the embedded bridge) such a wait also ends as soon as one of the worker's pool
+processes started a scan; a standalone bridge has only the timeout.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, Protocol
 
 from scanqueue.config import mask_url
 from scanqueue.db.schema import NOTIFY_CHANNEL
+from scanqueue.dispatch.wake import StartSignal
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +56,19 @@ class Watcher(Protocol):
 class PollWatcher:
     """Ticks every ``interval_s`` on a fixed schedule."""
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, interval_s: float, start_signal: StartSignal | None = None) -> None:
         self.interval_s = interval_s
+        self.start_signal = start_signal
         self._next = time.monotonic()
 
     def wait(self, stop: threading.Event, timeout_s: float | None = None) -> bool:
         now = time.monotonic()
         if timeout_s is not None and now + timeout_s < self._next + self.interval_s:
-            return not stop.wait(timeout_s)  # an early look; the schedule stays
+            # An early look; the schedule stays.
+            if self.start_signal is not None and not stop.is_set():
+                _wait_for_start(self.start_signal, timeout_s)
+                return not stop.is_set()
+            return not stop.wait(timeout_s)
         self._next += self.interval_s
         if self._next < now:  # fell behind (a long pass): restart the schedule, don't burst
             self._next = now + self.interval_s
@@ -81,8 +89,10 @@ class ListenWatcher:
         channel: str = NOTIFY_CHANNEL,
         liveness_every_s: float = LIVENESS_EVERY_S,
         liveness_timeout_s: float = LIVENESS_TIMEOUT_S,
+        start_signal: StartSignal | None = None,
     ) -> None:
         self.database_url = database_url
+        self.start_signal = start_signal
         self.safety_poll_s = safety_poll_s
         self.channel = channel
         self.liveness_every_s = liveness_every_s
@@ -183,7 +193,13 @@ class ListenWatcher:
                 timeout = self._next_timeout(now)
                 if deadline is not None:
                     timeout = min(timeout, max(0.0, deadline - now))
-                readable, _, _ = select.select([self._conn], [], [], min(timeout, 0.5))
+                watched: list[Any] = [self._conn]
+                if deadline is not None and self.start_signal is not None:
+                    watched.append(self.start_signal)  # the window is full: a start frees room
+                readable, _, _ = select.select(watched, [], [], min(timeout, 0.5))
+                if self.start_signal is not None and self.start_signal in readable:
+                    self.start_signal.drain()
+                    return True
                 if readable:
                     self._conn.poll()
                     woke = self._drain()
@@ -235,7 +251,19 @@ class ListenWatcher:
                 self._conn = None
 
 
-def watcher_for(database_url: str, poll_every_s: float) -> Watcher:
+def _wait_for_start(signal: StartSignal, timeout_s: float) -> None:
+    """Up to ``timeout_s``, ending early when a pool process started a scan."""
+    try:
+        readable, _, _ = select.select([signal], [], [], timeout_s)
+    except (OSError, ValueError):  # closed at shutdown
+        return
+    if readable:
+        signal.drain()
+
+
+def watcher_for(
+    database_url: str, poll_every_s: float, start_signal: StartSignal | None = None
+) -> Watcher:
     if database_url.startswith("postgresql"):
-        return ListenWatcher(database_url, safety_poll_s=poll_every_s)
-    return PollWatcher(poll_every_s)
+        return ListenWatcher(database_url, safety_poll_s=poll_every_s, start_signal=start_signal)
+    return PollWatcher(poll_every_s, start_signal=start_signal)

@@ -18,6 +18,7 @@ from typing import Any
 
 from scanqueue.config import Settings
 from scanqueue.db.store import Store, store_for
+from scanqueue.dispatch.wake import StartSignalObserver, installed_start_signal
 from scanqueue.errors import UnavailableError
 from scanqueue.observe.observer import SafeObservers, ScanObserver
 from scanqueue.runners.api import Runner, load_runner
@@ -67,6 +68,9 @@ def build_observer(settings: Settings) -> ScanObserver:
     from scanqueue.observe.metrics import MetricsObserver
 
     observers: list[ScanObserver] = [EventObserver(event_sink_for(settings)), MetricsObserver()]
+    if installed_start_signal() is not None:
+        # First: the embedded bridge refills its dispatch window at once.
+        observers.insert(0, StartSignalObserver())
     if settings.lineage_enabled:
         # Imported only when used: the OpenLineage client costs ~0.35 s to import.
         from scanqueue.observe.lineage import LineageObserver

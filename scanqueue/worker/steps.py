@@ -149,12 +149,18 @@ class BridgeStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def __init__(self, worker: Any, without_bridge: bool = False, **kwargs: Any) -> None:
         self.enabled = not without_bridge
         self.service: Any = None
+        self.start_signal: Any = None
+        if self.enabled:
+            from scanqueue.dispatch.wake import install_start_signal
+
+            # Before the pool forks, so that every pool process inherits the pipe.
+            self.start_signal = install_start_signal()
 
     def start(self, worker: Any) -> None:
         from scanqueue.dispatch.service import build_bridge_service
         from scanqueue.worker.app import app, settings
 
-        self.service = build_bridge_service(settings, app)
+        self.service = build_bridge_service(settings, app, start_signal=self.start_signal)
         self.service.start()
         log.info("embedded bridge started (%s)", self.service.leadership.identity)
 
