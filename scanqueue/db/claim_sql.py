@@ -1,0 +1,298 @@
+"""The dispatch claim's SQL under the scan policies, and the look that avoids it.
+
+One source for both dialects (docs/reference.md#policies).  Run inside the
+serialized claim transaction, it reads the pauses, the limits, the slots each key
+holds (running plus dispatched-not-started) and the window's in-flight count,
+picks what to claim and, when higher priorities wait behind a full window, which
+dispatched scans to release in exchange (the *swap*):
+
+* PostgreSQL: one statement — CTEs down to ``UPDATE … RETURNING`` for the
+  claimed and the released rows, with ``FOR UPDATE SKIP LOCKED`` on both, so a
+  row another session holds locked is passed over rather than waited for.
+* SQLite: the same CTEs as one ``SELECT`` of the ids, then one ``UPDATE`` for the
+  claimed and one for the released (``BEGIN IMMEDIATE`` already holds the lock).
+
+How it picks, in claim order (priority, then age, then id): the first ``:m`` rows
+of ``scans_claim_order_idx`` (the *fast* path), each key taking at most its room;
+when those rows hold too few claimable ones (the keys at the head are full or
+paused) and the index goes on, the *slow* path instead finds the queued keys by a
+loose scan of ``scans_key_claim_order_idx`` and reads the first rows of each key
+that has room, so a claim costs the same at 10**3 and 10**6 queued rows.  Without
+limits or pauses the claim reads just the rows it takes.
+
+Parameters: ``:key_limit`` (the default per-key limit, 0 = none), ``:limit`` (the
+batch), ``:window``, ``:cap`` (most rows one claim takes or swaps: min(batch,
+window)) and ``:m`` (rows the fast path reads).  Result rows: ``('claimed', id,
+created_at, priority)``, ``('released', id)`` and one ``('in_flight', n)``, the
+count before the claim.
+"""
+
+from __future__ import annotations
+
+import re
+
+from scanqueue.db.schema import SQLITE_NOW_SQL
+
+# The per-connection name of the prepared PostgreSQL statement (see ClaimsMixin).
+PG_STATEMENT_NAME = "scanqueue_claim_v1"
+PARAMS = ("key_limit", "limit", "window", "cap", "m")
+
+
+def fast_rows(cap: int) -> int:
+    """Rows the fast path reads: room for every key at the head to be full a few times."""
+    return 4 * cap + 64
+
+
+# {now}, {greatest}, {least}, {by_*} (SQLite's INDEXED BY: without statistics it
+# would sort the backlog) differ per dialect; the rest is common.
+_COMMON = """
+WITH RECURSIVE
+pz AS MATERIALIZED (SELECT key FROM scanqueue_pauses),
+lim AS MATERIALIZED (SELECT key, max_running FROM scanqueue_limits),
+flight AS MATERIALIZED (
+    SELECT id, effective_key, priority, dispatched_at FROM scans{by_flight}
+    WHERE status = 'queued' AND dispatched_at IS NOT NULL),
+act AS MATERIALIZED (
+    SELECT k AS key, count(*) AS n FROM (
+        SELECT effective_key AS k FROM scans{by_running} WHERE status = 'running'
+        UNION ALL SELECT effective_key FROM flight) a
+    WHERE k IS NOT NULL GROUP BY k),
+keyroom AS MATERIALIZED (
+    SELECT k.key,
+        CASE WHEN EXISTS (SELECT 1 FROM pz WHERE pz.key = k.key) THEN 0
+             WHEN coalesce(l.max_running, :key_limit) > 0
+             THEN {greatest}(coalesce(l.max_running, :key_limit) - coalesce(a.n, 0), 0)
+        END AS room
+    FROM (SELECT key FROM pz UNION SELECT key FROM lim UNION SELECT key FROM act) k
+    LEFT JOIN lim l ON l.key = k.key LEFT JOIN act a ON a.key = k.key),
+state AS MATERIALIZED (
+    SELECT s.*, (SELECT count(*) FROM flight f WHERE f.priority < s.top) AS lower
+    FROM (SELECT
+        EXISTS (SELECT 1 FROM pz WHERE key = '*') AS all_paused,
+        (:key_limit > 0 OR EXISTS (SELECT 1 FROM pz) OR EXISTS (SELECT 1 FROM lim)) AS policed,
+        (SELECT count(*) FROM flight) AS in_flight,
+        (SELECT priority FROM scans{by_claim}
+         WHERE status = 'queued' AND dispatched_at IS NULL
+           AND (run_after IS NULL OR run_after <= {now})
+         ORDER BY priority DESC, created_at, id LIMIT 1) AS top) s),
+sizes AS MATERIALIZED (
+    SELECT policed, take,
+        CASE WHEN all_paused THEN 0 ELSE {least}(:cap, take + lower) END AS cap
+    FROM (SELECT policed, lower, all_paused,
+            CASE WHEN all_paused THEN 0
+                 ELSE {greatest}(0, {least}(:limit, :window - in_flight)) END AS take
+          FROM state) t),
+raw AS MATERIALIZED (
+    SELECT id, effective_key, priority, created_at FROM scans{by_claim}
+    WHERE status = 'queued' AND dispatched_at IS NULL
+      AND (run_after IS NULL OR run_after <= {now})
+      AND (effective_key IS NOT NULL OR NOT (SELECT policed FROM state))
+    ORDER BY priority DESC, created_at, id
+    LIMIT :m),
+fast AS MATERIALIZED (
+    SELECT r.id, r.priority, r.created_at FROM (
+        SELECT r.*, row_number() OVER (
+                PARTITION BY r.effective_key ORDER BY r.priority DESC, r.created_at, r.id) AS nth,
+            CASE WHEN kr.key IS NULL THEN CASE WHEN :key_limit > 0 THEN :key_limit END
+                 ELSE kr.room END AS room
+        FROM raw r LEFT JOIN keyroom kr ON kr.key = r.effective_key) r
+    WHERE r.room IS NULL OR r.nth <= r.room),
+verdict AS MATERIALIZED (
+    SELECT (SELECT count(*) FROM fast) >= (SELECT cap FROM sizes)
+        OR (SELECT count(*) FROM raw) < :m AS complete),
+keys(k) AS (
+    SELECT (SELECT effective_key FROM scans{by_key}
+            WHERE status = 'queued' AND dispatched_at IS NULL AND effective_key IS NOT NULL
+            ORDER BY effective_key, priority DESC, created_at, id LIMIT 1)
+    WHERE (SELECT policed FROM sizes) AND NOT (SELECT complete FROM verdict)
+    UNION ALL
+    SELECT (SELECT effective_key FROM scans{by_key}
+            WHERE status = 'queued' AND dispatched_at IS NULL AND effective_key > keys.k
+            ORDER BY effective_key, priority DESC, created_at, id LIMIT 1)
+    FROM keys WHERE keys.k IS NOT NULL),
+roomy AS (
+    SELECT keys.k, CASE WHEN kr.key IS NULL THEN CASE WHEN :key_limit > 0 THEN :key_limit END
+                        ELSE kr.room END AS room
+    FROM keys LEFT JOIN keyroom kr ON kr.key = keys.k
+    WHERE keys.k IS NOT NULL),
+"""
+
+# The first rows of each key with room; PostgreSQL reads them with LATERAL.
+_SLOW_PG = """
+slow AS (
+    SELECT c.id, c.priority, c.created_at
+    FROM roomy CROSS JOIN LATERAL (
+        SELECT t.id, t.priority, t.created_at FROM (
+            SELECT s.id, s.priority, s.created_at FROM scans s
+            WHERE s.effective_key = roomy.k AND s.status = 'queued'
+              AND s.dispatched_at IS NULL
+              AND (s.run_after IS NULL OR s.run_after <= clock_timestamp())
+            ORDER BY s.priority DESC, s.created_at, s.id
+            LIMIT :cap) t
+        LIMIT coalesce(roomy.room, :cap)) c
+    WHERE roomy.room IS NULL OR roomy.room > 0),
+"""
+# SQLite has no LATERAL and no correlated LIMIT: the first :cap of each key, ranked.
+_SLOW_SQLITE = f"""
+slow AS (
+    SELECT id, priority, created_at FROM (
+        SELECT s.id, s.priority, s.created_at, roomy.room, row_number() OVER (
+                PARTITION BY roomy.k ORDER BY s.priority DESC, s.created_at, s.id) AS nth
+        FROM roomy JOIN scans s ON s.id IN (
+            SELECT id FROM scans INDEXED BY scans_key_claim_order_idx
+            WHERE effective_key = roomy.k AND status = 'queued' AND dispatched_at IS NULL
+              AND (run_after IS NULL OR run_after <= {SQLITE_NOW_SQL})
+            ORDER BY priority DESC, created_at, id LIMIT :cap)
+        WHERE roomy.room IS NULL OR roomy.room > 0) t
+    WHERE t.room IS NULL OR t.nth <= t.room),
+"""
+
+# Without limits or pauses only the first :cap rows are read (raw is read lazily).
+_PICKED = """
+picked AS MATERIALIZED (
+    SELECT u.id, u.priority, u.created_at FROM (
+        SELECT * FROM (
+            SELECT id, priority, created_at FROM raw WHERE NOT (SELECT policed FROM sizes)
+            LIMIT (SELECT cap FROM sizes)) plain
+        UNION ALL
+        SELECT id, priority, created_at FROM fast
+        WHERE (SELECT policed FROM sizes) AND (SELECT complete FROM verdict)
+        UNION ALL SELECT id, priority, created_at FROM slow) u
+    ORDER BY u.priority DESC, u.created_at, u.id LIMIT (SELECT cap FROM sizes)),
+"""
+
+# The first `take` picked fill the window's room; each further one is swapped for
+# the lowest-priority dispatched scan left (newest dispatch first among equals)
+# while it outranks it strictly.  Picked descend and victims ascend, so the pairs
+# that qualify are a prefix.
+_PAIRS = """
+pairs AS MATERIALIZED (
+    SELECT r.id AS claim_id, v.id AS release_id
+    FROM ranked r JOIN (
+        SELECT id, priority,
+            row_number() OVER (ORDER BY priority, dispatched_at DESC, id DESC) AS nth
+        FROM lowest) v ON v.nth = r.nth - (SELECT take FROM sizes)
+    WHERE r.priority > v.priority)
+"""
+
+_TAIL_PG = (
+    """
+mine AS MATERIALIZED (
+    SELECT s.id, s.priority, s.created_at FROM scans s
+    WHERE s.id = ANY (ARRAY(SELECT id FROM picked))
+      AND s.status = 'queued' AND s.dispatched_at IS NULL
+    FOR UPDATE OF s SKIP LOCKED),
+ranked AS MATERIALIZED (
+    SELECT id, priority, row_number() OVER (ORDER BY priority DESC, created_at, id) AS nth
+    FROM mine),
+lowest AS MATERIALIZED (
+    SELECT s.id, s.priority, s.dispatched_at FROM scans s
+    WHERE s.status = 'queued' AND s.dispatched_at IS NOT NULL
+      AND s.priority < (SELECT top FROM state)
+    ORDER BY s.priority, s.dispatched_at DESC, s.id DESC
+    LIMIT (SELECT cap - take FROM sizes)
+    FOR UPDATE OF s SKIP LOCKED),
+"""
+    + _PAIRS
+    + """,
+claimed AS (
+    UPDATE scans s SET dispatched_at = clock_timestamp(), dispatch_count = s.dispatch_count + 1
+    WHERE s.id = ANY (ARRAY(
+        SELECT id FROM ranked WHERE nth <= (SELECT take FROM sizes)
+        UNION ALL SELECT claim_id FROM pairs))
+    RETURNING s.id, s.created_at, s.priority),
+released AS (
+    UPDATE scans s SET dispatched_at = NULL
+    WHERE s.id = ANY (ARRAY(SELECT release_id FROM pairs))
+    RETURNING s.id)
+SELECT 'claimed' AS what, id, created_at, priority, NULL::bigint AS n FROM claimed
+UNION ALL SELECT 'released', id, NULL, NULL, NULL FROM released
+UNION ALL SELECT 'in_flight', NULL, NULL, NULL, in_flight FROM state
+"""
+)
+
+_TAIL_SQLITE = (
+    """
+ranked AS MATERIALIZED (
+    SELECT id, priority, row_number() OVER (ORDER BY priority DESC, created_at, id) AS nth
+    FROM picked),
+lowest AS MATERIALIZED (
+    SELECT id, priority, dispatched_at FROM flight
+    WHERE priority < (SELECT top FROM state)
+    ORDER BY priority, dispatched_at DESC, id DESC
+    LIMIT (SELECT cap - take FROM sizes)),
+"""
+    + _PAIRS
+    + """
+SELECT 'claimed' AS what, id, NULL AS n FROM ranked WHERE nth <= (SELECT take FROM sizes)
+UNION ALL SELECT 'claimed', claim_id, NULL FROM pairs
+UNION ALL SELECT 'released', release_id, NULL FROM pairs
+UNION ALL SELECT 'in_flight', NULL, in_flight FROM state
+"""
+)
+
+_DIALECT = {
+    "postgresql": {
+        "now": "clock_timestamp()",
+        "greatest": "greatest",
+        "least": "least",
+        "by_flight": "",
+        "by_running": "",
+        "by_claim": "",
+        "by_key": "",
+    },
+    "sqlite": {
+        "now": SQLITE_NOW_SQL,
+        "greatest": "max",
+        "least": "min",
+        "by_flight": " INDEXED BY scans_queued_dispatched_idx",
+        "by_running": " INDEXED BY scans_running_heartbeat_idx",
+        "by_claim": " INDEXED BY scans_claim_order_idx",
+        "by_key": " INDEXED BY scans_key_claim_order_idx",
+    },
+}
+
+
+def policy_claim_sql(dialect: str) -> str:
+    """The claim with ``:name`` parameters: PostgreSQL's whole statement, or SQLite's
+    SELECT of the ids to claim and release."""
+    common = _COMMON.format(**_DIALECT[dialect])
+    if dialect == "postgresql":
+        return common + _SLOW_PG + _PICKED + _TAIL_PG
+    return common + _SLOW_SQLITE + _PICKED + _TAIL_SQLITE
+
+
+def pg_prepare_sql() -> str:
+    """``PREPARE`` for the PostgreSQL claim, its parameters numbered in :data:`PARAMS` order."""
+    sql = policy_claim_sql("postgresql")
+    for i, name in enumerate(PARAMS, start=1):
+        sql = re.sub(rf"(?<!:):{name}\b", f"${i}::int", sql)
+    return f"PREPARE {PG_STATEMENT_NAME} ({', '.join('int' for _ in PARAMS)}) AS {sql}"
+
+
+def pg_execute_sql() -> str:
+    """``EXECUTE`` of the prepared claim, with the driver's named placeholders."""
+    return f"EXECUTE {PG_STATEMENT_NAME} ({', '.join(f'%({name})s' for name in PARAMS)})"
+
+
+def look_sql(dialect: str, unseen: bool) -> str:
+    """Without the lock: in flight, their lowest priority, the highest claimable one,
+    the whole queue paused, and (``unseen``) whether intake has rows to take in."""
+    d = _DIALECT[dialect]
+    seen = ""
+    if unseen:
+        by_unseen = " INDEXED BY scans_unseen_idx" if dialect == "sqlite" else ""
+        seen = (
+            f", EXISTS (SELECT 1 FROM scans{by_unseen}"
+            " WHERE status = 'queued' AND seen_at IS NULL) AS unseen"
+        )
+    return (
+        "SELECT count(*) AS in_flight, min(priority) AS lowest,"
+        f" (SELECT priority FROM scans{d['by_claim']}"
+        " WHERE status = 'queued' AND dispatched_at IS NULL"
+        f" AND (run_after IS NULL OR run_after <= {d['now']})"
+        " ORDER BY priority DESC, created_at, id LIMIT 1) AS top,"
+        " EXISTS (SELECT 1 FROM scanqueue_pauses WHERE key = '*') AS all_paused"
+        f"{seen} FROM scans{d['by_flight']}"
+        " WHERE status = 'queued' AND dispatched_at IS NOT NULL"
+    )
