@@ -312,9 +312,12 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         shorter ``lost_after_s × 2^(dispatches-1)`` when the evidence says its
         message is gone rather than queued behind others:
 
-        * it was *overtaken*: a scan dispatched over ``overtaken_margin_s`` after it
-          is running already (the broker hands messages out in order, so an older
-          one that is still waiting was dropped, or is held by a dead consumer); or
+        * it was *overtaken*: a scan of the same or a lower priority, dispatched
+          over ``overtaken_margin_s`` after it, is running already (the broker
+          hands messages out in order, so an older one that is still waiting was
+          dropped, or is held by a dead consumer; a higher-priority scan may
+          legitimately start first, since a start runs the best scan dispatched);
+          or
         * slots are *free*: fewer scans run than ``live_slots``, so nothing should
           be waiting at all.
 
@@ -325,21 +328,29 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         with self._tx() as conn:
             due = self._redispatch_due(older_than_s)
             if lost_after_s is not None:
-                running, newest_running = conn.execute(
-                    select(func.count(), func.max(scans.c.dispatched_at)).where(
-                        scans.c.status == STATUS_RUNNING
-                    )
-                ).one()
+                # The newest dispatch among running scans, per priority: at most the
+                # slots' rows, so a few terms.
+                newest = conn.execute(
+                    select(scans.c.priority, func.count(), func.max(scans.c.dispatched_at))
+                    .where(scans.c.status == STATUS_RUNNING)
+                    .group_by(scans.c.priority)
+                ).all()
+                running = sum(int(n) for _, n, _ in newest)
                 evidence: list[ColumnElement[bool]] = []
                 if live_slots is not None and running < live_slots:
                     evidence.append(true())
-                if newest_running is not None:
+                for i, (priority, _, newest_at) in enumerate(newest):
+                    if newest_at is None:
+                        continue
                     evidence.append(
-                        scans.c.dispatched_at
-                        < bindparam(
-                            "overtaken_before",
-                            newest_running - timedelta(seconds=overtaken_margin_s),
-                            type_=scans.c.dispatched_at.type,
+                        and_(
+                            scans.c.priority >= (priority or 0),
+                            scans.c.dispatched_at
+                            < bindparam(
+                                f"overtaken_before_{i}",
+                                newest_at - timedelta(seconds=overtaken_margin_s),
+                                type_=scans.c.dispatched_at.type,
+                            ),
                         )
                     )
                 if evidence:

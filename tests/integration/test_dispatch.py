@@ -316,3 +316,17 @@ def test_concurrent_claimers_with_swaps_keep_the_window_exact(db_url: str, store
     finally:
         for s in (*claimers, watcher):
             s.dispose()
+
+
+def test_resend_evidence_ignores_runners_of_higher_priority(store: Store) -> None:
+    """A scan of higher priority may start before an older one: not a lost message."""
+    queue(store, "waiting", 0)
+    queue(store, "urgent", 10)
+    store.claim_for_dispatch(10)
+    age_dispatch(store, "waiting", 8)
+    assert store.start_run("urgent", "test/1") is not None  # dispatched ~8 s after it
+    assert store.claim_for_redispatch(60, limit=10, lost_after_s=5) == []
+    queue(store, "peer", 0)
+    store.claim_for_dispatch(10)
+    assert store.start_run("peer", "test/2") is not None  # same priority, later: overtaken
+    assert store.claim_for_redispatch(60, limit=10, lost_after_s=5) == ["waiting"]
