@@ -50,6 +50,7 @@ from scanqueue.db.claim_sql import (
     look_sql,
     pg_execute_sql,
     pg_prepare_sql,
+    pg_settings_sql,
     policy_claim_sql,
 )
 from scanqueue.db.engine import StoreBase
@@ -72,14 +73,9 @@ _SQLITE_CLAIMABLE = (
 # constant; apart from scanqueue.db.migrate's).  Held for the claim's transaction
 # only, and released with the connection when a bridge dies: no TTL to wait out.
 DISPATCH_LOCK_KEY = 0x5CA9_D15B
-# The lock's statement also makes the claim's transaction plan the prepared claim
-# generically (once per connection, not per call) and never JIT-compile it: its
-# generic cost estimate passes jit_above_cost, and compiling costs far more than
-# running it.
-_PG_CLAIM_LOCK_SQL = (
-    "SELECT pg_advisory_xact_lock(:k), set_config('plan_cache_mode', 'force_generic_plan', true),"
-    " set_config('jit', 'off', true)"
-)
+# The lock's statement also sets the planner up for the prepared claim
+# (scanqueue.db.claim_sql.PG_PLANNER_SETTINGS), for this transaction only.
+_PG_CLAIM_LOCK_SQL = f"SELECT pg_advisory_xact_lock(:k), {pg_settings_sql()}"
 # Re-send backoff: a scan waits older_than × 2^(dispatches - 1), capped at 64×.
 REDISPATCH_BACKOFF_STEPS = 7
 
@@ -243,12 +239,8 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         return claimed, freed, in_flight
 
     def _run_prepared_claim(self, conn: Connection, params: dict[str, int]) -> list[Row[Any]]:
-        """PostgreSQL: the claim as a statement prepared once per connection.
-
-        Planning it costs about 3.5 ms and running it well under one, so it is
-        prepared, and planned once: the lock's statement forces a generic plan for
-        the transaction (the parameters only size LIMITs; the plan's shape is fixed).
-        """
+        """PostgreSQL: the claim as a statement prepared once per connection, and
+        planned once (``PG_PLANNER_SETTINGS``, set with the lock)."""
         info = conn.info
         try:
             if not info.get(PG_STATEMENT_NAME):
