@@ -12,17 +12,26 @@ dispatched scans to release in exchange (the *swap*):
 * SQLite: the same CTEs as one ``SELECT`` of the ids, then one ``UPDATE`` for the
   claimed and one for the released (``BEGIN IMMEDIATE`` already holds the lock).
 
-How it picks, in claim order (priority, then age, then id): the first ``:m`` rows
-of ``scans_claim_order_idx`` (the *fast* path), each key taking at most its room;
-when those rows hold too few claimable ones (the keys at the head are full or
-paused) and the index goes on, the *slow* path instead finds the queued keys by a
-loose scan of ``scans_key_claim_order_idx`` and reads the first rows of each key
-that has room, so a claim costs the same at 10**3 and 10**6 queued rows.  Without
-limits or pauses the claim reads just the rows it takes.
+How it picks, in claim order (priority, then age, then id), each key taking at most
+its room (limit minus the slots it holds; 0 when paused):
+
+1. the first ``:m`` rows of ``scans_claim_order_idx``.  Without limits or pauses
+   only the rows it takes are read; with them, this is enough unless the keys at
+   the head of the order are full, paused or soon at their limit.  Otherwise:
+2. with at most :data:`FEW_KEYS` queued keys (a loose scan of
+   ``scans_key_claim_order_idx`` finds them), the first rows of each key with room;
+3. with more keys, the claim order again, past the keys that step 1 found full
+   (at most :data:`WALK_ROWS` rows);
+4. when that is not enough either, the first rows of every queued key with room.
+
+So a claim costs the same at 10**3 and 10**6 queued rows when every key is full,
+and when every scan has a key of its own.  The one costly shape left: more than
+WALK_ROWS rows of full keys ahead of everything else *and* many distinct keys,
+where step 4 reads one index entry per queued key.
 
 Parameters: ``:key_limit`` (the default per-key limit, 0 = none), ``:limit`` (the
 batch), ``:window``, ``:cap`` (most rows one claim takes or swaps: min(batch,
-window)) and ``:m`` (rows the fast path reads).  Result rows: ``('claimed', id,
+window)) and ``:m`` (rows step 1 reads).  Result rows: ``('claimed', id,
 created_at, priority)``, ``('released', id)`` and one ``('in_flight', n)``, the
 count before the claim.
 """
@@ -36,6 +45,10 @@ from scanqueue.db.schema import SQLITE_NOW_SQL
 # The per-connection name of the prepared PostgreSQL statement (see ClaimsMixin).
 PG_STATEMENT_NAME = "scanqueue_claim_v1"
 PARAMS = ("key_limit", "limit", "window", "cap", "m")
+# Steps 2 and 3 of the module docstring: the most keys read one by one before the
+# claim order is walked instead, and the most rows that walk reads.
+FEW_KEYS = 100
+WALK_ROWS = 10_000
 # Set for the claim's transaction only.  Planning the statement costs about 3.5 ms and
 # running it well under one, so it is prepared and planned once, generically.  A
 # generic plan is made with whatever statistics the table has then (none, on a new
@@ -54,7 +67,7 @@ PG_PLANNER_SETTINGS = (
 
 
 def fast_rows(cap: int) -> int:
-    """Rows the fast path reads: room for every key at the head to be full a few times."""
+    """Rows step 1 reads: room for the keys at the head to fill up a few times over."""
     return 4 * cap + 64
 
 
@@ -104,32 +117,66 @@ raw AS MATERIALIZED (
       AND (effective_key IS NOT NULL OR NOT (SELECT policed FROM state))
     ORDER BY priority DESC, created_at, id
     LIMIT :m),
+ranked_raw AS MATERIALIZED (
+    SELECT r.*, row_number() OVER (
+            PARTITION BY r.effective_key ORDER BY r.priority DESC, r.created_at, r.id) AS nth,
+        {room_of_kr} AS room
+    FROM raw r LEFT JOIN keyroom kr ON kr.key = r.effective_key),
 fast AS MATERIALIZED (
-    SELECT r.id, r.priority, r.created_at FROM (
-        SELECT r.*, row_number() OVER (
-                PARTITION BY r.effective_key ORDER BY r.priority DESC, r.created_at, r.id) AS nth,
-            CASE WHEN kr.key IS NULL THEN CASE WHEN :key_limit > 0 THEN :key_limit END
-                 ELSE kr.room END AS room
-        FROM raw r LEFT JOIN keyroom kr ON kr.key = r.effective_key) r
-    WHERE r.room IS NULL OR r.nth <= r.room),
+    SELECT id, effective_key, priority, created_at FROM ranked_raw
+    WHERE room IS NULL OR nth <= room),
 verdict AS MATERIALIZED (
     SELECT (SELECT count(*) FROM fast) >= (SELECT cap FROM sizes)
         OR (SELECT count(*) FROM raw) < :m AS complete),
-keys(k) AS (
-    SELECT (SELECT effective_key FROM scans{by_key}
-            WHERE status = 'queued' AND dispatched_at IS NULL AND effective_key IS NOT NULL
-            ORDER BY effective_key, priority DESC, created_at, id LIMIT 1)
-    WHERE (SELECT policed FROM sizes) AND NOT (SELECT complete FROM verdict)
+gate AS MATERIALIZED (
+    SELECT (SELECT policed FROM sizes) AND NOT (SELECT complete FROM verdict) AS open),
+few_keys(k, depth) AS (
+    SELECT ({first_key}), 1 WHERE (SELECT open FROM gate)
     UNION ALL
-    SELECT (SELECT effective_key FROM scans{by_key}
-            WHERE status = 'queued' AND dispatched_at IS NULL AND effective_key > keys.k
-            ORDER BY effective_key, priority DESC, created_at, id LIMIT 1)
-    FROM keys WHERE keys.k IS NOT NULL),
+    SELECT ({next_few}), depth + 1 FROM few_keys WHERE few_keys.k IS NOT NULL
+      AND depth <= {few}),
+few AS MATERIALIZED (
+    SELECT NOT EXISTS (SELECT 1 FROM few_keys WHERE depth > {few} AND k IS NOT NULL) AS yes),
+saturated AS MATERIALIZED (
+    SELECT key FROM keyroom WHERE room = 0
+    UNION SELECT effective_key FROM ranked_raw WHERE room IS NOT NULL AND nth > room),
+walk_raw AS MATERIALIZED (
+    SELECT id, effective_key, priority, created_at FROM scans{by_claim}
+    WHERE status = 'queued' AND dispatched_at IS NULL
+      AND (run_after IS NULL OR run_after <= {now}) AND effective_key IS NOT NULL
+    ORDER BY priority DESC, created_at, id
+    LIMIT CASE WHEN (SELECT open FROM gate) AND NOT (SELECT yes FROM few) THEN {walk} ELSE 0 END),
+walk AS MATERIALIZED (
+    SELECT w.id, w.effective_key, w.priority, w.created_at FROM walk_raw w
+    WHERE NOT EXISTS (SELECT 1 FROM saturated s WHERE s.key = w.effective_key)
+    LIMIT :m),
+walked AS MATERIALIZED (
+    SELECT id, priority, created_at FROM (
+        SELECT w.*, row_number() OVER (
+                PARTITION BY w.effective_key ORDER BY w.priority DESC, w.created_at, w.id) AS nth,
+            {room_of_kr} AS room
+        FROM walk w LEFT JOIN keyroom kr ON kr.key = w.effective_key) w
+    WHERE room IS NULL OR nth <= room
+    UNION ALL
+    SELECT id, priority, created_at FROM fast WHERE effective_key IN (SELECT key FROM saturated)),
+walked_ok AS MATERIALIZED (
+    SELECT (SELECT count(*) FROM walked) >= (SELECT cap FROM sizes)
+        OR ((SELECT count(*) FROM walk) < :m AND (SELECT count(*) FROM walk_raw) < {walk})
+        AS complete),
+route AS MATERIALIZED (
+    SELECT CASE WHEN NOT (SELECT open FROM gate) THEN 'first'
+                WHEN (SELECT yes FROM few) THEN 'few'
+                WHEN (SELECT complete FROM walked_ok) THEN 'walk'
+                ELSE 'all' END AS way),
+all_keys(k) AS (
+    SELECT ({first_key}) WHERE (SELECT way FROM route) = 'all'
+    UNION ALL
+    SELECT ({next_all}) FROM all_keys WHERE all_keys.k IS NOT NULL),
 roomy AS (
-    SELECT keys.k, CASE WHEN kr.key IS NULL THEN CASE WHEN :key_limit > 0 THEN :key_limit END
-                        ELSE kr.room END AS room
-    FROM keys LEFT JOIN keyroom kr ON kr.key = keys.k
-    WHERE keys.k IS NOT NULL),
+    SELECT kk.k, {room_of_kr} AS room
+    FROM (SELECT k FROM few_keys WHERE k IS NOT NULL AND (SELECT way FROM route) = 'few'
+          UNION ALL SELECT k FROM all_keys WHERE k IS NOT NULL) kk
+    LEFT JOIN keyroom kr ON kr.key = kk.k),
 """
 
 # The first rows of each key with room; PostgreSQL reads them with LATERAL.
@@ -171,7 +218,9 @@ picked AS MATERIALIZED (
             LIMIT (SELECT cap FROM sizes)) plain
         UNION ALL
         SELECT id, priority, created_at FROM fast
-        WHERE (SELECT policed FROM sizes) AND (SELECT complete FROM verdict)
+        WHERE (SELECT policed FROM sizes) AND (SELECT way FROM route) = 'first'
+        UNION ALL
+        SELECT id, priority, created_at FROM walked WHERE (SELECT way FROM route) = 'walk'
         UNION ALL SELECT id, priority, created_at FROM slow) u
     ORDER BY u.priority DESC, u.created_at, u.id LIMIT (SELECT cap FROM sizes)),
 """
@@ -267,10 +316,36 @@ _DIALECT = {
 }
 
 
+# The loose scan of the queued keys: the first, and the next after ``{src}.k``.
+_FIRST_KEY = (
+    "SELECT effective_key FROM scans{by_key}"
+    " WHERE status = 'queued' AND dispatched_at IS NULL AND effective_key IS NOT NULL"
+    " ORDER BY effective_key, priority DESC, created_at, id LIMIT 1"
+)
+_NEXT_KEY = (
+    "SELECT effective_key FROM scans{by_key}"
+    " WHERE status = 'queued' AND dispatched_at IS NULL AND effective_key > {src}.k"
+    " ORDER BY effective_key, priority DESC, created_at, id LIMIT 1"
+)
+# A key's room from its keyroom row ``kr`` (LEFT JOINed): none there, the default.
+_ROOM_OF_KR = (
+    "CASE WHEN kr.key IS NULL THEN CASE WHEN :key_limit > 0 THEN :key_limit END ELSE kr.room END"
+)
+
+
 def policy_claim_sql(dialect: str) -> str:
     """The claim with ``:name`` parameters: PostgreSQL's whole statement, or SQLite's
     SELECT of the ids to claim and release."""
-    common = _COMMON.format(**_DIALECT[dialect])
+    fmt = dict(_DIALECT[dialect])
+    fmt.update(
+        first_key=_FIRST_KEY.format(**fmt),
+        next_few=_NEXT_KEY.format(src="few_keys", **fmt),
+        next_all=_NEXT_KEY.format(src="all_keys", **fmt),
+        room_of_kr=_ROOM_OF_KR,
+        few=str(FEW_KEYS),
+        walk=str(WALK_ROWS),
+    )
+    common = _COMMON.format(**fmt)
     if dialect == "postgresql":
         return common + _SLOW_PG + _PICKED + _TAIL_PG
     return common + _SLOW_SQLITE + _PICKED + _TAIL_SQLITE
