@@ -10,10 +10,13 @@ The claim enforces the scan policies (docs/reference.md#policies) inside its ser
 transaction: ``run_after`` in the future is skipped; nothing is claimed while
 the whole queue is paused; paused keys are skipped; a key whose running plus
 dispatched-not-started scans reach its limit (``scanqueue_limits``, else the
-default ``SCANQUEUE_MAX_RUNNING_PER_KEY``; 0 = none) is skipped, and the claim
-pages past it (each page excludes every key already full), so a blocked hot
-key never starves the others.  Without limits or key pauses the claim is the
-one statement it always was.  Low priorities are not aged: while higher ones
+default ``SCANQUEUE_MAX_RUNNING_PER_KEY``; 0 = none) is skipped, so a blocked hot
+key never starves the others.  When the window is full (or has less room than
+the scans waiting need) and claimable scans strictly outrank dispatched ones that
+have not started, the claim *swaps*: it claims those and releases as many of the
+lowest-priority dispatched scans, so a late urgent scan need not wait behind the
+window's messages.  The SQL, one statement on PostgreSQL, is in
+:mod:`scanqueue.db.claim_sql`.  Low priorities are not aged: while higher ones
 keep coming they wait (docs/reference.md#policies says so).
 """
 
@@ -41,17 +44,18 @@ from sqlalchemy import (
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
-from scanqueue.db.engine import StoreBase
-from scanqueue.db.policies import (
-    DeriveKey,
-    Intake,
-    PoliciesMixin,
-    active_in,
-    limits_in,
-    paused_in,
+from scanqueue.db.claim_sql import (
+    PG_STATEMENT_NAME,
+    fast_rows,
+    look_sql,
+    pg_execute_sql,
+    pg_prepare_sql,
+    pg_settings_sql,
+    policy_claim_sql,
 )
+from scanqueue.db.engine import StoreBase
+from scanqueue.db.policies import DeriveKey, Intake, PoliciesMixin
 from scanqueue.db.schema import (
-    PAUSE_ALL,
     SQLITE_NOW_SQL,
     STATUS_QUEUED,
     STATUS_RUNNING,
@@ -69,12 +73,11 @@ _SQLITE_CLAIMABLE = (
 # constant; apart from scanqueue.db.migrate's).  Held for the claim's transaction
 # only, and released with the connection when a bridge dies: no TTL to wait out.
 DISPATCH_LOCK_KEY = 0x5CA9_D15B
+# The lock's statement also sets the planner up for the prepared claim
+# (scanqueue.db.claim_sql.PG_PLANNER_SETTINGS), for this transaction only.
+_PG_CLAIM_LOCK_SQL = f"SELECT pg_advisory_xact_lock(:k), {pg_settings_sql()}"
 # Re-send backoff: a scan waits older_than × 2^(dispatches - 1), capped at 64×.
 REDISPATCH_BACKOFF_STEPS = 7
-# A claim under per-key limits reads candidates a page at a time, each page skipping
-# the keys already full; at most CLAIM_MAX_PAGES pages per claim (the next pass goes on).
-CLAIM_PAGE_MIN = 200
-CLAIM_MAX_PAGES = 20
 
 
 class ClaimsMixin(PoliciesMixin, StoreBase):
@@ -113,6 +116,34 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
                 " ORDER BY priority DESC, created_at, id LIMIT :limit)"
                 " RETURNING id, created_at, priority"
             )
+        self._look_stmts: dict[bool, Executable] = {
+            unseen: text(look_sql(self.dialect, unseen)) for unseen in (False, True)
+        }
+        if self.dialect == "postgresql":
+            self._pg_prepare = pg_prepare_sql()
+            self._pg_execute = pg_execute_sql()
+        else:
+            self._sqlite_claim_plan: Executable = text(policy_claim_sql("sqlite"))
+            self._claim_ids_stmt: Executable = (
+                update(scans)
+                .where(
+                    scans.c.id.in_(bindparam("ids", expanding=True)),
+                    scans.c.status == STATUS_QUEUED,
+                    scans.c.dispatched_at.is_(None),
+                )
+                .values(dispatched_at=self._now, dispatch_count=scans.c.dispatch_count + 1)
+                .returning(scans.c.id, scans.c.created_at, scans.c.priority)
+            )
+            self._release_ids_stmt: Executable = (
+                update(scans)
+                .where(
+                    scans.c.id.in_(bindparam("ids", expanding=True)),
+                    scans.c.status == STATUS_QUEUED,
+                    scans.c.dispatched_at.is_not(None),
+                )
+                .values(dispatched_at=None)
+                .returning(scans.c.id)
+            )
 
     def claim_for_dispatch(self, limit: int, window: int | None = None) -> list[str]:
         """Mark up to ``limit`` undispatched queued scans as dispatched, oldest first.
@@ -135,115 +166,99 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         key_limit: int = 0,
         derive: DeriveKey | None = None,
         intake: list[Intake] | None = None,
+        released: list[str] | None = None,
     ) -> tuple[list[str], int]:
         """Claim ``min(limit, window - in_flight)`` scans; returns (ids, room left).
 
         The policies apply (module docstring); ``key_limit`` is the default per-key
         limit.  With ``derive``, unseen queued rows are first taken in, in the same
         transaction (:meth:`PoliciesMixin.take_in`), and appended to ``intake``.
+        When claimable scans outrank dispatched ones that have not started, up to
+        ``limit`` in all are claimed and as many of the lowest are released
+        (``dispatched_at`` NULL again: queued, their messages stale); their ids are
+        appended to ``released``.
 
         ``in_flight`` is the queued rows with ``dispatched_at`` set: handed to the
         broker, not started.  Count and claim must see the same state, so claims
         are serialized in the database — PostgreSQL: a transaction-scoped advisory
-        lock (a few milliseconds per claim; a dead claimer's lock goes with its
-        connection); SQLite: ``BEGIN IMMEDIATE`` takes the write lock before the
-        count.  Every bridge may claim, and the window stays exact across them.
+        lock (a dead claimer's lock goes with its connection); SQLite: ``BEGIN
+        IMMEDIATE`` takes the write lock before the count.  Every bridge may claim,
+        and the window stays exact across them.
         """
-        in_flight_stmt = self._in_flight_stmt()
-        # A look without the lock first: while the window is full (a saturated
-        # backlog, looked at many times a second) no lock is taken at all.  Safe:
-        # only claims (serialized) fill the window, so "full" can only be stale
-        # towards "room", which the next look finds.
+        # A look without the lock first: while the window is full and nothing waiting
+        # outranks what is in flight (a saturated backlog, looked at many times a
+        # second) no lock is taken at all.  Safe: the claim itself judges under the
+        # lock, so a stale look only delays a claim or a swap to the next look.
         with self._tx(single=True) as conn:
-            full = int(conn.execute(in_flight_stmt).scalar_one()) >= window
-        if full and (derive is None or not self.has_unseen()):
-            return [], 0
+            look = conn.execute(self._look_stmts[derive is not None]).one()
+        in_flight = int(look.in_flight)
+        unseen = derive is not None and bool(look.unseen)
+        swap = look.top is not None and look.lowest is not None and look.top > look.lowest
+        claimable = not look.all_paused and (in_flight < window or swap)
+        if not claimable and not unseen:
+            return [], max(0, window - in_flight)
         with self._serialized_tx() as conn:
-            if derive is not None:
+            if derive is not None and unseen:
                 taken = self.take_in(conn, derive)
                 if intake is not None:
                     intake.extend(taken)
-            in_flight = int(conn.execute(in_flight_stmt).scalar_one())
-            take = max(0, min(limit, window - in_flight))
-            rows = self._claim_with_policies(conn, take, key_limit) if take else []
-        return _oldest_first(rows), max(0, window - in_flight - len(rows))
+            if not claimable:
+                return [], max(0, window - in_flight)
+            claimed, freed, in_flight = self._claim_with_policies(conn, limit, window, key_limit)
+        if released is not None:
+            released.extend(freed)
+        return _oldest_first(claimed), max(0, window - in_flight - len(claimed) + len(freed))
 
-    def _claim_with_policies(self, conn: Connection, take: int, key_limit: int) -> list[Row[Any]]:
-        """Within the serialized transaction: up to ``take`` claimable scans, claimed."""
-        paused = paused_in(conn)
-        if PAUSE_ALL in paused:
-            return []
-        overrides = limits_in(conn)
-        if not paused and not overrides and key_limit <= 0:
-            return list(conn.execute(self._claim_stmt, {"limit": take}).all())
-        active = active_in(conn)
-
-        def limit_of(key: str) -> int:
-            return overrides.get(key, key_limit)
-
-        full = {k for k, n in active.items() if 0 < limit_of(k) <= n}
-        page = max(CLAIM_PAGE_MIN, 2 * take)
-        claimed: list[Row[Any]] = []
-        for _ in range(CLAIM_MAX_PAGES):
-            # Unkeyed rows wait for intake (the same transaction keys them first).
-            blocked = sorted(paused | full)
-            candidates = conn.execute(
-                self._candidates_stmt(bool(blocked)),
-                {"page": page, "blocked": blocked} if blocked else {"page": page},
-            ).all()
-            picked: list[str] = []
-            for scan_id, key in candidates:
-                if len(claimed) + len(picked) >= take:
-                    break
-                if key in full:
-                    continue
-                picked.append(scan_id)
-                active[key] = active.get(key, 0) + 1
-                if 0 < limit_of(key) <= active[key]:
-                    full.add(key)
-            if picked:
-                claimed.extend(
-                    conn.execute(
-                        update(scans)
-                        .where(
-                            scans.c.id.in_(picked),
-                            scans.c.status == STATUS_QUEUED,
-                            scans.c.dispatched_at.is_(None),
-                        )
-                        .values(dispatched_at=self._now, dispatch_count=scans.c.dispatch_count + 1)
-                        .returning(scans.c.id, scans.c.created_at, scans.c.priority)
-                    ).all()
-                )
-            if len(claimed) >= take or len(candidates) < page or not picked:
-                break
-        return claimed
-
-    def _candidates_stmt(self, with_blocked: bool) -> Executable:
-        """Claimable keyed scans in claim order, a page of them (``:page``), skipping the
-        keys in ``:blocked`` (paused or full) when ``with_blocked``."""
-        if self.dialect == "sqlite":  # the claim-order index by name: see the claim
-            skip = " AND effective_key NOT IN :blocked" if with_blocked else ""
-            stmt = text(
-                "SELECT id, effective_key FROM scans INDEXED BY scans_claim_order_idx"
-                f" WHERE {_SQLITE_CLAIMABLE} AND effective_key IS NOT NULL{skip}"
-                " ORDER BY priority DESC, created_at, id LIMIT :page"
-            )
-            return stmt.bindparams(bindparam("blocked", expanding=True)) if with_blocked else stmt
-        query = select(scans.c.id, scans.c.effective_key).where(
-            scans.c.status == STATUS_QUEUED,
-            scans.c.dispatched_at.is_(None),
-            self._due,
-            scans.c.effective_key.is_not(None),
+    def _claim_with_policies(
+        self, conn: Connection, limit: int, window: int, key_limit: int
+    ) -> tuple[list[Row[Any]], list[str], int]:
+        """Within the serialized transaction: (claimed rows, released ids, in flight before)."""
+        cap = max(0, min(limit, window))
+        params = {
+            "key_limit": key_limit,
+            "limit": limit,
+            "window": window,
+            "cap": cap,
+            "m": fast_rows(cap),
+        }
+        if self.dialect == "postgresql":
+            rows = self._run_prepared_claim(conn, params)
+            in_flight = next(int(r.n) for r in rows if r.what == "in_flight")
+            claimed = [r for r in rows if r.what == "claimed"]
+            return claimed, [r.id for r in rows if r.what == "released"], in_flight
+        picks = conn.execute(self._sqlite_claim_plan, params).all()
+        in_flight = next(int(r.n) for r in picks if r.what == "in_flight")
+        to_claim = [r.id for r in picks if r.what == "claimed"]
+        to_release = [r.id for r in picks if r.what == "released"]
+        claimed = list(conn.execute(self._claim_ids_stmt, {"ids": to_claim})) if to_claim else []
+        freed = (
+            [r.id for r in conn.execute(self._release_ids_stmt, {"ids": to_release})]
+            if to_release
+            else []
         )
-        if with_blocked:
-            query = query.where(scans.c.effective_key.not_in(bindparam("blocked", expanding=True)))
-        return query.order_by(scans.c.priority.desc(), scans.c.created_at, scans.c.id).limit(
-            bindparam("page", type_=Integer)
-        )
+        return claimed, freed, in_flight
+
+    def _run_prepared_claim(self, conn: Connection, params: dict[str, int]) -> list[Row[Any]]:
+        """PostgreSQL: the claim as a statement prepared once per connection, and
+        planned once (``PG_PLANNER_SETTINGS``, set with the lock)."""
+        info = conn.info
+        try:
+            if not info.get(PG_STATEMENT_NAME):
+                known = conn.exec_driver_sql(
+                    "SELECT 1 FROM pg_prepared_statements WHERE name = %(name)s",
+                    {"name": PG_STATEMENT_NAME},
+                ).first()
+                if known is None:
+                    conn.exec_driver_sql(self._pg_prepare)
+                info[PG_STATEMENT_NAME] = True
+            return list(conn.exec_driver_sql(self._pg_execute, params).all())
+        except Exception:
+            info.pop(PG_STATEMENT_NAME, None)  # look again next time
+            raise
 
     def _serialized_tx(self) -> AbstractContextManager[Connection]:
         """A transaction that holds the dispatch lock from its first statement."""
-        return self._locked_tx("SELECT pg_advisory_xact_lock(:k)", {"k": DISPATCH_LOCK_KEY})
+        return self._locked_tx(_PG_CLAIM_LOCK_SQL, {"k": DISPATCH_LOCK_KEY})
 
     def in_flight(self) -> int:
         """Scans dispatched but not started (queued with ``dispatched_at`` set)."""
@@ -289,9 +304,12 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         shorter ``lost_after_s × 2^(dispatches-1)`` when the evidence says its
         message is gone rather than queued behind others:
 
-        * it was *overtaken*: a scan dispatched over ``overtaken_margin_s`` after it
-          is running already (the broker hands messages out in order, so an older
-          one that is still waiting was dropped, or is held by a dead consumer); or
+        * it was *overtaken*: a scan of the same or a lower priority, dispatched
+          over ``overtaken_margin_s`` after it, is running already (the broker
+          hands messages out in order, so an older one that is still waiting was
+          dropped, or is held by a dead consumer; a higher-priority scan may
+          legitimately start first, since a start runs the best scan dispatched);
+          or
         * slots are *free*: fewer scans run than ``live_slots``, so nothing should
           be waiting at all.
 
@@ -302,21 +320,29 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         with self._tx() as conn:
             due = self._redispatch_due(older_than_s)
             if lost_after_s is not None:
-                running, newest_running = conn.execute(
-                    select(func.count(), func.max(scans.c.dispatched_at)).where(
-                        scans.c.status == STATUS_RUNNING
-                    )
-                ).one()
+                # The newest dispatch among running scans, per priority: at most the
+                # slots' rows, so a few terms.
+                newest = conn.execute(
+                    select(scans.c.priority, func.count(), func.max(scans.c.dispatched_at))
+                    .where(scans.c.status == STATUS_RUNNING)
+                    .group_by(scans.c.priority)
+                ).all()
+                running = sum(int(n) for _, n, _ in newest)
                 evidence: list[ColumnElement[bool]] = []
                 if live_slots is not None and running < live_slots:
                     evidence.append(true())
-                if newest_running is not None:
+                for i, (priority, _, newest_at) in enumerate(newest):
+                    if newest_at is None:
+                        continue
                     evidence.append(
-                        scans.c.dispatched_at
-                        < bindparam(
-                            "overtaken_before",
-                            newest_running - timedelta(seconds=overtaken_margin_s),
-                            type_=scans.c.dispatched_at.type,
+                        and_(
+                            scans.c.priority >= (priority or 0),
+                            scans.c.dispatched_at
+                            < bindparam(
+                                f"overtaken_before_{i}",
+                                newest_at - timedelta(seconds=overtaken_margin_s),
+                                type_=scans.c.dispatched_at.type,
+                            ),
                         )
                     )
                 if evidence:

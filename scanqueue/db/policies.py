@@ -48,28 +48,6 @@ class Intake:
     error: str | None = None
 
 
-def active_in(conn: Connection) -> dict[str, int]:
-    """Scans per key that hold a slot: running, or dispatched and not started.
-
-    Two statements, each on its own index (running rows; the dispatched partial
-    index), rather than one ``OR`` that would read the whole queued backlog.
-    """
-    out: dict[str, int] = {}
-    for condition in (
-        scans.c.status == STATUS_RUNNING,
-        (scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_not(None),
-    ):
-        rows = conn.execute(
-            select(scans.c.effective_key, func.count())
-            .where(condition)
-            .group_by(scans.c.effective_key)
-        ).all()
-        for k, n in rows:
-            if k is not None:
-                out[str(k)] = out.get(str(k), 0) + int(n)
-    return out
-
-
 def limits_in(conn: Connection) -> dict[str, int]:
     return {
         str(k): int(n) for k, n in conn.execute(select(key_limits.c.key, key_limits.c.max_running))

@@ -181,6 +181,18 @@ Index(
     postgresql_where=(scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_(None),
     sqlite_where=(scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_(None),
 )
+# The same order per key: when the keys at the head of the claim order are full or
+# paused, the claim reads the first rows of each key that has room (the keys found by
+# a loose scan of this index) instead of walking the backlog past the blocked rows.
+Index(
+    "scans_key_claim_order_idx",
+    scans.c.effective_key,
+    scans.c.priority.desc(),
+    scans.c.created_at,
+    scans.c.id,
+    postgresql_where=(scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_(None),
+    sqlite_where=(scans.c.status == STATUS_QUEUED) & scans.c.dispatched_at.is_(None),
+)
 # Queued rows no bridge has looked at yet (their key to derive, their scan.queued
 # event to send).
 Index(

@@ -26,7 +26,8 @@ Per scan::
     queued ──claim (room in window)──▶ queued+dispatched ──worker CAS──▶ running
       ▲  (waits in the table while       │  │
       │   the window is full)            │  └─ lost/overtaken ─▶ re-sent (leader)
-      └───────── publish failed: released┘
+      └── publish failed, or swapped out ┘
+           for a higher priority: released
 
 Per bridge::
 
@@ -40,11 +41,15 @@ Per bridge::
 **The window** (docs/reference.md#policies) bounds scans dispatched but not started:
 ``SCANQUEUE_DISPATCH_WINDOW``, or by default twice the slots of the live
 workers (``scanqueue_workers`` rows with a fresh heartbeat), at least
-:data:`MIN_WINDOW`.  The broker never holds the backlog: a later row of
-higher priority waits behind at most a window's worth of messages, and a
-bridge's memory does not grow with the backlog.  A scan that *starts* frees
-room without notifying anyone, so while the window is full the dispatch loop
-looks again every 10 ms, backing off to 100 ms while no room appears.
+:data:`MIN_WINDOW`.  The broker never holds the backlog, and a bridge's memory
+does not grow with it.  A later row of higher priority does not wait for room:
+while the window is full of lower priorities, the claim *swaps* — it claims the
+higher ones and releases as many of the lowest dispatched scans (queued again;
+their messages, stale, start nothing of theirs), and a worker's next start takes
+the best dispatched scan.  A scan that *starts* frees room without notifying
+anyone, so while the window is full the dispatch loop looks again every 10 ms,
+backing off to 100 ms while no room appears; each look also sees whether a
+waiting scan outranks the lowest in flight.
 
 **Re-sending** (leader): a dispatched scan that has not started is re-sent
 after ``SCANQUEUE_REDISPATCH_AFTER`` seconds (backing off per re-send), or
@@ -140,11 +145,21 @@ class Bridge:
         """Take in unseen rows, claim up to one batch (within the window and the
         policies) and publish it; returns how many were published."""
         taken: list[Intake] = []
+        released: list[str] = []
         ids, room = self.store.claim_within_window(
-            self.batch, self.window(), key_limit=self.key_limit, derive=self.derive, intake=taken
+            self.batch,
+            self.window(),
+            key_limit=self.key_limit,
+            derive=self.derive,
+            intake=taken,
+            released=released,
         )
         if taken and self.on_intake is not None:
             self.on_intake(taken)
+        if released:
+            # Queued again, for a later claim; the worker's start passes over a scan
+            # whose dispatch was released, so their stale messages run nothing twice.
+            log.debug("released %d dispatched scan(s) for higher-priority ones", len(released))
         self.window_full = room == 0
         return self._publish_claimed(ids)
 

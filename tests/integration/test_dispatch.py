@@ -1,7 +1,8 @@
 """Bounded dispatch (docs/reference.md#policies) and re-sending lost messages, at the store level.
 
 Real SQLite and PostgreSQL; the claim under the window must stay exact however
-many claimers race, and a due re-send must never hide behind one not yet due.
+many claimers race (also while it swaps higher priorities in for the lowest
+dispatched scans), and a due re-send must never hide behind one not yet due.
 The process-level guarantees (pickup without a leader, the window seen from the
 broker) are in ``tests/faults/test_dispatch_e2e.py``.
 """
@@ -27,6 +28,41 @@ def insert(store: Store, *ids: str) -> None:
                 ),
                 {"id": scan_id},
             )
+
+
+def queue(store: Store, scan_id: str, priority: int = 0, key: str = "k", **cols: object) -> None:
+    """A queued row already taken in (keyed), with a priority."""
+    names = ["id", "status", "providers_scanned", "frameworks_scanned", "priority"]
+    names += ["effective_key", "seen_at", *cols]
+    values = {"id": scan_id, "priority": priority, "effective_key": key, **cols}
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                f"INSERT INTO scans ({', '.join(names)}) VALUES (:id, 'queued', '[\"aws\"]',"
+                " '[\"soc2\"]', :priority, :effective_key, '2020-01-01 00:00:00'"
+                + "".join(f", :{c}" for c in cols)
+                + ")"
+            ),
+            values,
+        )
+    time.sleep(0.003)  # created_at has millisecond precision on SQLite: keep the order
+
+
+def dispatched(store: Store) -> set[str]:
+    """Ids in flight: queued with ``dispatched_at`` set."""
+    with store.engine.begin() as conn:
+        rows = conn.execute(
+            text("SELECT id FROM scans WHERE status = 'queued' AND dispatched_at IS NOT NULL")
+        )
+        return {r.id for r in rows}
+
+
+def swap_claim(
+    store: Store, limit: int, window: int, key_limit: int = 0
+) -> tuple[list[str], list[str]]:
+    released: list[str] = []
+    ids, _ = store.claim_within_window(limit, window, key_limit=key_limit, released=released)
+    return ids, released
 
 
 def age_dispatch(store: Store, scan_id: str, seconds: float, count: int | None = None) -> None:
@@ -162,3 +198,135 @@ def test_queue_depth_is_counted_once_per_interval(store: Store) -> None:
 
 def test_store_for_shares_the_depth_cache_in_a_process(db_url: str, store: Store) -> None:
     assert store_for(store.database_url) is store
+
+
+def test_a_higher_priority_swaps_out_the_lowest_and_newest_dispatch(store: Store) -> None:
+    for scan_id, priority in (("old0", 0), ("new0", 0), ("mid5", 5)):
+        queue(store, scan_id, priority)
+    assert swap_claim(store, 10, 3) == (["mid5", "old0", "new0"], [])
+    age_dispatch(store, "old0", 20)
+    age_dispatch(store, "new0", 10)  # dispatched after old0: released first
+    queue(store, "urgent", 10)
+    ids, room = store.claim_within_window(10, 3, released=(released := []))
+    assert (ids, released, room) == (["urgent"], ["new0"], 0)
+    assert dispatched(store) == {"urgent", "mid5", "old0"}
+    assert store.get("new0").status == "queued"  # simply queued again
+    # The released scan is claimed again once there is room (or it outranks).
+    assert store.start_run("urgent", "test/1") is not None
+    assert swap_claim(store, 10, 3) == (["new0"], [])
+
+
+def test_equal_priorities_never_swap(store: Store) -> None:
+    queue(store, "a5", 5)
+    queue(store, "b5", 5)
+    assert swap_claim(store, 10, 2) == (["a5", "b5"], [])
+    queue(store, "c5", 5)
+    assert swap_claim(store, 10, 2) == ([], [])
+    # Pairs swap only while the waiting one strictly outranks its partner: 9 takes
+    # the place of a 5, and the 5 behind it stays queued.
+    queue(store, "d9", 9)
+    ids, released = swap_claim(store, 10, 2)
+    assert ids == ["d9"] and len(released) == 1 and released[0] in {"a5", "b5"}
+    assert store.in_flight() == 2
+
+
+def test_swaps_fill_the_room_first_and_stay_within_the_batch(store: Store) -> None:
+    for i in range(3):
+        queue(store, f"low{i}", 0)
+    assert len(swap_claim(store, 10, 4)[0]) == 3  # one slot of room left
+    for i in range(4):
+        queue(store, f"high{i}", 9)
+    ids, released = swap_claim(store, 3, 4)  # the batch: 3 in all
+    assert ids == ["high0", "high1", "high2"] and len(released) == 2
+    assert store.in_flight() == 4
+    ids, released = swap_claim(store, 3, 4)
+    assert ids == ["high3"] and len(released) == 1
+    assert dispatched(store) == {f"high{i}" for i in range(4)}
+
+
+def test_a_swap_respects_key_limits_pauses_and_run_after(store: Store) -> None:
+    queue(store, "a0", 0, key="A")
+    queue(store, "b0", 0, key="B")
+    assert swap_claim(store, 10, 2, key_limit=1) == (["a0", "b0"], [])
+    age_dispatch(store, "a0", 10)  # b0 is the newest dispatch: released first
+    queue(store, "a9", 9, key="A")  # key A is at its limit: no swap
+    queue(store, "p9", 9, key="P")
+    store.pause("P")  # a paused key: no swap
+    later = "2999-01-01 00:00:00"
+    queue(store, "t9", 9, key="T", run_after=later)  # not due: no swap
+    assert swap_claim(store, 10, 2, key_limit=1) == ([], [])
+    queue(store, "c9", 9, key="C")
+    assert swap_claim(store, 10, 2, key_limit=1) == (["c9"], ["b0"])
+    store.pause()
+    queue(store, "d9", 9, key="D")
+    assert swap_claim(store, 10, 2, key_limit=1) == ([], [])  # the whole queue paused
+    store.resume()
+    assert swap_claim(store, 10, 2, key_limit=1) == (["d9"], ["a0"])
+    # a0 released: key A has room again, and a9 is claimed at the next free slot.
+    assert store.start_run("c9", "test/1") is not None
+    assert swap_claim(store, 10, 2, key_limit=1) == (["a9"], [])
+    assert dispatched(store) == {"a9", "d9"}
+    assert store.get("p9").status == "queued" and store.get("t9").status == "queued"
+
+
+def test_concurrent_claimers_with_swaps_keep_the_window_exact(db_url: str, store: Store) -> None:
+    """Two claimers race while ever higher priorities arrive; the window never overflows,
+    and once they stop the window holds exactly the highest."""
+    window = 5
+    for i in range(20):
+        queue(store, f"low{i:02d}", 0)
+    claimers = [Store(store.database_url) for _ in range(2)]
+    watcher = Store(store.database_url)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    most = [0]
+
+    def claim(s: Store) -> None:
+        try:
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline:
+                s.claim_within_window(3, window)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def watch() -> None:
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < deadline:
+            most[0] = max(most[0], watcher.in_flight())
+
+    threads = [threading.Thread(target=claim, args=(s,)) for s in claimers]
+    threads.append(threading.Thread(target=watch))
+    for t in threads:
+        t.start()
+    try:
+        for priority in range(1, 31):
+            queue(store, f"p{priority:02d}", priority)
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    try:
+        assert not errors
+        assert most[0] <= window
+        for _ in range(20):  # settle: every swap left to do
+            if not swap_claim(store, 3, window)[0]:
+                break
+        assert dispatched(store) == {f"p{p:02d}" for p in range(26, 31)}
+    finally:
+        for s in (*claimers, watcher):
+            s.dispose()
+
+
+def test_resend_evidence_ignores_runners_of_higher_priority(store: Store) -> None:
+    """A scan of higher priority may start before an older one: not a lost message."""
+    queue(store, "waiting", 0)
+    queue(store, "urgent", 10)
+    store.claim_for_dispatch(10)
+    age_dispatch(store, "waiting", 8)
+    assert store.start_run("urgent", "test/1") is not None  # dispatched ~8 s after it
+    assert store.claim_for_redispatch(60, limit=10, lost_after_s=5) == []
+    queue(store, "peer", 0)
+    store.claim_for_dispatch(10)
+    assert store.start_run("peer", "test/2") is not None  # same priority, later: overtaken
+    assert store.claim_for_redispatch(60, limit=10, lost_after_s=5) == ["waiting"]

@@ -1,17 +1,27 @@
 """Scan policies in the store (docs/reference.md#policies), on SQLite and PostgreSQL: claim order,
-run_after, pauses, per-key limits (paging past a blocked hot key), intake of
+run_after, pauses, per-key limits (past a blocked hot key), the claim's cost (one
+statement on PostgreSQL; flat with the backlog when every key is full), intake of
 plain-SQL rows (keys, malformed rows failed), dedup under concurrency, labels."""
 
 from __future__ import annotations
 
+import re
+import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
+from scanqueue.db.claim_sql import (
+    PG_PLANNER_SETTINGS,
+    PG_STATEMENT_NAME,
+    fast_rows,
+    policy_claim_sql,
+)
 from scanqueue.db.policies import Intake
 from scanqueue.db.scan_request import InvalidScanRequest, validate_scan_request
 from scanqueue.db.store import Store, store_for
@@ -249,3 +259,158 @@ def test_queue_activity_per_key(store: Store) -> None:
 
 def test_store_for_is_reused(db_url: str, store: Store) -> None:
     assert store_for(store.database_url) is store
+
+
+def test_the_policy_claim_is_one_statement_on_postgresql(pg_url: str) -> None:
+    """Limits, pauses, counts, candidates and the update: one statement under the lock."""
+    from scanqueue.config import normalize_database_url
+    from tests.conftest import upgrade
+
+    upgrade(pg_url)
+    store = Store(normalize_database_url(pg_url))
+    try:
+        for i in range(6):
+            add(store, key=f"k{i % 3}")
+        store.set_limit("k0", 1)
+        store.pause("k2")
+        claim(store, n=1, window=10, key_limit=2)  # prepares the statement on its connection
+        seen: list[str] = []
+
+        def record(_c: Any, _cur: Any, statement: str, *_rest: Any) -> None:
+            seen.append(statement)
+
+        for engine in (store.engine, store._autocommit_engine.engine):
+            event.listen(engine, "before_cursor_execute", record)
+        got = claim(store, n=10, window=10, key_limit=2)
+        statements = list(seen)
+        assert len(statements) == 3, statements  # the look, the lock, the claim
+        assert "pg_advisory_xact_lock" in statements[1]
+        assert f"EXECUTE {PG_STATEMENT_NAME}" in statements[2]
+        assert [store.get(i).key for i in got] == ["k1", "k1"]  # k0 full, k2 paused
+    finally:
+        store.dispose()
+
+
+@pytest.fixture
+def every_key_full(store: Store) -> Iterator[Store]:
+    """10**5 queued scans over 20 keys, each key with one scan dispatched: at limit 1,
+    every key with queued scans is full.  The claim ran once on the empty table first,
+    so on PostgreSQL its plan was made without statistics, as on a new database."""
+    assert claim(store, n=100, window=1000, key_limit=1) == []
+    n = 100_000
+    rows = (
+        f"generate_series(0, {n - 1}) AS g(i)"
+        if store.dialect == "postgresql"
+        else f"(WITH RECURSIVE g(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM g WHERE i < {n - 1})"
+        " SELECT i FROM g)"
+    )
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned,"
+                f" priority, effective_key, seen_at) SELECT 's' || i, 'queued', '[]', '[]',"
+                f" (i % 4) * 10, 'k' || (i % 20), '2020-01-01 00:00:00' FROM {rows}"
+            )
+        )
+    assert len(claim(store, n=100, window=1000, key_limit=1)) == 20
+    yield store
+
+
+def test_the_claim_stays_flat_when_every_key_is_full(every_key_full: Store) -> None:
+    """Blocked keys hold every queued row: the claim must not walk the 10**5 of them."""
+    store = every_key_full
+    assert claim(store, n=100, window=1000, key_limit=1) == []
+    values = {"key_limit": 1, "limit": 100, "window": 1000, "cap": 100, "m": fast_rows(100)}
+    if store.dialect == "postgresql":
+        examined = _pg_rows_examined(store, values)
+    else:
+        examined = _sqlite_vm_steps(store, values)
+    # The first :m rows are all of full keys; the loose scan of the (few) keys reads
+    # one entry per key; nothing per key is read, since none has room.  Walking the
+    # backlog would examine 100,000 rows (PostgreSQL) or about 1.6 million VM steps
+    # (SQLite).
+    bound = 2 * fast_rows(100) if store.dialect == "postgresql" else 150_000
+    assert examined < bound, examined
+
+
+def test_a_deep_key_ahead_of_many_keys_is_walked_past(store: Store) -> None:
+    """A key with room for one more holds the 500 first rows, 3,000 keys of one scan
+    each come after it: the claim takes its one row and walks past the rest to the
+    others, without reading every key."""
+    with store.engine.begin() as conn:
+        for prefix, count, priority, key in (("h", 501, 10, "'hot'"), ("k", 3000, 0, "'key' || i")):
+            rows = (
+                f"generate_series(0, {count - 1}) AS g(i)"
+                if store.dialect == "postgresql"
+                else f"(WITH RECURSIVE g(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM g"
+                f" WHERE i < {count - 1}) SELECT i FROM g)"
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned,"
+                    f" priority, effective_key, seen_at) SELECT '{prefix}' || i, 'queued', '[]',"
+                    f" '[]', {priority}, {key}, '2020-01-01 00:00:00' FROM {rows}"
+                )
+            )
+        others = [
+            r.id
+            for r in conn.execute(
+                text(
+                    "SELECT id FROM scans WHERE effective_key <> 'hot'"
+                    " ORDER BY priority DESC, created_at, id LIMIT 49"
+                )
+            )
+        ]
+    assert claim(store, n=1, window=1000, key_limit=2) == ["h0"]  # hot: room for one more
+    values = {"key_limit": 2, "limit": 50, "window": 1000, "cap": 50, "m": fast_rows(50)}
+    if store.dialect == "postgresql":
+        examined = _pg_rows_examined(store, values)
+        bound = 2_500  # reading every key: over 6,000 (3,000 keys, then a row of each)
+    else:
+        examined = _sqlite_vm_steps(store, values)
+        bound = 400_000
+    assert examined < bound, examined
+    got = claim(store, n=50, window=1000, key_limit=2)
+    assert got == ["h1", *others]
+
+
+def _pg_rows_examined(store: Store, values: dict[str, int]) -> int:
+    """Rows of ``scans`` the prepared claim reads (returned or filtered out), per EXPLAIN,
+    with the plan the store's connection made when it first claimed."""
+    with store.engine.begin() as conn:
+        prepared = text("SELECT 1 FROM pg_prepared_statements WHERE name = :n")
+        assert conn.execute(prepared, {"n": PG_STATEMENT_NAME}).first() is not None
+        for name, value in PG_PLANNER_SETTINGS:
+            conn.execute(text("SELECT set_config(:n, :v, true)"), {"n": name, "v": value})
+        args = ", ".join(str(values[k]) for k in ("key_limit", "limit", "window", "cap", "m"))
+        plan = conn.execute(
+            text(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {PG_STATEMENT_NAME} ({args})")
+        ).scalar_one()
+        conn.rollback()
+
+    def rows(node: dict[str, Any]) -> int:
+        own = 0
+        if node.get("Relation Name") == "scans":
+            loops = node.get("Actual Loops", 0)
+            own = (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)) * loops
+        return own + sum(rows(child) for child in node.get("Plans", []))
+
+    return rows(plan[0]["Plan"])
+
+
+def _sqlite_vm_steps(store: Store, values: dict[str, int]) -> int:
+    """SQLite virtual-machine instructions the claim's SELECT runs (a progress handler)."""
+    conn = sqlite3.connect(store.database_url.removeprefix("sqlite:///"))
+    steps = [0]
+
+    def tick() -> int:
+        steps[0] += 1
+        return 0
+
+    try:
+        conn.set_progress_handler(tick, 1)
+        sql = re.sub(r"(?<!:):(\w+)", r":\1", policy_claim_sql("sqlite"))
+        conn.execute(sql, values).fetchall()
+    finally:
+        conn.close()
+    return steps[0]
