@@ -31,25 +31,42 @@ from typing import Any
 from bench.harness import Db, RedisServer, create_pg_database, drop_pg_database, loadavg, upgrade
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Claimed, unstarted rows kept ahead of each start: the default window at 2 slots.
+WINDOW = 4
 
 
 def timed(
-    fn: Callable[[], Any], reps: int, finish: Callable[[], Any] | None = None
+    fn: Callable[[], Any],
+    reps: int,
+    finish: Callable[[], Any] | None = None,
+    before_each: Callable[[], Any] | None = None,
 ) -> dict[str, float]:
     """Mean wall and CPU milliseconds per call of ``fn``.
 
     ``finish`` runs once inside the timing, after the calls: work they left to a
     background thread (queued events) is counted, not pushed into the next row.
+    ``before_each`` runs before each call, outside the timing (setting up its row).
     """
-    w0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(reps):
-        fn()
+    wall = cpu = 0.0
+    if before_each is None:
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(reps):
+            fn()
+    else:
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(reps):
+            w1, c1 = time.perf_counter(), time.process_time()
+            wall, cpu = wall + w1 - w0, cpu + c1 - c0
+            before_each()
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
     if finish is not None:
         finish()
     w1, c1 = time.perf_counter(), time.process_time()
+    wall, cpu = wall + w1 - w0, cpu + c1 - c0
     return {
-        "wall_ms": round((w1 - w0) * 1000 / reps, 3),
-        "cpu_ms": round((c1 - c0) * 1000 / reps, 3),
+        "wall_ms": round(wall * 1000 / reps, 3),
+        "cpu_ms": round(cpu * 1000 / reps, 3),
         "reps": reps,
     }
 
@@ -122,6 +139,41 @@ def run_all(url: str, n: int) -> dict[str, Any]:
         db.insert_queued_bulk(ids)
         return ids
 
+    # Only a claimed row starts (a message is a start token), and the start reads the
+    # claimed, unstarted rows: keep WINDOW of them claimed ahead of each start, as a
+    # saturated bridge does, outside the timing.
+    admin = psycopg2.connect(psycopg_dsn(url))
+    admin.autocommit = True
+    admin_cur = admin.cursor()
+
+    def claim(scan_ids: list[str]) -> None:
+        admin_cur.execute(
+            "UPDATE scans SET dispatched_at = clock_timestamp(),"
+            " dispatch_count = dispatch_count + 1 WHERE id = ANY(%s)",
+            (scan_ids,),
+        )
+
+    def claiming_ahead(scan_ids: list[str]) -> Callable[[], None]:
+        """A ``before_each`` that keeps WINDOW rows of ``scan_ids`` claimed, in order."""
+        claim(scan_ids[:WINDOW])
+        upcoming = iter(scan_ids[WINDOW:])
+
+        def claim_next() -> None:
+            following = next(upcoming, None)
+            if following is not None:
+                claim([following])
+
+        first = [True]
+
+        def before_each() -> None:
+            # The first call's rows are claimed already; each later start freed one slot.
+            if first[0]:
+                first[0] = False
+            else:
+                claim_next()
+
+        return before_each
+
     def flush_events() -> None:
         # Events are written by a background thread: wait for them inside the timing.
         if not flush_pending_events(60):
@@ -131,7 +183,9 @@ def run_all(url: str, n: int) -> dict[str, Any]:
     def run_variant(
         name: str, st: Store, obs: Any, profile: cProfile.Profile | None = None
     ) -> None:
-        ids = iter(queued(n))
+        scan_ids = queued(n)
+        ahead = claiming_ahead(scan_ids)
+        ids = iter(scan_ids)
         with contextlib.ExitStack() as stack:
             if profile is not None:
                 profile.enable()
@@ -142,6 +196,7 @@ def run_all(url: str, n: int) -> dict[str, Any]:
                 ),
                 n,
                 finish=flush_events,
+                before_each=ahead,
             )
 
     run_variant("warm-up", store, observer)
@@ -171,14 +226,36 @@ def run_all(url: str, n: int) -> dict[str, Any]:
     conn.close()
 
     # -- the steps one by one ----------------------------------------------------------------
-    ids = iter(queued(n))
+    scan_ids = queued(n)
+    ahead = claiming_ahead(scan_ids)
+    ids = iter(scan_ids)
     started: list[Any] = []
-    res["Store.start_run"] = timed(lambda: started.append(store.start_run(next(ids), "m")), n)
+    res[f"Store.start_run ({WINDOW} claimed)"] = timed(
+        lambda: started.append(store.start_run(next(ids), "m")), n, before_each=ahead
+    )
     runs = iter(started)
     res["Store.finish_run"] = timed(
         lambda: store.finish_run(next(runs).scan_id, 1, "completed", findings_count=0), n
     )
+    # A message of a lower priority than a claimed scan: it starts that one instead and
+    # releases its own (each rep: a pair claimed, outside the timing).
+    low_ids, high_ids = queued(n), queued(n)
+    admin_cur.execute("UPDATE scans SET priority = 5 WHERE id = ANY(%s)", (high_ids,))
+    pairs = iter(zip(low_ids, high_ids, strict=True))
+    message: list[str] = []
+
+    def claim_pair() -> None:
+        low, high = next(pairs)
+        claim([low, high])
+        message[:] = [low]
+
+    res["Store.start_run, a message that starts a higher priority"] = timed(
+        lambda: store.start_run(message[0], "m"), n, before_each=claim_pair
+    )
+    # The released ones must not be claimed by the bridge's rows below.
+    admin_cur.execute("UPDATE scans SET status = 'canceled' WHERE id = ANY(%s)", (low_ids,))
     hb_ids = queued(1)
+    claim(hb_ids)
     hb = store.start_run(hb_ids[0], "m")
     assert hb is not None
     res["Store.heartbeat"] = timed(lambda: store.heartbeat(hb.scan_id, hb.attempt), n)
@@ -219,6 +296,7 @@ def run_all(url: str, n: int) -> dict[str, Any]:
         )
     prof = cProfile.Profile()
     run_variant("as shipped, under cProfile (inflated)", store, observer, prof)
+    admin.close()
     stats = pstats.Stats(prof)
     stats.dump_stats(str(RESULTS_DIR / "micro-execute.prof"))
     res["cprofile_execute_scan_top"] = top_cumulative(stats, n)

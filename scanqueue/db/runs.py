@@ -17,16 +17,21 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     Float,
     Integer,
     Text,
+    Update,
     and_,
     bindparam,
     case,
+    exists,
     func,
     literal_column,
+    null,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.sql.elements import ColumnElement
@@ -45,6 +50,12 @@ from scanqueue.db.schema import (
 )
 
 MAX_ERROR_CHARS = 4000
+# SQLite: the dispatched, unstarted rows (the window), as ``other``, read through their
+# partial index.
+_SQLITE_IN_FLIGHT = (
+    "scans AS other INDEXED BY scans_queued_dispatched_idx"
+    " WHERE other.status = 'queued' AND other.dispatched_at IS NOT NULL"
+)
 
 
 @dataclass(frozen=True)
@@ -74,37 +85,7 @@ class RunsMixin(StoreBase):
     def _build_run_statements(self) -> None:
         """The per-scan statements, built once (building them is most of their CPU cost)."""
         now = self._now
-        self._start_stmt = (
-            update(scans)
-            .where(scans.c.id == bindparam("scan_id"), scans.c.status == STATUS_QUEUED)
-            .values(
-                status=STATUS_RUNNING,
-                attempts=scans.c.attempts + 1,
-                started_at=now,
-                heartbeat_at=now,
-                finished_at=None,
-                error=None,
-                # A scan's findings are its last run's: a re-run starts from none,
-                # and without the previous run's diff (docs/reference.md#findings-over-time).
-                findings_count=0,
-                findings_new=None,
-                findings_fixed=None,
-                baseline_id=None,
-                worker_id=bindparam("worker_id"),
-            )
-            .returning(
-                scans.c.id,
-                scans.c.attempts,
-                scans.c.providers_scanned,
-                scans.c.frameworks_scanned,
-                scans.c.triggered_by_user,
-                scans.c.triggered_by_token,
-                scans.c.created_at,
-                scans.c.started_at,
-                scans.c.timeout_seconds,
-                scans.c.retries,
-            )
-        )
+        self._build_start_statements()
         # A run is (scan, attempt, worker): a graceful hand-back gives its attempt
         # back (no crash budget spent), so the next run may reuse the number, and
         # only the worker id still tells a straggler of the old run from the new one.
@@ -158,6 +139,9 @@ class RunsMixin(StoreBase):
         # StoreBase: only on the store's own autocommit engine).
         if self._direct is not None:
             self._direct_start = DirectStatement(self._start_stmt, self._autocommit_engine)
+            self._direct_start_swap = DirectStatement(
+                self._start_swap_stmt, self._autocommit_engine
+            )
             self._direct_heartbeat = DirectStatement(self._heartbeat_stmt, self._autocommit_engine)
             self._direct_finish = DirectStatement(self._finish_stmt, self._autocommit_engine)
             # A run's other statements too, so that each has the client-side deadline
@@ -168,18 +152,155 @@ class RunsMixin(StoreBase):
             )
             self._direct_retry = DirectStatement(self._retry_stmt, self._autocommit_engine)
 
+    def _build_start_statements(self) -> None:
+        """The start, built once: a message is a start token (docs/reference.md#lifecycle).
+
+        Only a claimed scan starts (``queued`` with ``dispatched_at`` set): the claim
+        enforced the window, limits, pauses and run-after, so the stale message of a
+        scan that was released or handed back starts nothing.  When the message's own
+        scan may start, the dispatched scan of the highest priority strictly above it
+        (then the oldest) starts in its place, if there is one, and the own scan is
+        released (``dispatched_at`` NULL, still queued) for the bridge to claim again
+        with a message of its own: a priority scan claimed behind a full window
+        starts on the next free slot.
+
+        Two statements: ``_start_stmt`` starts the own scan when nothing of higher
+        priority is dispatched (the usual case: one statement, the in-flight rows read
+        through their partial index, at most the window); when it starts nothing,
+        the swap (``_start_swap_stmt``) decides, in one transaction.
+        """
+        now = self._now
+        dispatched = (scans.c.status == STATUS_QUEUED, scans.c.dispatched_at.is_not(None))
+        start_values: dict[str, Any] = {
+            "status": STATUS_RUNNING,
+            "attempts": scans.c.attempts + 1,
+            "started_at": now,
+            "heartbeat_at": now,
+            "finished_at": None,
+            "error": None,
+            # A scan's findings are its last run's: a re-run starts from none,
+            # and without the previous run's diff (docs/reference.md#findings-over-time).
+            "findings_count": 0,
+            "findings_new": None,
+            "findings_fixed": None,
+            "baseline_id": None,
+            # Not named like a column: SQLAlchemy would add such a parameter to the
+            # SET of every UPDATE in the statement (the release too).
+            "worker_id": bindparam("start_worker", type_=Text),
+        }
+        returned = (
+            scans.c.id,
+            scans.c.attempts,
+            scans.c.providers_scanned,
+            scans.c.frameworks_scanned,
+            scans.c.triggered_by_user,
+            scans.c.triggered_by_token,
+            scans.c.created_at,
+            scans.c.started_at,
+            scans.c.timeout_seconds,
+            scans.c.retries,
+        )
+        other = scans.alias("other")
+        if self.dialect == "postgresql":
+            higher_dispatched: ColumnElement[bool] = exists(
+                select(other.c.id).where(
+                    other.c.status == STATUS_QUEUED,
+                    other.c.dispatched_at.is_not(None),
+                    other.c.priority > scans.c.priority,
+                )
+            )
+        else:
+            # The partial index by name: without statistics SQLite would read every
+            # queued row through (status, created_at).
+            higher_dispatched = literal_column(
+                f"EXISTS (SELECT 1 FROM {_SQLITE_IN_FLIGHT} AND other.priority > scans.priority)",
+                Boolean(),
+            )
+        self._start_stmt: Update = (
+            update(scans)
+            .where(scans.c.id == bindparam("scan_id"), *dispatched, ~higher_dispatched)
+            .values(**start_values)
+            .returning(*returned)
+        )
+        if self.dialect != "postgresql":
+            # SQLite: the swap is a write transaction of these (see _swap_sqlite).
+            self._start_one_stmt = (
+                update(scans)
+                .where(scans.c.id == bindparam("scan_id"), *dispatched)
+                .values(**start_values)
+                .returning(*returned)
+            )
+            self._release_stmt = (
+                update(scans)
+                .where(scans.c.id == bindparam("scan_id"), *dispatched)
+                .values(dispatched_at=None)
+            )
+            self._better_stmt = text(
+                "SELECT own.id, (SELECT other.id FROM"
+                f" {_SQLITE_IN_FLIGHT} AND other.priority > own.priority"
+                " ORDER BY other.priority DESC, other.created_at, other.id LIMIT 1) AS better"
+                " FROM scans AS own WHERE own.id = :scan_id AND own.status = 'queued'"
+                " AND own.dispatched_at IS NOT NULL"
+            )
+            return
+        # PostgreSQL: the swap in one statement.  The own row is locked first (a
+        # duplicate message waits, then finds it running and starts nothing); the
+        # better one is taken with SKIP LOCKED, so two workers never pick the same
+        # one and never wait on each other.
+        own = (
+            select(scans.c.id, scans.c.priority)
+            .where(scans.c.id == bindparam("scan_id"), *dispatched)
+            .with_for_update(key_share=True)
+            .cte("own")
+            .prefix_with("MATERIALIZED", dialect="postgresql")
+        )
+        better = (
+            select(other.c.id)
+            .where(
+                other.c.status == STATUS_QUEUED,
+                other.c.dispatched_at.is_not(None),
+                other.c.priority > select(own.c.priority).scalar_subquery(),
+            )
+            .order_by(other.c.priority.desc(), other.c.created_at, other.c.id)
+            .limit(1)
+            .with_for_update(key_share=True, skip_locked=True, of=other)
+            .cte("better")
+            .prefix_with("MATERIALIZED", dialect="postgresql")
+        )
+        released = (
+            update(scans)
+            .where(scans.c.id == own.c.id, *dispatched, exists(select(better.c.id)))
+            .values(dispatched_at=null())
+            .returning(scans.c.id)
+            .cte("released")
+        )
+        target = func.coalesce(
+            select(better.c.id).scalar_subquery(), select(own.c.id).scalar_subquery()
+        )
+        self._start_swap_stmt = (
+            update(scans)
+            .where(scans.c.id == target, *dispatched)
+            .values(**start_values)
+            .returning(*returned)
+            .add_cte(released)
+        )
+
     # -- the worker -------------------------------------------------------------------
 
     def start_run(self, scan_id: str, worker_id: str) -> StartedRun | None:
-        """CAS ``queued → running``; None when the scan is not queued (a duplicate)."""
-        values = {"scan_id": scan_id, "worker_id": worker_id}
-        row: Any
-        if self._direct is not None:
-            row, _ = self._run_direct(self._direct_start, values)
-        else:
-            with self._tx(single=True) as conn:
-                found = conn.execute(self._start_stmt, values).first()
-            row = None if found is None else found._mapping
+        """CAS ``queued → running`` for the message of ``scan_id``; None when that scan is
+        not queued and dispatched (a duplicate or stale message).
+
+        The run started may be another scan's (see :meth:`_build_start_statements`):
+        ``StartedRun.scan_id`` says which.
+        """
+        values = {"scan_id": scan_id, "start_worker": worker_id}
+        row = self._returning_row(self._start_stmt, "_direct_start", values)
+        if row is None:
+            if self.dialect == "postgresql":
+                row = self._returning_row(self._start_swap_stmt, "_direct_start_swap", values)
+            else:
+                row = self._swap_sqlite(values)
         if row is None:
             return None
         return StartedRun(
@@ -194,6 +315,29 @@ class RunsMixin(StoreBase):
             timeout_seconds=row["timeout_seconds"],
             retries=row["retries"] or 0,
         )
+
+    def _returning_row(self, statement: Update, direct: str, values: dict[str, Any]) -> Any:
+        """One statement's first row as a mapping, or None (direct on PostgreSQL)."""
+        if self._direct is not None:
+            row, _ = self._run_direct(getattr(self, direct), values)
+            return row
+        with self._tx(single=True) as conn:
+            found = conn.execute(statement, values).first()
+        return None if found is None else found._mapping
+
+    def _swap_sqlite(self, values: dict[str, Any]) -> Any:
+        """The swap on SQLite: one write transaction (BEGIN IMMEDIATE; the SQL argument
+        is PostgreSQL's only), so nothing moves between the look and the writes."""
+        with self._locked_tx("SELECT 1", {}) as conn:
+            own = conn.execute(self._better_stmt, values).first()
+            if own is None:
+                return None
+            target = values
+            if own.better is not None:
+                conn.execute(self._release_stmt, values)
+                target = {**values, "scan_id": own.better}
+            found = conn.execute(self._start_one_stmt, target).first()
+        return None if found is None else found._mapping
 
     def heartbeat(self, scan_id: str, attempt: int, *, worker_id: str | None = None) -> bool:
         """Renew the lease of run ``attempt``; False once it is no longer ours."""

@@ -5,8 +5,10 @@ run's state machine (every arrow a compare-and-set in
 :mod:`scanqueue.db.store`, keyed on the scan, the attempt and this process's
 worker id):
 
-    message ──start_run── lost CAS ──▶ SKIPPED (duplicate or stale message; ack, do nothing)
-               │ won
+    message ──start_run── own scan not queued+dispatched ──▶ SKIPPED (duplicate or
+               │                                    stale message; ack, do nothing)
+               │ won: the own scan, or a dispatched one of higher priority
+               │      (the own scan is then released for a new message)
                ▼
             running ── runner returns ──▶ finish_run(completed, findings_count)   COMPLETED
                │   ── runner raises  ──▶ retries left (and not PermanentError):
@@ -64,15 +66,30 @@ def execute_scan(
     settings: ExecutionSettings,
     observer: ScanObserver = NULL_OBSERVER,
 ) -> Outcome:
-    """Run one scan if (and only if) this call wins ``queued → running``."""
+    """Run the scan this message starts, if any (docs/reference.md#lifecycle).
+
+    The message is a start token: it starts its own scan, or a dispatched scan of
+    higher priority in its place (its own then waits for a message of its own);
+    nothing when its own scan is not queued and dispatched.  Everything after the
+    start is about the started scan.
+    """
     worker_id = worker_identity()
     started = store.start_run(scan_id, worker_id)
     if started is None:
-        log.info("scan %s is not queued any more; duplicate message ignored", scan_id)
+        log.info("scan %s is not queued and dispatched; message ignored", scan_id)
         return Outcome.SKIPPED
     info = RunInfo.from_started(started)
     clock = time.monotonic()
-    log.info("scan %s attempt %d started", scan_id, started.attempt)
+    if started.scan_id == scan_id:
+        log.info("scan %s attempt %d started", started.scan_id, started.attempt)
+    else:
+        log.info(
+            "scan %s attempt %d started by the message of scan %s (lower priority; it is"
+            " released for a message of its own)",
+            started.scan_id,
+            started.attempt,
+            scan_id,
+        )
     observer.started(info)
     timeout_s = _timeout_of(started, settings)
     run = RunEnding(store, observer, info, clock, settings, worker_id, started.retries, timeout_s)
@@ -82,7 +99,9 @@ def execute_scan(
     except MalformedRowError as exc:
         return run.finish(STATUS_FAILED, error=str(exc))
 
-    ctx = ScanContext(scan_id, started.attempt, emit=lambda t, p: observer.event(info, t, p))
+    ctx = ScanContext(
+        started.scan_id, started.attempt, emit=lambda t, p: observer.event(info, t, p)
+    )
     keeper = LeaseKeeper(
         store, ctx, settings, on_overdue=run.overdue, worker_id=worker_id, timeout_s=timeout_s
     )

@@ -2,7 +2,8 @@
 
 A thin wrapper around :func:`scanqueue.worker.execute.execute_scan`.  The message
 carries only the scan id (never the token); everything else is read from the
-database when the run starts.
+database when the run starts.  A message is a start token: it starts its scan, or
+a dispatched scan of higher priority in its place (docs/reference.md#lifecycle).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ DB_MAX_RETRIES = 12
     default_retry_delay=DB_RETRY_DELAY_S,
 )
 def run_scan(self: Any, scan_id: object) -> str:
-    """Run scan ``scan_id`` unless another delivery already did (compare-and-set)."""
+    """Start the run this message is a token for (compare-and-set); return its outcome."""
     if not isinstance(scan_id, str) or not scan_id.strip():
         log.error("rejected a message whose scan id is not a non-empty string: %r", scan_id)
         return "rejected"

@@ -18,6 +18,7 @@ import psycopg2
 import pytest
 
 from scanqueue.config import TASK_NAME
+from tests.claimed import mark_dispatched
 from tests.conftest import (
     PgServer,
     Proc,
@@ -407,6 +408,7 @@ def test_duplicate_messages_from_two_leaders_run_each_scan_once(
     env = fast_env(pg_url, tmp_path, redis_url, SCANQUEUE_TEST_RUN_SECONDS="0.1")
     ids = [f"dup{i}" for i in range(15)]
     insert_rows(pg_url, ids)
+    mark_dispatched(pg_url, *ids)  # claimed, as by a bridge: only a claimed scan starts
     publisher = Celery(broker=redis_url)
     for _ in range(3):
         for scan_id in ids:

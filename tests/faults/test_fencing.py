@@ -27,6 +27,7 @@ from scanqueue.observe.observer import RunInfo
 from scanqueue.runners.api import RunnerFunc
 from scanqueue.worker.execute import ExecutionSettings, Outcome, execute_scan
 from scanqueue.worker.lease import LeaseKeeper
+from tests.claimed import mark_dispatched
 from tests.conftest import (
     Proc,
     all_finished,
@@ -40,7 +41,7 @@ from tests.conftest import (
     upgrade,
     wait_for,
 )
-from tests.integration.test_store import insert_raw
+from tests.integration.test_store import insert_claimed
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.postgres]
@@ -158,7 +159,7 @@ def test_fence_fires_on_time_while_the_heartbeat_hangs_on_a_stalled_socket(
 ) -> None:
     assert proxied_store._direct is not None
     proxied_store._direct.deadline_s = 30  # longer than the test: only the fence can act
-    insert_raw(proxied_store, "hang")
+    insert_claimed(proxied_store, "hang")
     started = proxied_store.start_run("hang", "w")
     assert started is not None
     ctx = ScanContext("hang", started.attempt)
@@ -199,7 +200,7 @@ def test_a_statement_on_a_stalled_connection_is_cut_at_its_deadline(
 
     assert proxied_store._direct is not None
     proxied_store._direct.deadline_s = 1.0
-    insert_raw(proxied_store, "cut")
+    insert_claimed(proxied_store, "cut")
     started = proxied_store.start_run("cut", "w")
     assert started is not None
     proxy.stall()
@@ -222,7 +223,7 @@ def test_a_run_stopped_by_the_fence_is_handed_back_never_completed(
     proxied_store: Store, proxy: TcpProxy
 ) -> None:
     """The database is cut off longer than the fence, shorter than the lease."""
-    insert_raw(proxied_store, "doubt")
+    insert_claimed(proxied_store, "doubt")
     thread, result, observer = _run_cooperative(
         proxied_store, "doubt", wait_s=30, findings=5
     )  # the runner's result would be a partial one
@@ -253,7 +254,7 @@ def test_a_run_stopped_while_the_database_stays_stalled_still_returns(
     """No statement of the run waits for ever: the pool process is free again."""
     assert proxied_store._direct is not None
     proxied_store._direct.deadline_s = 1.0
-    insert_raw(proxied_store, "gone")
+    insert_claimed(proxied_store, "gone")
     thread, result, observer = _run_cooperative(proxied_store, "gone", wait_s=60, findings=5)
     proxy.stall()
     t0 = time.monotonic()
@@ -269,7 +270,7 @@ def test_a_run_stopped_while_the_database_stays_stalled_still_returns(
 
 
 def test_a_canceled_run_stays_canceled_and_is_counted_as_canceled(proxied_store: Store) -> None:
-    insert_raw(proxied_store, "cx")
+    insert_claimed(proxied_store, "cx")
     thread, result, observer = _run_cooperative(proxied_store, "cx", wait_s=30, findings=1)
     proxied_store.cancel("cx")
     thread.join(10)
@@ -282,7 +283,7 @@ def test_the_lease_keeper_is_stopped_when_the_runner_raises_a_base_exception(
 ) -> None:
     from scanqueue.worker.lease import lease_thread
 
-    insert_raw(proxied_store, "exit")
+    insert_claimed(proxied_store, "exit")
 
     def leaves(job: Job, ctx: ScanContext) -> None:
         raise SystemExit(0)  # as a shutdown does inside a pool process
@@ -296,11 +297,13 @@ def test_a_straggler_of_a_handed_back_run_cannot_touch_the_next_run(pg_url: str)
     """A graceful hand-back gives the attempt back; the worker id still fences."""
     upgrade(pg_url)
     store = Store(normalize_database_url(pg_url))
-    insert_raw(store, "hb")
+    insert_claimed(store, "hb")
     first = store.start_run("hb", "host:1:aa/11:x")
     assert first is not None and first.attempt == 1
     assert store.hand_back("host:1:aa") == ["hb"]
     assert store.get("hb").attempts == 0  # no crash budget spent
+    assert store.start_run("hb", "host:2:bb/22:y") is None  # handed back: not claimed
+    mark_dispatched(store, "hb")
     second = store.start_run("hb", "host:2:bb/22:y")
     assert second is not None and second.attempt == 1  # the number comes round again
     assert not store.heartbeat("hb", 1, worker_id="host:1:aa/11:x")

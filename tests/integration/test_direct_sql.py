@@ -15,6 +15,7 @@ from scanqueue.config import normalize_database_url
 from scanqueue.db.engine import make_engine
 from scanqueue.db.store import Store, store_for
 from scanqueue.errors import UnavailableError
+from tests.claimed import mark_dispatched
 from tests.conftest import upgrade
 
 
@@ -35,6 +36,7 @@ def insert(store: Store, token: str = "secret-token") -> str:
             ),
             {"id": scan_id, "token": token},
         )
+    mark_dispatched(store, scan_id)  # claimed, as by a bridge: only a claimed scan starts
     return scan_id
 
 
@@ -70,6 +72,26 @@ def test_direct_and_sqlalchemy_paths_return_the_same(url: str) -> None:
         assert row_a.finished_at is not None and row_a.finished_at.utcoffset() is not None
         assert direct.finish_run(a, 1, "failed") is None  # a CAS: it already finished
         assert direct.start_run(a, "w/1") is None  # and it is not queued
+    finally:
+        plain.dispose()
+
+
+def test_the_swap_takes_the_same_turn_on_both_paths(url: str) -> None:
+    """A lower priority's message starts the dispatched higher one on either path."""
+    direct = store_for(url)
+    plain = Store(url, engine=make_engine(url))
+    try:
+        for store in (direct, plain):
+            low, high = insert(store), insert(store)
+            with store.engine.begin() as conn:
+                conn.execute(text("UPDATE scans SET priority = 7 WHERE id = :id"), {"id": high})
+            started = store.start_run(low, "w/1")
+            assert started is not None and started.scan_id == high
+            assert started.triggered_by_token == "secret-token"
+            assert store.status_of(low) == ("queued", 0)
+            assert store.start_run(low, "w/1") is None  # released: its message is spent
+            assert store.start_run(high, "w/1") is None  # running: a duplicate
+            assert store.in_flight() == 0
     finally:
         plain.dispose()
 

@@ -36,6 +36,7 @@ from scanqueue.observe.events import EventSink, event_fields
 from scanqueue.observe.observer import RunInfo, SafeObservers
 from scanqueue.runners.api import RunnerFunc
 from scanqueue.worker.execute import ExecutionSettings, Outcome, execute_scan
+from tests.claimed import mark_dispatched
 from tests.conftest import base_env, free_port, run_cli, upgrade
 from tests.runners import progress_runner
 
@@ -297,6 +298,7 @@ def _dead_redis_sink(tmp_path: Path) -> EventSink:
 def test_a_broken_sink_never_fails_a_scan(store: Any, tmp_path: Path) -> None:
     observer = SafeObservers([EventObserver(_dead_redis_sink(tmp_path))])
     row = store.enqueue(["aws", "gcp"], ["soc2"])
+    mark_dispatched(store, row.id)
     before = event_sender.emit_failures
     started = time.monotonic()
     outcome = execute_scan(
@@ -325,6 +327,7 @@ def test_emit_standalone_never_raises(tmp_path: Path) -> None:
 def test_a_real_run_emits_its_events_in_order(store: Any) -> None:
     sink = TableEventSink(store, maxlen=1000)
     row = store.enqueue(["aws", "gcp"], ["soc2"])
+    mark_dispatched(store, row.id)
     execute_scan(
         row.id,
         store=store,

@@ -4,6 +4,7 @@ process's one lease thread."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import time
@@ -17,12 +18,15 @@ from scanqueue.errors import ConfigError
 from scanqueue.runners.api import RunnerFunc, StubRunner, load_runner
 from scanqueue.worker.execute import ExecutionSettings, Outcome, execute_scan
 from scanqueue.worker.lease import LeaseKeeper, lease_thread
-from tests.integration.test_store import insert_raw
+from tests.claimed import mark_dispatched
+from tests.integration.test_store import insert_claimed, insert_raw
 
 FAST = ExecutionSettings(heartbeat_every_s=0.1, lease_s=5, cancel_grace_s=0.5)
 
 
 def run(store: Store, scan_id: str, fn: Any, settings: ExecutionSettings = FAST) -> Outcome:
+    """A message for ``scan_id``, claimed first as a bridge would (a queued row only)."""
+    mark_dispatched(store, scan_id)
     return execute_scan(scan_id, store=store, runner=RunnerFunc(fn), settings=settings)
 
 
@@ -52,6 +56,40 @@ def test_duplicate_message_does_nothing(store: Store) -> None:
     assert run(store, "dup", fn) is Outcome.COMPLETED
     assert run(store, "dup", fn) is Outcome.SKIPPED
     assert calls == ["dup"] and store.get("dup").attempts == 1
+
+
+def test_a_message_that_is_not_claimed_starts_nothing(store: Store) -> None:
+    insert_raw(store, "unclaimed")
+    calls: list[str] = []
+    outcome = execute_scan(
+        "unclaimed", store=store, runner=RunnerFunc(lambda j, c: calls.append(j.scan_id)),
+        settings=FAST,
+    )  # fmt: skip
+    assert outcome is Outcome.SKIPPED and calls == []
+    assert store.get("unclaimed").status == "queued"
+
+
+def test_a_message_runs_the_dispatched_higher_priority_scan_in_its_place(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Everything after the start is the started scan's: job, context, lease, outcome."""
+    insert_claimed(store, "routine")
+    insert_claimed(store, "urgent", priority=10)
+    seen: list[tuple[str, str]] = []
+
+    def fn(job: Job, ctx: ScanContext) -> ScanResult:
+        seen.append((job.scan_id, ctx.scan_id))
+        ctx.wait(0.3)  # a few heartbeats: they renew the started scan's lease
+        return ScanResult(findings_count=2)
+
+    with caplog.at_level(logging.INFO, logger="scanqueue.worker.execute"):
+        outcome = execute_scan("routine", store=store, runner=RunnerFunc(fn), settings=FAST)
+    assert outcome is Outcome.COMPLETED and seen == [("urgent", "urgent")]
+    urgent, routine = store.get("urgent"), store.get("routine")
+    assert (urgent.status, urgent.findings_count, urgent.attempts) == ("completed", 2, 1)
+    assert (routine.status, routine.attempts) == ("queued", 0)
+    assert store.in_flight() == 0  # the routine scan waits for a claim of its own
+    assert "scan urgent attempt 1 started by the message of scan routine" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -129,7 +167,7 @@ def test_lease_loss_stops_the_run_and_voids_its_outcome(store: Store) -> None:
 
 
 def test_overdue_run_is_terminated_after_the_grace_period(store: Store) -> None:
-    insert_raw(store, "stuck")
+    insert_claimed(store, "stuck")
     started = store.start_run("stuck", "w")
     assert started is not None
     ctx = ScanContext("stuck", started.attempt)
@@ -173,7 +211,7 @@ class GatedStore(RecordingStore):
 
 
 def started_ctx(store: Store, scan_id: str) -> ScanContext:
-    insert_raw(store, scan_id)
+    insert_claimed(store, scan_id)
     started = store.start_run(scan_id, "w")
     assert started is not None
     return ScanContext(scan_id, started.attempt)

@@ -21,6 +21,7 @@ from scanqueue import Job, ScanContext, ScanRunner
 from scanqueue.api.app import create_app
 from scanqueue.config import Settings
 from scanqueue.runners.store import RunnerStore
+from tests.claimed import mark_dispatched
 
 BIN = Path(sys.executable).parent
 RUFF = [str(BIN / "ruff"), "check", "--isolated", "--select", "F", "--no-cache"]
@@ -50,6 +51,7 @@ def client(store: Any) -> Iterator[TestClient]:
 
 def scan(store: Any) -> str:
     row = store.enqueue(["lint"], [])
+    mark_dispatched(store, row.id)
     started = store.start_run(row.id, "test-worker")
     assert started is not None
     job = Job.from_stored(row.id, started.providers_raw, [], attempt=started.attempt)

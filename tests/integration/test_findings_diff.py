@@ -24,6 +24,7 @@ from scanqueue.runners.diff_view import read_diff
 from scanqueue.runners.fingerprint import finding_fingerprint
 from scanqueue.runners.providers.sarif_command import SarifCommandProvider
 from scanqueue.runners.store import LeaseLostError, RunnerStore
+from tests.claimed import mark_dispatched
 from tests.conftest import base_env, run_cli
 
 BIN = Path(sys.executable).parent
@@ -69,6 +70,7 @@ def write_tree(root: Path, files: dict[str, str]) -> None:
 
 def start(store: Any, providers: list[str]) -> Job:
     row = store.enqueue(providers, [], user="ann")
+    mark_dispatched(store, row.id)
     started = store.start_run(row.id, "test-worker")
     assert started is not None
     return Job.from_stored(
@@ -217,6 +219,7 @@ def test_a_zombie_run_writes_no_diff(store: Any, rs: RunnerStore, tmp_path: Path
     ScanRunner().run(old, ScanContext(old.scan_id, old.attempt))
     with store.engine.begin() as conn:  # the reaper re-queues it; a new run wins it
         conn.execute(update(scans).where(scans.c.id == old.scan_id).values(status="queued"))
+    mark_dispatched(store, old.scan_id)
     new = store.start_run(old.scan_id, "worker-2")
     assert new is not None
     with store.engine.begin() as conn:

@@ -22,6 +22,7 @@ from scanqueue.observe.observer import SafeObservers
 from scanqueue.runners.api import Job, RunnerFunc, ScanContext, ScanResult
 from scanqueue.worker.execute import ExecutionSettings, Outcome, execute_scan
 from scanqueue.worker.runtime import build_observer
+from tests.claimed import mark_dispatched
 from tests.conftest import Proc, base_env, free_port, start_worker, upgrade, wait_for
 from tests.runners import failing_runner, progress_runner
 
@@ -94,6 +95,7 @@ def _observer(url: str) -> LineageObserver:
 
 def _run(store: Any, runner: Any, observer: LineageObserver, **enqueue: Any) -> tuple[str, Outcome]:
     row = store.enqueue(["aws", "gcp"], ["soc2", "cis"], **enqueue)
+    mark_dispatched(store, row.id)
     outcome = execute_scan(
         row.id, store=store, runner=RunnerFunc(runner), settings=FAST, observer=observer
     )
@@ -143,6 +145,7 @@ def test_a_canceled_scan_sends_abort(store: Any, receiver: Receiver) -> None:
         return ScanResult(findings_count=0)
 
     row = store.enqueue(["aws"], [])
+    mark_dispatched(store, row.id)
     result: list[Outcome] = []
     t = threading.Thread(
         target=lambda: result.append(
@@ -287,6 +290,7 @@ def test_the_reaper_ends_a_dead_workers_runs_in_lineage(store: Any, receiver: Re
     again, gone = store.enqueue(["aws"], ["cis"]), store.enqueue(["aws"], ["cis"])
     # Each reap waits past the start's millisecond: "older than 0 s" is strict, and
     # SQLite's clock counts milliseconds.
+    mark_dispatched(store, again.id, gone.id)
     assert store.start_run(again.id, "dead-worker") is not None
     time.sleep(0.01)
     reaped = store.reap_orphans(lease_s=0, max_attempts=3)  # its heartbeat went stale

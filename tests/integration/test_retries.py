@@ -24,6 +24,7 @@ from scanqueue.observe.metrics import MetricsObserver
 from scanqueue.observe.observer import RunInfo, SafeObservers
 from scanqueue.runners.api import RunnerFunc
 from scanqueue.worker.execute import ExecutionSettings, Outcome, execute_scan
+from tests.claimed import mark_dispatched
 from tests.integration.test_store import insert_raw
 
 RETRYING = ExecutionSettings(
@@ -61,6 +62,7 @@ def run(
     settings: ExecutionSettings = RETRYING,
     observer: Any = None,
 ) -> Outcome:
+    mark_dispatched(store, scan_id)  # claimed, as a bridge does before each message
     return execute_scan(
         scan_id,
         store=store,
@@ -221,12 +223,14 @@ def test_the_reaper_does_not_count_retried_runs_as_lost_workers(store: Store) ->
     assert run(store, "survivor", fn) is Outcome.RETRYING
     assert run(store, "survivor", fn) is Outcome.RETRYING
     # The third run's worker dies: 3 runs started, but only this one was lost.
+    mark_dispatched(store, "survivor")
     assert store.start_run("survivor", "doomed/1") is not None
     reaped = store.reap_orphans(lease_s=0, max_attempts=2)
     assert [(r.scan_id, r.requeued) for r in reaped] == [("survivor", True)]
     row = store.get("survivor")
     assert (row.status, row.attempts, column(store, "survivor", "retries")) == ("queued", 3, 2)
     # A second lost run spends the crash budget: failed as a lost worker.
+    mark_dispatched(store, "survivor")
     assert store.start_run("survivor", "doomed/2") is not None
     reaped = store.reap_orphans(lease_s=0, max_attempts=2)
     assert [(r.scan_id, r.requeued) for r in reaped] == [("survivor", False)]
@@ -236,6 +240,7 @@ def test_the_reaper_does_not_count_retried_runs_as_lost_workers(store: Store) ->
 def test_a_graceful_hand_back_spends_neither_budget(store: Store) -> None:
     insert_raw(store, "handed")
     assert run(store, "handed", flaky(99)) is Outcome.RETRYING
+    mark_dispatched(store, "handed")
     assert store.start_run("handed", "shutting/1") is not None
     assert store.hand_back("shutting") == ["handed"]
     row = store.get("handed")
@@ -244,9 +249,11 @@ def test_a_graceful_hand_back_spends_neither_budget(store: Store) -> None:
 
 def test_a_stale_run_cannot_retry_over_a_newer_one(store: Store) -> None:
     insert_raw(store, "stale")
+    mark_dispatched(store, "stale")
     started = store.start_run("stale", "w/1")
     assert started is not None
     store.reap_orphans(lease_s=0, max_attempts=3)  # the lease went elsewhere
+    mark_dispatched(store, "stale")
     newer = store.start_run("stale", "w/2")
     assert newer is not None and newer.attempt == 2
     assert store.retry_run("stale", 1, error="late", delay_s=1, worker_id="w/1") is None
@@ -377,6 +384,7 @@ def test_a_real_scanner_that_fails_to_start_or_times_out_is_retried(
     monkeypatch.setenv("DATABASE_URL", store.database_url)
     RunnerStore(store).add_provider("scanner", "sarif-command", config)
     insert_raw(store, "real", providers='["scanner"]')
+    mark_dispatched(store, "real")
     settings = timeouts(max_retries=1, retry_backoff_s=0)
     outcome = execute_scan("real", store=store, runner=ScanRunner(), settings=settings)
     assert outcome is Outcome.RETRYING
@@ -403,6 +411,7 @@ def test_a_real_scanner_past_the_scan_timeout_is_killed_and_the_scan_fails(
         "sleepy", "sarif-command", {"command": [sys.executable, "-c", script]}
     )
     insert_raw(store, "sleepy", providers='["sleepy"]', timeout_seconds=2)
+    mark_dispatched(store, "sleepy")
     t0 = time.monotonic()
     assert execute_scan("sleepy", store=store, runner=ScanRunner(), settings=timeouts()) is (
         Outcome.FAILED

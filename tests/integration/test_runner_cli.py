@@ -17,6 +17,7 @@ from scanqueue.config import normalize_database_url
 from scanqueue.db.store import store_for
 from scanqueue.runners.providers.base import Finding
 from scanqueue.runners.store import RunnerStore
+from tests.claimed import mark_dispatched
 from tests.conftest import base_env, run_cli, start_worker, upgrade, wait_for
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sarif"
@@ -133,6 +134,7 @@ def test_checks_disable_enable_list(invoke: Any) -> None:
 
 def test_findings_of_a_scan(invoke: Any, store: Any) -> None:
     row = store.enqueue(["lint"], [], token=TOKEN)
+    mark_dispatched(store, row.id)
     started = store.start_run(row.id, "w")
     RunnerStore(store).add_findings(
         row.id,

@@ -35,6 +35,7 @@ from scanqueue.runners.providers.base import Finding
 from scanqueue.runners.providers.sarif import SarifError, iter_findings
 from scanqueue.runners.providers.sarif_command import SarifCommandProvider, scrubbed_environ
 from scanqueue.runners.store import LeaseLostError, RunnerStore
+from tests.claimed import mark_dispatched
 from tests.conftest import REPO
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sarif"
@@ -81,6 +82,7 @@ class Events:
 def start_scan(store: Any, providers: list[str], frameworks: list[str] | None = None) -> Job:
     """A scan as a worker sees it: enqueued, then won (queued → running)."""
     row = store.enqueue(providers, frameworks or [], user="alice", token=TOKEN)
+    mark_dispatched(store, row.id)
     started = store.start_run(row.id, "test-worker")
     assert started is not None
     return Job.from_stored(
@@ -97,6 +99,7 @@ def rerun(store: Any, job: Job) -> Job:
     """Put the scan back to queued (as the reaper does) and win it again."""
     with store.engine.begin() as conn:
         conn.execute(update(scans).where(scans.c.id == job.scan_id).values(status="queued"))
+    mark_dispatched(store, job.scan_id)
     started = store.start_run(job.scan_id, "test-worker-2")
     assert started is not None
     return Job(job.scan_id, job.providers_scanned, job.frameworks_scanned, attempt=started.attempt)
