@@ -8,6 +8,10 @@ already reserved, which with a small prefetch hides the real backlog.  This one
   ``queued``) or from the broker queue — stays above a threshold for a
   sustained period while every process of this worker has a scan; it grows by
   the excess, up to MAX, then waits another period before growing again;
+* **grow at once** when, with every process busy, the excess is at least
+  ``SURGE`` times this worker's processes (4 by default): a burst gets the
+  processes it needs (up to MAX) without waiting the period, while a blip on a
+  small queue still has to last it;
 * **shrink** processes that were not needed for Celery's ``AUTOSCALE_KEEPALIVE``
   seconds (default 30), down to the most this worker needed in that time, never
   below MIN.
@@ -25,14 +29,25 @@ Three rules keep it safe:
 * the decision is :func:`decide`, a pure function of a :class:`Sample` and the
   previous :class:`ScaleState`, so it is tested without a worker.
 
+Cadence: the backlog is sampled every ``SAMPLE_EVERY`` seconds, sharing a count
+made within the last second by the bridge in the same process.  While this worker
+holds scans it has no process for and is below MAX, a decision asks the sampler
+for a fresh count instead, at most every :data:`PROMPT_SAMPLE_S`, so a burst is
+seen within a fraction of a second rather than after a sampling period.
+Decisions come every ``TICK`` seconds, on every message on the Redis/AMQP event
+loop, and (the embedded SQLite broker's autoscaler thread) right after each
+sample.
+
 Settings (environment; a bad value stops the worker with one line naming it):
 
 ==================================  ========  =============================================
 ``SCANQUEUE_AUTOSCALE_SOURCE``      ``db``    ``db`` (queued rows) or ``broker`` (queue length)
 ``SCANQUEUE_AUTOSCALE_THRESHOLD``   ``0``     waiting scans tolerated before growing
 ``SCANQUEUE_AUTOSCALE_GROW_AFTER``  ``1``     seconds the backlog must stay above it
+``SCANQUEUE_AUTOSCALE_SURGE``       ``4``     grow at once when the excess is this many
+                                              times the processes (0: never)
 ``SCANQUEUE_AUTOSCALE_SAMPLE_EVERY`` ``1``    seconds between backlog samples
-``SCANQUEUE_AUTOSCALE_TICK``        ``1``     seconds between decisions
+``SCANQUEUE_AUTOSCALE_TICK``        ``0.25``  seconds between decisions
 ``AUTOSCALE_KEEPALIVE``             ``30``    Celery's: seconds a surplus must last before
                                               shrinking (also the shrink cooldown)
 ==================================  ========  =============================================
@@ -65,9 +80,13 @@ SOURCES = ("db", "broker")
 DEFAULT_SOURCE = "db"
 DEFAULT_THRESHOLD = 0
 DEFAULT_GROW_AFTER_S = 1.0
+DEFAULT_SURGE_FACTOR = 4.0
 DEFAULT_SAMPLE_EVERY_S = 1.0
 DEPTH_MAX_AGE_S = 1.0  # a queue-depth count this recent (the bridge's) is reused
-DEFAULT_TICK_S = 1.0
+# While scans wait in this worker and it could grow, each decision asks for a fresh
+# count (not a shared one), at most once per this many seconds.
+PROMPT_SAMPLE_S = 0.25
+DEFAULT_TICK_S = 0.25
 # After a scan arrives, leave the pool alone this long even if the request looks
 # accepted: belt and braces for celery#7266.
 RECEIVE_GUARD_S = 2.0
@@ -84,6 +103,7 @@ class AutoscaleConfig:
     grow_after_s: float = DEFAULT_GROW_AFTER_S
     sample_every_s: float = DEFAULT_SAMPLE_EVERY_S
     tick_s: float = DEFAULT_TICK_S
+    surge_factor: float = DEFAULT_SURGE_FACTOR
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AutoscaleConfig:
@@ -103,6 +123,7 @@ class AutoscaleConfig:
                 env, "SCANQUEUE_AUTOSCALE_SAMPLE_EVERY", DEFAULT_SAMPLE_EVERY_S, 0.05
             ),
             tick_s=_number(env, "SCANQUEUE_AUTOSCALE_TICK", DEFAULT_TICK_S, 0.05),
+            surge_factor=_number(env, "SCANQUEUE_AUTOSCALE_SURGE", DEFAULT_SURGE_FACTOR, 0),
         )
 
 
@@ -133,6 +154,7 @@ class Policy:
     grow_after_s: float = DEFAULT_GROW_AFTER_S
     keepalive_s: float = 30.0
     receive_guard_s: float = RECEIVE_GUARD_S
+    surge_factor: float = DEFAULT_SURGE_FACTOR  # 0: always wait grow_after_s
 
 
 @dataclass(frozen=True)
@@ -174,12 +196,19 @@ def decide(policy: Policy, state: ScaleState, sample: Sample) -> Decision:
     excess = sample.backlog - policy.threshold
     if excess > 0 and saturated:
         since = state.pressure_since if state.pressure_since is not None else now
-        if procs < high and now - since >= policy.grow_after_s:
+        surge = policy.surge_factor > 0 and excess >= policy.surge_factor * procs
+        if procs < high and (surge or now - since >= policy.grow_after_s):
             grow = min(high - procs, excess)
-            reason = (
-                f"backlog {sample.backlog} above {policy.threshold} "
-                f"for {now - since:.1f}s with every process busy"
-            )
+            if surge:
+                reason = (
+                    f"backlog {sample.backlog} above {policy.threshold} by "
+                    f"{policy.surge_factor:g}x or more the {procs} processes, every one busy"
+                )
+            else:
+                reason = (
+                    f"backlog {sample.backlog} above {policy.threshold} "
+                    f"for {now - since:.1f}s with every process busy"
+                )
             return Decision(grow, reason, ScaleState(pressure_since=now, last_change=now))
         return Decision(0, "backlog building", replace(state, pressure_since=since))
     state = replace(state, pressure_since=None)
@@ -210,21 +239,52 @@ def decide(policy: Policy, state: ScaleState, sample: Sample) -> Decision:
 # -- sampling -----------------------------------------------------------------------------
 
 
-class BacklogSampler:
-    """Reads the backlog every ``every_s`` seconds in a daemon thread."""
+# Reads the backlog; the argument is how old a count made by this process may be.
+BacklogReader = Callable[[float], int | None]
 
-    def __init__(self, read: Callable[[], int | None], every_s: float, what: str) -> None:
+
+class BacklogSampler:
+    """Reads the backlog every ``every_s`` seconds in a daemon thread, sooner on request.
+
+    A scheduled sample accepts a count up to :data:`DEPTH_MAX_AGE_S` old (shared
+    with the bridge); a requested one (:meth:`request`) counts afresh.
+    ``on_sample`` is called after each attempt, from the sampler's thread.
+    """
+
+    def __init__(
+        self,
+        read: BacklogReader,
+        every_s: float,
+        what: str,
+        on_sample: Callable[[], None] | None = None,
+    ) -> None:
         self.read = read
         self.every_s = every_s
         self.what = what
+        self.on_sample = on_sample
         self._latest: tuple[int, float] | None = None
+        self._fresh_at: float | None = None  # the last requested read's end
+        self._reading = False
+        self._requested = False
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
 
-    def sample_once(self) -> None:
+    def sample_once(self, max_age_s: float = DEPTH_MAX_AGE_S) -> None:
+        self._reading = True
         try:
-            value = self.read()
+            self._read(max_age_s)
+        finally:
+            if max_age_s <= 0:
+                self._fresh_at = monotonic()
+            self._reading = False
+        if self.on_sample is not None:
+            self.on_sample()
+
+    def _read(self, max_age_s: float) -> None:
+        try:
+            value = self.read(max_age_s)
         except Exception as exc:
             # Unknown is not "as before": a stale depth would keep growing the pool.
             self._latest = None
@@ -236,6 +296,19 @@ class BacklogSampler:
             log.info("autoscale: reading the backlog from the %s again", self.what)
         self._failing = False
         self._latest = (max(0, int(value or 0)), monotonic())
+
+    def request(self, now: float, older_than_s: float) -> bool:
+        """Ask the thread for a fresh count now; return whether it was asked.
+
+        Not while a read is under way, nor within ``older_than_s`` of the last fresh
+        count (a scheduled sample may have shared one a second old).
+        """
+        fresh = self._fresh_at
+        if self._reading or (fresh is not None and now - fresh < older_than_s):
+            return False
+        self._requested = True
+        self._wake.set()
+        return True
 
     def latest(self, now: float) -> int:
         latest = self._latest
@@ -252,30 +325,33 @@ class BacklogSampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.sample_once()
-            self._stop.wait(self.every_s)
+            self._wake.clear()
+            requested, self._requested = self._requested, False
+            self.sample_once(0.0 if requested else DEPTH_MAX_AGE_S)
+            self._wake.wait(self.every_s)
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(5)
 
 
-def backlog_reader(source: str) -> Callable[[], int | None]:
+def backlog_reader(source: str) -> BacklogReader:
     from scanqueue.worker.app import app, settings
 
     if source == "broker":
         from scanqueue.dispatch.service import make_broker_depth
 
         broker_depth: Callable[[], int | None] = make_broker_depth(app)
-        return broker_depth
+        return lambda _max_age_s: broker_depth()
     from scanqueue.db.store import store_for
 
     store = store_for(settings.database_url)
 
-    def depth() -> int:
+    def depth(max_age_s: float) -> int:
         # Shared with the embedded bridge's gauge: one count per interval per process.
-        return store.queue_depth(max_age_s=DEPTH_MAX_AGE_S)
+        return store.queue_depth(max_age_s=max_age_s)
 
     return depth
 
@@ -295,7 +371,7 @@ class QueueDepthAutoscaler(celery_autoscale.Autoscaler):  # type: ignore[misc]
         keepalive: float | None = None,
         mutex: Any = None,
         config: AutoscaleConfig | None = None,
-        read_backlog: Callable[[], int | None] | None = None,
+        read_backlog: BacklogReader | None = None,
     ) -> None:
         if config is None:
             try:
@@ -319,13 +395,16 @@ class QueueDepthAutoscaler(celery_autoscale.Autoscaler):  # type: ignore[misc]
         self._read_backlog = read_backlog
         self.sampler: BacklogSampler | None = None
         self.last_decision: Decision | None = None
+        self._decide_now = threading.Event()  # set by each sample (the thread's tick)
 
     def _ensure_sampler(self) -> BacklogSampler:
         # Started on the first tick (after the pool's first fork), not in __init__.
         if self.sampler is None:
             read = self._read_backlog or backlog_reader(self.config.source)
             what = "broker" if self.config.source == "broker" else "database"
-            self.sampler = BacklogSampler(read, self.config.sample_every_s, what)
+            self.sampler = BacklogSampler(
+                read, self.config.sample_every_s, what, on_sample=self._decide_now.set
+            )
             self.sampler.start()
         return self.sampler
 
@@ -336,6 +415,7 @@ class QueueDepthAutoscaler(celery_autoscale.Autoscaler):  # type: ignore[misc]
             threshold=self.config.threshold,
             grow_after_s=self.config.grow_after_s,
             keepalive_s=self.idle_keepalive_s,
+            surge_factor=self.config.surge_factor,
         )
 
     def sample(self, now: float) -> Sample:
@@ -344,6 +424,10 @@ class QueueDepthAutoscaler(celery_autoscale.Autoscaler):  # type: ignore[misc]
         reserved = len(worker_state.reserved_requests)
         active = len(worker_state.active_requests)
         waiting_here = max(0, reserved - procs)
+        if waiting_here and procs < self.max_concurrency:
+            # A burst shows here first; the next period's sample could be a second away
+            # (docs/reference.md#autoscaler-settings).
+            sampler.request(now, PROMPT_SAMPLE_S)
         sampled = sampler.latest(now)
         # Queued rows already include what this worker reserved; a broker queue does not.
         backlog = (
@@ -357,6 +441,15 @@ class QueueDepthAutoscaler(celery_autoscale.Autoscaler):  # type: ignore[misc]
             backlog=backlog,
             last_received=self._last_task_received,
         )
+
+    def body(self) -> None:
+        # The thread without an event loop (the embedded SQLite broker).  Celery's
+        # decides once a second; this one every tick and right after each sample, so
+        # a requested sample is acted on at once.
+        self._decide_now.clear()
+        with self.mutex:
+            self.maybe_scale()
+        self._decide_now.wait(self.config.tick_s)
 
     def maybe_scale(self, req: Any = None) -> None:
         if req is not None:
@@ -425,6 +518,7 @@ class QueueDepthAutoscaler(celery_autoscale.Autoscaler):  # type: ignore[misc]
             source=self.config.source,
             threshold=self.config.threshold,
             grow_after_s=self.config.grow_after_s,
+            surge_factor=self.config.surge_factor,
             keepalive_s=self.idle_keepalive_s,
             backlog=self.sampler.latest(monotonic()) if self.sampler else None,
         )
@@ -433,6 +527,7 @@ class QueueDepthAutoscaler(celery_autoscale.Autoscaler):  # type: ignore[misc]
     def stop(self) -> None:
         if self.sampler is not None:
             self.sampler.stop()
+        self._decide_now.set()
         if self.is_alive():  # a thread only without the event loop
             super().stop()
 
