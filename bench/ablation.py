@@ -43,6 +43,7 @@ ARMS = {
     "no_lease": Arm("lease"),
     "none": Arm("events,metrics,lease"),
     "sync_commit_off": Arm(synchronous_commit="off"),
+    "no_wake": Arm("wake"),
     "unbounded_window": Arm(window=str(10**9)),
 }
 
