@@ -22,6 +22,7 @@ from sqlalchemy import Connection, bindparam, delete, func, select, text, update
 from scanqueue.db.engine import StoreBase
 from scanqueue.db.schema import (
     PAUSE_ALL,
+    SQLITE_TIME_FORMAT,
     STATUS_FAILED,
     STATUS_QUEUED,
     STATUS_RUNNING,
@@ -201,11 +202,32 @@ class PoliciesMixin(StoreBase):
                 taken.append(Intake(row.id, None, f"malformed row: {exc}"[:1000]))
         keyed = [{"b_id": t.scan_id, "b_key": t.key} for t in taken if t.error is None]
         bad = [{"b_id": t.scan_id, "b_error": t.error} for t in taken if t.error is not None]
-        if keyed:
+        if keyed and self.dialect == "postgresql":
+            # One statement for the batch: an executemany is a round trip a row, and
+            # this runs inside the claim's serialized transaction.
+            conn.execute(
+                text(
+                    "UPDATE scans SET effective_key = v.key, seen_at = clock_timestamp()"
+                    " FROM unnest(CAST(:ids AS text[]), CAST(:keys AS text[])) AS v(id, key)"
+                    " WHERE scans.id = v.id AND scans.seen_at IS NULL"
+                ),
+                {"ids": [k["b_id"] for k in keyed], "keys": [k["b_key"] for k in keyed]},
+            )
+        elif keyed:
             conn.execute(
                 update(scans)
                 .where(scans.c.id == bindparam("b_id"), scans.c.seen_at.is_(None))
-                .values(effective_key=bindparam("b_key"), seen_at=self._now),
+                .values(
+                    effective_key=bindparam("b_key"),
+                    seen_at=self._now,
+                    # The claim compares run_after as text: a row another program
+                    # wrote as "2026-12-06T10:00:00Z" (or with an offset) is brought
+                    # to the one form the comparison needs, in UTC; text SQLite
+                    # cannot read as a time stays as it is.
+                    run_after=func.coalesce(
+                        func.strftime(SQLITE_TIME_FORMAT, scans.c.run_after), scans.c.run_after
+                    ),
+                ),
                 keyed,
             )
         if bad:

@@ -48,8 +48,10 @@ FINISHED_STATUSES = (STATUS_COMPLETED, STATUS_FAILED, STATUS_CANCELED)
 
 NOTIFY_CHANNEL = "scanqueue_scans"
 
-# SQLite's CURRENT_TIMESTAMP has whole seconds only; %f gives milliseconds.
-SQLITE_NOW_SQL = "strftime('%Y-%m-%d %H:%M:%f','now')"
+# SQLite's CURRENT_TIMESTAMP has whole seconds only; %f gives milliseconds.  Times
+# scanqueue compares as text on SQLite are in this one form (UTC).
+SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%f"
+SQLITE_NOW_SQL = f"strftime('{SQLITE_TIME_FORMAT}','now')"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
