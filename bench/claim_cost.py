@@ -2,8 +2,8 @@
 
 Under a backlog the window is full and every start frees one place, so the bridge
 claims one scan at a time: this is the embedded bridge's per-scan cost in the
-worker's main process.  The loop starts one dispatched scan (plain SQL, as a
-worker would), then times ``Store.claim_within_window`` as the bridge calls it
+worker's main process.  The loop runs one dispatched scan (plain SQL: started and
+finished), then times ``Store.claim_within_window`` as the bridge calls it
 (intake on, the default per-key limit), with and without per-key limits.
 
     .venv/bin/python -m bench.claim_cost [--n 500] [--backlog 10000]
@@ -18,6 +18,7 @@ import uuid
 from typing import Any
 
 from bench.harness import Db, create_pg_database, drop_pg_database, summary_ms, upgrade
+from scanqueue.config import normalize_database_url
 from scanqueue.db.store import store_for
 from scanqueue.dispatch.intake import derive_key
 
@@ -25,12 +26,14 @@ WINDOW = 4
 
 
 def run(db: Db, n: int, key_limit: int) -> dict[str, Any]:
-    store = store_for(db.url)
+    store = store_for(normalize_database_url(db.url))
     store.claim_within_window(100, WINDOW, key_limit=key_limit, derive=derive_key, intake=[])
     times: list[float] = []
     for _ in range(n):
         db.execute(
-            "UPDATE scans SET status = 'running', started_at = now() WHERE id = ("
+            # Started and finished at once: a key's limit counts running scans.
+            "UPDATE scans SET status = 'completed', started_at = now(), finished_at = now()"
+            " WHERE id = ("
             "SELECT id FROM scans WHERE status = 'queued' AND dispatched_at IS NOT NULL"
             " ORDER BY dispatched_at LIMIT 1)"
         )
