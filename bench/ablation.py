@@ -3,15 +3,23 @@
 Runs, ROUNDS times and interleaved: raw Celery, scanqueue as shipped, and scanqueue
 with events, metrics, the lease keeper, or all three switched off
 (``bench/ablation_runners.py``), or on a database with ``synchronous_commit = off``
-(commits do not wait for the WAL flush; the statements are otherwise unchanged).
+(commits do not wait for the WAL flush; the statements are otherwise unchanged), or
+with its events in the ``scanqueue_events`` table instead of the Redis stream
+(``table_events``: no ``REDIS_URL``, Redis as the broker only).
 Each run is N no-op scans through a warmed-up worker, as in ``bench.run``'s
 throughput phase.  Prints each run and the medians as ratios against raw Celery.
 An experiment for the bound analysis in ``bench/README.md``.
 
+With ``BENCH_AB_BASE=DIR`` (a source tree of another commit, e.g. from ``git
+archive``), each arm also runs from that tree as ``ARM@base``, interleaved with
+this tree's: a before/after in one run.  Several trees: ``LABEL=DIR,LABEL=DIR``
+(arms ``ARM@LABEL``).
+
     .venv/bin/python -m bench.ablation                  # every arm, 3 rounds of 4,000
     BENCH_ABLATION_ARMS=shipped,no_events BENCH_AB_ROUNDS=5 .venv/bin/python -m bench.ablation
     BENCH_ABLATION_ARMS=shipped,sync_commit_off .venv/bin/python -m bench.ablation
-    BENCH_ABLATION_ARMS=shipped,unbounded_window .venv/bin/python -m bench.ablation
+    BENCH_AB_BASE=/tmp/old BENCH_ABLATION_ARMS=table_events .venv/bin/python -m bench.ablation
+    BENCH_ABLATION_ARMS=shipped,no_wake,unbounded_window .venv/bin/python -m bench.ablation
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import json
 import os
 import statistics
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psycopg2
@@ -33,6 +41,8 @@ from bench.run import Bench, RawCelery, Sizes, db_throughput, start_scanqueue
 class Arm:
     ablate: str = ""  # BENCH_ABLATE: the parts switched off
     synchronous_commit: str = "on"  # the benchmark database's setting
+    events_in_table: bool = False  # no REDIS_URL: events in scanqueue_events
+    source: str = ""  # another source tree to run scanqueue from (BENCH_AB_BASE)
     window: str = ""  # SCANQUEUE_DISPATCH_WINDOW; "" = the default (twice the slots, at least 4)
 
 
@@ -43,6 +53,7 @@ ARMS = {
     "no_lease": Arm("lease"),
     "none": Arm("events,metrics,lease"),
     "sync_commit_off": Arm(synchronous_commit="off"),
+    "table_events": Arm(events_in_table=True),
     "no_wake": Arm("wake"),
     "unbounded_window": Arm(window=str(10**9)),
 }
@@ -62,14 +73,15 @@ def scanqueue_run(b: Bench, n: int, arm: Arm) -> float:
     try:
         if arm.synchronous_commit != "on":
             set_synchronous_commit(db.url, arm.synchronous_commit)
-        worker = start_scanqueue(
-            b,
-            db,
-            "2,2",
-            runner="bench.ablation_runners:noop",
-            BENCH_ABLATE=arm.ablate,
-            **({"SCANQUEUE_DISPATCH_WINDOW": arm.window} if arm.window else {}),
-        )
+        extra = {"BENCH_ABLATE": arm.ablate}
+        if arm.events_in_table:
+            assert b.redis is not None
+            extra.update(REDIS_URL="", CELERY_BROKER_URL=b.redis.url)
+        if arm.source:
+            extra["PYTHONPATH"] = arm.source
+        if arm.window:
+            extra["SCANQUEUE_DISPATCH_WINDOW"] = arm.window
+        worker = start_scanqueue(b, db, "2,2", runner="bench.ablation_runners:noop", **extra)
         run = db_throughput(db, n, worker, timeout_s=n / 20.0)
         b.stop(worker)
     finally:
@@ -86,6 +98,14 @@ def main() -> None:
     b.redis = RedisServer(tmp)
     b.redis.start()
     chosen = [a for a in os.environ.get("BENCH_ABLATION_ARMS", ",".join(ARMS)).split(",") if a]
+    arms_by_name = {name: ARMS[name] for name in chosen}
+    trees = [t for t in os.environ.get("BENCH_AB_BASE", "").split(",") if t]
+    labels = [t.partition("=")[0] if "=" in t else "base" for t in trees]
+    for label, tree in zip(labels, trees, strict=True):
+        for name in chosen:
+            source = str(Path(tree.partition("=")[2] if "=" in tree else tree).resolve())
+            arms_by_name[f"{name}@{label}"] = replace(ARMS[name], source=source)
+    chosen = [n for name in chosen for n in (name, *(f"{name}@{label}" for label in labels))]
     runs: dict[str, list[float]] = {"raw": [], **{arm: [] for arm in chosen}}
     try:
         for i in range(rounds):
@@ -94,7 +114,7 @@ def main() -> None:
             b.stop(raw.proc)
             arms = chosen if i % 2 == 0 else list(reversed(chosen))
             for arm in arms:
-                runs[arm].append(scanqueue_run(b, n, ARMS[arm]))
+                runs[arm].append(scanqueue_run(b, n, arms_by_name[arm]))
             print(
                 f"round {i + 1}: " + ", ".join(f"{k} {v[-1]}/s" for k, v in runs.items()),
                 flush=True,
