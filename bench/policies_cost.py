@@ -15,8 +15,18 @@ one finished; ``started_at − created_at``), then N rows in one INSERT, through
 = N / (last ``finished_at`` − ``created_at``), and the worker tree's CPU per scan.
 Prints each run, then the medians with min–max and policies / plain.
 
+``--claim-cost`` measures the claim alone instead, in process, on PostgreSQL and
+SQLite: wall ms (median, p95 of ``--reps``) of ``Store.claim_within_window(100,
+1000)`` at each backlog size (``--sizes``; priorities 0/10/20/30, one ``INSERT …
+SELECT``, claimed rows released again after each claim).  Rows over 50 keys:
+without limits, with a per-key limit of 5, and with every key full (limit 1, one
+scan of each key dispatched: nothing to claim).  A key per scan (limit 1), then
+with 2,000 rows of one full key of priority 100 ahead of them.  Writes
+``bench/results/claim_cost.json``.
+
     .venv/bin/python -m bench.policies_cost                      # 3 rounds, 3,000 scans
     .venv/bin/python -m bench.policies_cost --rounds 4 --n 3000 --pickup 40
+    .venv/bin/python -m bench.policies_cost --claim-cost [--sizes 100000,1000000]
 """
 
 from __future__ import annotations
@@ -32,10 +42,25 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.harness import BIN, Db, Proc, RedisServer, loadavg, summary_ms, tree_cpu_s, wait_for
+from bench.harness import (
+    BIN,
+    Db,
+    Proc,
+    RedisServer,
+    create_pg_database,
+    drop_pg_database,
+    loadavg,
+    pct,
+    summary_ms,
+    tree_cpu_s,
+    upgrade,
+    wait_for,
+)
 from bench.run import NOOP_RUNNER, Bench, Sizes, exactly_once, start_scanqueue
 
 RESULTS = Path(__file__).resolve().parent / "results" / "policies_cost.json"
+CLAIM_RESULTS = Path(__file__).resolve().parent / "results" / "claim_cost.json"
+CLAIM_KEYS = 50
 KEYS = [f"acct-{i:02d}" for i in range(20)]
 PRIORITIES = (0, 5, 10, 100)
 # Any: start_scanqueue's keyword arguments besides the environment are not str
@@ -148,6 +173,116 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
+def fill_backlog(store: Any, n: int, keys: str, prefix: str = "b", priority: str = "") -> None:
+    """``n`` queued rows already taken in, in one statement; ``keys`` and ``priority``
+    are SQL expressions of the row number ``i``."""
+    from sqlalchemy import text
+
+    rows = (
+        f"generate_series(0, {n - 1}) AS g(i)"
+        if store.dialect == "postgresql"
+        else f"(WITH RECURSIVE g(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM g WHERE i < {n - 1})"
+        " SELECT i FROM g)"
+    )
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned, priority,"
+                f" scan_key, effective_key, seen_at) SELECT '{prefix}' || i, 'queued',"
+                f" '[\"aws\"]', '[]', {priority or '(i % 4) * 10'}, {keys}, {keys},"
+                f" '2020-01-01 00:00:00' FROM {rows}"
+            )
+        )
+    if store.dialect == "postgresql":
+        with store.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                text("VACUUM ANALYZE scans")
+            )
+
+
+def timed_claims(store: Any, reps: int, key_limit: int, release: bool) -> dict[str, Any]:
+    """Wall ms of ``claim_within_window(100, 1000)`` (released again after each)."""
+    samples: list[float] = []
+    claimed = 0
+    for i in range(reps + 1):
+        t0 = time.perf_counter()
+        ids, _ = store.claim_within_window(100, 1000, key_limit=key_limit)
+        if i:  # the first call connects and prepares
+            samples.append(time.perf_counter() - t0)
+        claimed = len(ids)
+        if release:
+            store.release_dispatch(ids)
+    ms = [v * 1000.0 for v in samples]
+    return {
+        "median_ms": round(pct(ms, 50) or 0.0, 2),
+        "p95_ms": round(pct(ms, 95) or 0.0, 2),
+        "claimed": claimed,
+    }
+
+
+def shared_keys(store: Any, n: int, reps: int) -> dict[str, Any]:
+    """CLAIM_KEYS keys: without limits, with a limit of 5, with every key full."""
+    fill_backlog(store, n, f"'acct-' || (i % {CLAIM_KEYS})")
+    res = {
+        "no limit": timed_claims(store, reps, 0, True),
+        "limit 5": timed_claims(store, reps, 5, True),
+    }
+    held, _ = store.claim_within_window(100, 1000, key_limit=1)  # one of each key
+    res["every key full"] = timed_claims(store, reps, 1, False)
+    store.release_dispatch(held)
+    return res
+
+
+def own_keys(store: Any, n: int, reps: int) -> dict[str, Any]:
+    """A key per scan (limit 1); then a full key's 2,000 rows ahead of them all."""
+    fill_backlog(store, n, "'own-' || i")
+    res = {"a key per scan": timed_claims(store, reps, 1, True)}
+    fill_backlog(store, 2000, "'hot'", prefix="h", priority="100")
+    held, _ = store.claim_within_window(1, 1000, key_limit=1)
+    res["a full key's 2,000 rows ahead"] = timed_claims(store, reps, 1, True)
+    store.release_dispatch(held)
+    return res
+
+
+def claim_cost(backends: list[str], sizes: list[int], reps: int) -> int:
+    import shutil
+
+    from scanqueue.config import normalize_database_url
+    from scanqueue.db.store import Store
+
+    results: list[dict[str, Any]] = []
+    for backend in backends:
+        for n in sizes:
+            for shape in (shared_keys, own_keys):
+                tmp = Path(tempfile.mkdtemp(prefix="scanqueue-claim-cost-"))
+                pg = backend == "postgresql"
+                url = create_pg_database() if pg else f"sqlite:///{tmp}/scans.db"
+                try:
+                    upgrade(url)
+                    store = Store(normalize_database_url(url))
+                    try:
+                        row = {"backend": backend, "queued": n, **shape(store, n, reps)}
+                    finally:
+                        store.dispose()
+                finally:
+                    if pg:
+                        drop_pg_database(url)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                results.append(row)
+                print(
+                    f"{backend} {n:>8} queued: "
+                    + ", ".join(
+                        f"{k} {v['median_ms']} ms (p95 {v['p95_ms']}, {v['claimed']} claimed)"
+                        for k, v in row.items()
+                        if isinstance(v, dict)
+                    ),
+                    flush=True,
+                )
+    CLAIM_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    CLAIM_RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.policies_cost", description=__doc__)
     p.add_argument("--rounds", type=int, default=3)
@@ -159,7 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated from plain, policies, no_limit (priorities and keys, no limit)",
     )
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--claim-cost", action="store_true", help="time the claim alone instead")
+    p.add_argument("--sizes", default="100000,1000000", help="--claim-cost: queued rows")
+    p.add_argument("--backends", default="postgresql,sqlite", help="--claim-cost: databases")
+    p.add_argument("--reps", type=int, default=50, help="--claim-cost: claims timed per case")
     args = p.parse_args(argv)
+    if args.claim_cost:
+        return claim_cost(
+            args.backends.split(","), [int(n) for n in args.sizes.split(",")], args.reps
+        )
     arms = [a for a in args.arms.split(",") if a]
     assert set(arms) <= {"plain", "policies", "no_limit"}, args.arms
     tmp = Path(tempfile.mkdtemp(prefix="scanqueue-bench-"))

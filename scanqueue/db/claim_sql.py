@@ -149,7 +149,7 @@ walk_raw AS MATERIALIZED (
 walk AS MATERIALIZED (
     SELECT w.id, w.effective_key, w.priority, w.created_at FROM walk_raw w
     WHERE NOT EXISTS (SELECT 1 FROM saturated s WHERE s.key = w.effective_key)
-    LIMIT :m),
+    LIMIT (SELECT 2 * cap + 16 FROM sizes)),
 walked AS MATERIALIZED (
     SELECT id, priority, created_at FROM (
         SELECT w.*, row_number() OVER (
@@ -161,7 +161,8 @@ walked AS MATERIALIZED (
     SELECT id, priority, created_at FROM fast WHERE effective_key IN (SELECT key FROM saturated)),
 walked_ok AS MATERIALIZED (
     SELECT (SELECT count(*) FROM walked) >= (SELECT cap FROM sizes)
-        OR ((SELECT count(*) FROM walk) < :m AND (SELECT count(*) FROM walk_raw) < {walk})
+        OR ((SELECT count(*) FROM walk) < (SELECT 2 * cap + 16 FROM sizes)
+            AND (SELECT count(*) FROM walk_raw) < {walk})
         AS complete),
 route AS MATERIALIZED (
     SELECT CASE WHEN NOT (SELECT open FROM gate) THEN 'first'
