@@ -39,13 +39,18 @@ def test_the_leader_bridge_prunes_by_the_rules_and_counts_it(
         interval=0.5,
         what="the old scans pruned",
     )
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {
-        line.split(" ")[0]: float(line.split(" ")[1])
-        for line in text.splitlines()
-        if line.startswith("scanqueue_pruned_total")
-    }
+
+    def pruned_samples() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line.startswith("scanqueue_pruned_total")
+        }
+
+    # The counters move after the pass commits: a moment after the rows are gone.
+    samples = wait_for(pruned_samples, 10, interval=0.2, what="the pruned counters")
     assert samples == {
         'scanqueue_pruned_total{what="scans"}': 5.0,
         'scanqueue_pruned_total{what="findings"}': 15.0,

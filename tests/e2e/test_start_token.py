@@ -148,4 +148,7 @@ def test_with_priorities_mixed_every_scan_runs_exactly_once(
     assert starts == sorted(ids)
     swaps = worker.output().count(SWAP_LOG)
     report(f"messages that started another scan ({len(ids)} scans)", swaps, "")
-    assert swaps > 0
+    if db_url.startswith("postgresql"):
+        # On SQLite the broker's 0.1 s poll lets the bridge's claim swap put the
+        # messages in priority order first, so a start swap may never be needed.
+        assert swaps > 0
