@@ -50,7 +50,12 @@ def test_the_leader_bridge_prunes_by_the_rules_and_counts_it(
         }
 
     # The counters move after the pass commits: a moment after the rows are gone.
-    samples = wait_for(pruned_samples, 10, interval=0.2, what="the pruned counters")
+    samples = wait_for(
+        lambda: (found := pruned_samples()) if len(found) == 3 else None,
+        10,
+        interval=0.2,
+        what="the pruned counters",
+    )
     assert samples == {
         'scanqueue_pruned_total{what="scans"}': 5.0,
         'scanqueue_pruned_total{what="findings"}': 15.0,
