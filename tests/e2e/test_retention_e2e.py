@@ -50,12 +50,11 @@ def test_the_leader_bridge_prunes_by_the_rules_and_counts_it(
         }
 
     # The counters move after the pass commits: a moment after the rows are gone.
-    samples = wait_for(
-        lambda: (found := pruned_samples()) if len(found) == 3 else None,
-        10,
-        interval=0.2,
-        what="the pruned counters",
-    )
+    def all_three() -> dict[str, float] | None:
+        found = pruned_samples()
+        return found if len(found) == 3 else None
+
+    samples = wait_for(all_three, 10, interval=0.2, what="the pruned counters")
     assert samples == {
         'scanqueue_pruned_total{what="scans"}': 5.0,
         'scanqueue_pruned_total{what="findings"}': 15.0,
