@@ -18,9 +18,10 @@ Prints each run, then the medians with min–max and policies / plain.
 ``--claim-cost`` measures the claim alone instead, in process, on PostgreSQL and
 SQLite: wall ms (median, p95 of ``--reps``) of ``Store.claim_within_window(100,
 1000)`` at each backlog size (``--sizes``; priorities 0/10/20/30, one ``INSERT …
-SELECT``, claimed rows released again after each claim).  Rows over 50 keys:
-without limits, with a per-key limit of 5, and with every key full (limit 1, one
-scan of each key dispatched: nothing to claim).  A key per scan (limit 1), then
+SELECT``, claimed rows released again after each claim), and this process's CPU
+per claim.  Rows over 50 keys: without limits, with a per-key limit of 5, both
+again at a window of 4 (limit 2: the policies arm's), and with every key full
+(limit 1, one scan of each key dispatched: nothing to claim).  A key per scan (limit 1), then
 with 2,000 rows of one full key of priority 100 ahead of them.  Writes
 ``bench/results/claim_cost.json``.
 
@@ -200,15 +201,20 @@ def fill_backlog(store: Any, n: int, keys: str, prefix: str = "b", priority: str
             )
 
 
-def timed_claims(store: Any, reps: int, key_limit: int, release: bool) -> dict[str, Any]:
-    """Wall ms of ``claim_within_window(100, 1000)`` (released again after each)."""
+def timed_claims(
+    store: Any, reps: int, key_limit: int, release: bool, window: int = 1000
+) -> dict[str, Any]:
+    """Wall ms of ``claim_within_window(100, window)`` (released again after each), and
+    this process's CPU ms per claim."""
     samples: list[float] = []
+    cpu = 0.0
     claimed = 0
     for i in range(reps + 1):
-        t0 = time.perf_counter()
-        ids, _ = store.claim_within_window(100, 1000, key_limit=key_limit)
+        t0, c0 = time.perf_counter(), time.process_time()
+        ids, _ = store.claim_within_window(100, window, key_limit=key_limit)
         if i:  # the first call connects and prepares
             samples.append(time.perf_counter() - t0)
+            cpu += time.process_time() - c0
         claimed = len(ids)
         if release:
             store.release_dispatch(ids)
@@ -216,6 +222,7 @@ def timed_claims(store: Any, reps: int, key_limit: int, release: bool) -> dict[s
     return {
         "median_ms": round(pct(ms, 50) or 0.0, 2),
         "p95_ms": round(pct(ms, 95) or 0.0, 2),
+        "cpu_ms": round(cpu * 1000.0 / max(1, reps), 2),
         "claimed": claimed,
     }
 
@@ -226,6 +233,8 @@ def shared_keys(store: Any, n: int, reps: int) -> dict[str, Any]:
     res = {
         "no limit": timed_claims(store, reps, 0, True),
         "limit 5": timed_claims(store, reps, 5, True),
+        "window 4, no limit": timed_claims(store, reps, 0, True, window=4),
+        "window 4, limit 2": timed_claims(store, reps, 2, True, window=4),
     }
     held, _ = store.claim_within_window(100, 1000, key_limit=1)  # one of each key
     res["every key full"] = timed_claims(store, reps, 1, False)
@@ -272,7 +281,8 @@ def claim_cost(backends: list[str], sizes: list[int], reps: int) -> int:
                 print(
                     f"{backend} {n:>8} queued: "
                     + ", ".join(
-                        f"{k} {v['median_ms']} ms (p95 {v['p95_ms']}, {v['claimed']} claimed)"
+                        f"{k} {v['median_ms']} ms (p95 {v['p95_ms']}, CPU {v['cpu_ms']},"
+                        f" {v['claimed']} claimed)"
                         for k, v in row.items()
                         if isinstance(v, dict)
                     ),

@@ -123,24 +123,19 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
             self._pg_prepare = pg_prepare_sql()
             self._pg_execute = pg_execute_sql()
         else:
+            # By id alone: BEGIN IMMEDIATE has kept every other writer out since the
+            # plan's SELECT saw these rows, and with a status term SQLite would rather
+            # read every queued row through (status, created_at) than look up a few ids.
             self._sqlite_claim_plan: Executable = text(policy_claim_sql("sqlite"))
             self._claim_ids_stmt: Executable = (
                 update(scans)
-                .where(
-                    scans.c.id.in_(bindparam("ids", expanding=True)),
-                    scans.c.status == STATUS_QUEUED,
-                    scans.c.dispatched_at.is_(None),
-                )
+                .where(scans.c.id.in_(bindparam("ids", expanding=True)))
                 .values(dispatched_at=self._now, dispatch_count=scans.c.dispatch_count + 1)
                 .returning(scans.c.id, scans.c.created_at, scans.c.priority)
             )
             self._release_ids_stmt: Executable = (
                 update(scans)
-                .where(
-                    scans.c.id.in_(bindparam("ids", expanding=True)),
-                    scans.c.status == STATUS_QUEUED,
-                    scans.c.dispatched_at.is_not(None),
-                )
+                .where(scans.c.id.in_(bindparam("ids", expanding=True)))
                 .values(dispatched_at=None)
                 .returning(scans.c.id)
             )
@@ -281,12 +276,19 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         """Undo a claim whose publish failed, so the next pass retries it."""
         if not scan_ids:
             return
+        stmt: Executable = (
+            update(scans)
+            .where(scans.c.id.in_(list(scan_ids)), scans.c.status == STATUS_QUEUED)
+            .values(dispatched_at=None)
+        )
+        if self.dialect == "sqlite":
+            # "+status": not an index term, so SQLite looks the ids up by key instead
+            # of reading every queued row through (status, created_at).
+            stmt = text(
+                "UPDATE scans SET dispatched_at = NULL WHERE id IN :ids AND +status = 'queued'"
+            ).bindparams(bindparam("ids", list(scan_ids), expanding=True))
         with self._tx(single=True) as conn:
-            conn.execute(
-                update(scans)
-                .where(scans.c.id.in_(list(scan_ids)), scans.c.status == STATUS_QUEUED)
-                .values(dispatched_at=None)
-            )
+            conn.execute(stmt)
 
     def claim_for_redispatch(
         self,

@@ -333,6 +333,31 @@ def test_the_claim_stays_flat_when_every_key_is_full(every_key_full: Store) -> N
     assert examined < bound, examined
 
 
+def test_sqlite_claims_and_releases_look_ids_up_by_key(every_key_full: Store) -> None:
+    """Updating a few claimed or released rows must not read the 10**5 queued ones (with
+    a status term SQLite would go through its (status, created_at) index instead)."""
+    store = every_key_full
+    if store.dialect != "sqlite":
+        pytest.skip("PostgreSQL's plan is checked by the rows it reads")
+    held = store.claim_within_window(100, 1000, key_limit=2)[0]  # a second scan of each key
+    assert len(held) == 20
+    steps = [0]
+
+    def tick() -> int:
+        steps[0] += 1
+        return 0
+
+    def count(dbapi_conn: Any, *_: Any) -> None:
+        dbapi_conn.set_progress_handler(tick, 1)
+
+    for engine in (store.engine, store._autocommit_engine.engine):
+        event.listen(engine, "checkout", count)
+    store.release_dispatch(held)
+    assert store.claim_within_window(100, 1000, key_limit=2)[0] == held
+    # About 100,000 steps; reading the queued rows would take several million.
+    assert steps[0] < 400_000, steps[0]
+
+
 def test_a_deep_key_ahead_of_many_keys_is_walked_past(store: Store) -> None:
     """A key with room for one more holds the 500 first rows, 3,000 keys of one scan
     each come after it: the claim takes its one row and walks past the rest to the
