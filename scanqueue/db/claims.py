@@ -162,8 +162,14 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         derive: DeriveKey | None = None,
         intake: list[Intake] | None = None,
         released: list[str] | None = None,
+        min_room: int = 1,
     ) -> tuple[list[str], int]:
         """Claim ``min(limit, window - in_flight)`` scans; returns (ids, room left).
+
+        With ``min_room``, a window with some scans in flight is refilled only once
+        that much room is free (a swap, or an empty window, claims at once): under a
+        backlog every start frees one place, and claiming each alone made the claim
+        a per-scan cost.
 
         The policies apply (module docstring); ``key_limit`` is the default per-key
         limit.  With ``derive``, unseen queued rows are first taken in, in the same
@@ -189,7 +195,10 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         in_flight = int(look.in_flight)
         unseen = derive is not None and bool(look.unseen)
         swap = look.top is not None and look.lowest is not None and look.top > look.lowest
-        claimable = not look.all_paused and (in_flight < window or swap)
+        room = window - in_flight
+        claimable = not look.all_paused and (
+            room >= min(max(1, min_room), window) or (in_flight == 0 and room > 0) or swap
+        )
         if not claimable and not unseen:
             return [], max(0, window - in_flight)
         with self._serialized_tx() as conn:

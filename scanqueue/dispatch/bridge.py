@@ -113,6 +113,16 @@ class PublishError(ScanqueueError):
 Publish = Callable[[Sequence[str]], None]  # raises PublishError on partial failure
 
 
+def refill_room(window: int) -> int:
+    """Room a window with scans in flight must have before the bridge claims again.
+
+    Half the window: the other half (one message a slot, at the default of twice
+    the slots) keeps the workers fed while the claim runs, and claims come in
+    batches of half a window instead of one claim a start.
+    """
+    return max(1, window // 2)
+
+
 def default_window(live_slots: int) -> int:
     """Twice the live workers' slots, at least :data:`MIN_WINDOW`."""
     return max(MIN_WINDOW, WINDOW_PER_SLOT * live_slots)
@@ -146,13 +156,15 @@ class Bridge:
         policies) and publish it; returns how many were published."""
         taken: list[Intake] = []
         released: list[str] = []
+        window = self.window()
         ids, room = self.store.claim_within_window(
             self.batch,
-            self.window(),
+            window,
             key_limit=self.key_limit,
             derive=self.derive,
             intake=taken,
             released=released,
+            min_room=refill_room(window),
         )
         if taken and self.on_intake is not None:
             self.on_intake(taken)
@@ -160,7 +172,8 @@ class Bridge:
             # Queued again, for a later claim; the worker's start passes over a scan
             # whose dispatch was released, so their stale messages run nothing twice.
             log.debug("released %d dispatched scan(s) for higher-priority ones", len(released))
-        self.window_full = room == 0
+        # "Full" until a claim can take something: the loop then waits for starts.
+        self.window_full = room < refill_room(window)
         return self._publish_claimed(ids)
 
     def _publish_claimed(self, ids: list[str]) -> int:
