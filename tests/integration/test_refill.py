@@ -1,0 +1,59 @@
+"""The bridge refills a window with scans in flight only once half of it is free
+(docs/reference.md#scanqueue-settings); an empty window and a swap claim at once."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from scanqueue.db.store import store_for
+from scanqueue.dispatch.bridge import refill_room
+from scanqueue.dispatch.intake import derive_key
+from tests.conftest import insert_rows
+
+WINDOW = 4
+
+
+def _start_one(url: str) -> None:
+    store = store_for(url)
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE scans SET status = 'running' WHERE id = (SELECT id FROM scans"
+                " WHERE status = 'queued' AND dispatched_at IS NOT NULL ORDER BY id LIMIT 1)"
+            )
+        )
+
+
+def test_half_a_window_must_be_free_before_the_next_claim(migrated: str) -> None:
+    store = store_for(migrated)
+    insert_rows(migrated, [f"s{i:02d}" for i in range(20)])
+    room = refill_room(WINDOW)
+    assert room == 2
+
+    def claim() -> tuple[list[str], int]:
+        return store.claim_within_window(100, WINDOW, derive=derive_key, intake=[], min_room=room)
+
+    ids, left = claim()  # an empty window fills at once
+    assert len(ids) == WINDOW and left == 0
+    _start_one(migrated)
+    assert claim() == ([], 1)  # one place free: wait for the next start
+    _start_one(migrated)
+    ids, left = claim()
+    assert len(ids) == 2 and left == 0  # two at once, never more than the window
+    assert store.in_flight() == WINDOW
+
+
+def test_a_higher_priority_scan_swaps_in_whatever_the_room(migrated: str) -> None:
+    store = store_for(migrated)
+    insert_rows(migrated, [f"s{i:02d}" for i in range(10)])
+    ids, _ = store.claim_within_window(100, WINDOW, derive=derive_key, intake=[], min_room=2)
+    assert len(ids) == WINDOW
+    insert_rows(migrated, ["urgent"])
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE scans SET priority = 100 WHERE id = 'urgent'"))
+    released: list[str] = []
+    ids, _ = store.claim_within_window(
+        100, WINDOW, derive=derive_key, intake=[], released=released, min_room=2
+    )
+    assert ids == ["urgent"] and len(released) == 1
+    assert store.in_flight() == WINDOW
