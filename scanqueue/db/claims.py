@@ -107,11 +107,13 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         if self.dialect == "sqlite":
             # Without statistics SQLite prefers the (status, created_at) index and then
             # sorts every queued row by priority: named here, the partial claim-order
-            # index is read in order and the cost stays flat with the backlog.
+            # index is read in order and the cost stays flat with the backlog.  In the
+            # UPDATE, "+status" is no index term, so the rows are looked up by id rather
+            # than found among every queued row.
             self._claim_stmt = text(
                 f"UPDATE scans SET dispatched_at = {SQLITE_NOW_SQL},"
                 " dispatch_count = dispatch_count + 1"
-                " WHERE status = 'queued' AND id IN (SELECT id FROM scans INDEXED BY"
+                " WHERE +status = 'queued' AND id IN (SELECT id FROM scans INDEXED BY"
                 f" scans_claim_order_idx WHERE {_SQLITE_CLAIMABLE}"
                 " ORDER BY priority DESC, created_at, id LIMIT :limit)"
                 " RETURNING id, created_at, priority"

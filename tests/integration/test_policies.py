@@ -354,7 +354,8 @@ def test_sqlite_claims_and_releases_look_ids_up_by_key(every_key_full: Store) ->
         event.listen(engine, "checkout", count)
     store.release_dispatch(held)
     assert store.claim_within_window(100, 1000, key_limit=2)[0] == held
-    # About 100,000 steps; reading the queued rows would take several million.
+    assert len(store.claim_for_dispatch(3)) == 3  # the claim without a window
+    # About 200,000 steps; reading the queued rows would take over a million.
     assert steps[0] < 400_000, steps[0]
 
 
