@@ -196,15 +196,15 @@ slow AS (
     WHERE roomy.room IS NULL OR roomy.room > 0),
 """
 # SQLite has no LATERAL and no correlated LIMIT: the first :cap of each key, ranked.
-_SLOW_SQLITE = f"""
+_SLOW_SQLITE = """
 slow AS (
     SELECT id, priority, created_at FROM (
         SELECT s.id, s.priority, s.created_at, roomy.room, row_number() OVER (
                 PARTITION BY roomy.k ORDER BY s.priority DESC, s.created_at, s.id) AS nth
         FROM roomy JOIN scans s ON s.id IN (
-            SELECT id FROM scans INDEXED BY scans_key_claim_order_idx
+            SELECT id FROM scans{by_key}
             WHERE effective_key = roomy.k AND status = 'queued' AND dispatched_at IS NULL
-              AND (run_after IS NULL OR run_after <= {SQLITE_NOW_SQL})
+              AND (run_after IS NULL OR run_after <= {now})
             ORDER BY priority DESC, created_at, id LIMIT :cap)
         WHERE roomy.room IS NULL OR roomy.room > 0) t
     WHERE t.room IS NULL OR t.nth <= t.room),
@@ -334,10 +334,13 @@ _ROOM_OF_KR = (
 )
 
 
-def policy_claim_sql(dialect: str) -> str:
+def policy_claim_sql(dialect: str, *, key_index: bool = True) -> str:
     """The claim with ``:name`` parameters: PostgreSQL's whole statement, or SQLite's
-    SELECT of the ids to claim and release."""
+    SELECT of the ids to claim and release.  ``key_index=False``: SQLite without
+    ``scans_key_claim_order_idx`` (a schema older than the code: slower, not wrong)."""
     fmt = dict(_DIALECT[dialect])
+    if not key_index:
+        fmt["by_key"] = ""
     fmt.update(
         first_key=_FIRST_KEY.format(**fmt),
         next_few=_NEXT_KEY.format(src="few_keys", **fmt),
@@ -349,7 +352,7 @@ def policy_claim_sql(dialect: str) -> str:
     common = _COMMON.format(**fmt)
     if dialect == "postgresql":
         return common + _SLOW_PG + _PICKED + _TAIL_PG
-    return common + _SLOW_SQLITE + _PICKED + _TAIL_SQLITE
+    return common + _SLOW_SQLITE.format(**fmt) + _PICKED + _TAIL_SQLITE
 
 
 def pg_prepare_sql() -> str:

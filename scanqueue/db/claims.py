@@ -22,6 +22,7 @@ keep coming they wait (docs/reference.md#policies says so).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import timedelta
@@ -41,6 +42,7 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -63,6 +65,8 @@ from scanqueue.db.schema import (
     scans,
     workers,
 )
+
+log = logging.getLogger(__name__)
 
 # What the claim may take, as SQLite text (for the statements that name the index).
 _SQLITE_CLAIMABLE = (
@@ -107,11 +111,13 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         if self.dialect == "sqlite":
             # Without statistics SQLite prefers the (status, created_at) index and then
             # sorts every queued row by priority: named here, the partial claim-order
-            # index is read in order and the cost stays flat with the backlog.
+            # index is read in order and the cost stays flat with the backlog.  In the
+            # UPDATE, "+status" is no index term, so the rows are looked up by id rather
+            # than found among every queued row.
             self._claim_stmt = text(
                 f"UPDATE scans SET dispatched_at = {SQLITE_NOW_SQL},"
                 " dispatch_count = dispatch_count + 1"
-                " WHERE status = 'queued' AND id IN (SELECT id FROM scans INDEXED BY"
+                " WHERE +status = 'queued' AND id IN (SELECT id FROM scans INDEXED BY"
                 f" scans_claim_order_idx WHERE {_SQLITE_CLAIMABLE}"
                 " ORDER BY priority DESC, created_at, id LIMIT :limit)"
                 " RETURNING id, created_at, priority"
@@ -230,7 +236,19 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
             in_flight = next(int(r.n) for r in rows if r.what == "in_flight")
             claimed = [r for r in rows if r.what == "claimed"]
             return claimed, [r.id for r in rows if r.what == "released"], in_flight
-        picks = conn.execute(self._sqlite_claim_plan, params).all()
+        try:
+            picks = conn.execute(self._sqlite_claim_plan, params).all()
+        except sa_exc.OperationalError as exc:
+            if "scans_key_claim_order_idx" not in str(exc):
+                raise
+            # Code newer than the schema (a deploy before `scanqueue db upgrade`):
+            # claim without the index, once warned, rather than not at all.
+            log.warning(
+                "the claim runs without scans_key_claim_order_idx, which is slower: the"
+                " schema is older than this code (run `scanqueue db upgrade`)"
+            )
+            self._sqlite_claim_plan = text(policy_claim_sql("sqlite", key_index=False))
+            picks = conn.execute(self._sqlite_claim_plan, params).all()
         in_flight = next(int(r.n) for r in picks if r.what == "in_flight")
         to_claim = [r.id for r in picks if r.what == "claimed"]
         to_release = [r.id for r in picks if r.what == "released"]

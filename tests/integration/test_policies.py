@@ -333,6 +333,27 @@ def test_the_claim_stays_flat_when_every_key_is_full(every_key_full: Store) -> N
     assert examined < bound, examined
 
 
+def test_sqlite_claims_on_a_schema_without_the_key_index(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Code newer than the schema (deployed before ``db upgrade``): slower, not stopped."""
+    from scanqueue.db.migrate import upgrade
+
+    store = Store(sqlite_url)
+    try:
+        upgrade(store, "0009")
+        hot = [add(store, key="hot") for _ in range(3)]
+        other = add(store, key="other")
+        with caplog.at_level("WARNING", logger="scanqueue.db.claims"):
+            assert claim(store, key_limit=1) == [hot[0], other]
+        assert "scanqueue db upgrade" in caplog.text
+        store.release_dispatch([hot[0], other])
+        assert claim(store, key_limit=1) == [hot[0], other]  # warned once
+        assert caplog.text.count("scanqueue db upgrade") == 1
+    finally:
+        store.dispose()
+
+
 def test_sqlite_claims_and_releases_look_ids_up_by_key(every_key_full: Store) -> None:
     """Updating a few claimed or released rows must not read the 10**5 queued ones (with
     a status term SQLite would go through its (status, created_at) index instead)."""
@@ -354,7 +375,8 @@ def test_sqlite_claims_and_releases_look_ids_up_by_key(every_key_full: Store) ->
         event.listen(engine, "checkout", count)
     store.release_dispatch(held)
     assert store.claim_within_window(100, 1000, key_limit=2)[0] == held
-    # About 100,000 steps; reading the queued rows would take several million.
+    assert len(store.claim_for_dispatch(3)) == 3  # the claim without a window
+    # About 200,000 steps; reading the queued rows would take over a million.
     assert steps[0] < 400_000, steps[0]
 
 
