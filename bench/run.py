@@ -28,6 +28,7 @@ import platform
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,7 @@ from bench.harness import (
     Db,
     Proc,
     RedisServer,
+    children_of,
     clean_env,
     create_pg_database,
     drop_pg_database,
@@ -123,6 +125,7 @@ class Bench:
     procs: list[Proc] = field(default_factory=list)
     pg_dbs: list[str] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
+    stub_rounds: int = 1
 
     def cleanup(self) -> None:
         for p in reversed(self.procs):
@@ -361,7 +364,12 @@ class RawCelery:
     """A raw Celery worker (bench/raw_celery_app.py) and a publisher for it."""
 
     def __init__(
-        self, b: Bench, backend: str, autoscale: str, extra_flags: tuple[str, ...] = ()
+        self,
+        b: Bench,
+        backend: str,
+        autoscale: str,
+        extra_flags: tuple[str, ...] = (),
+        warm: int = 4,
     ) -> None:
         from bench.raw_celery_app import make_app
 
@@ -394,7 +402,8 @@ class RawCelery:
         self._seq = -1000
         # Each throughput run numbers its tasks from here, apart from earlier runs'.
         self.next_base = 1_000_000
-        self.warm_up(4)
+        if warm:
+            self.warm_up(warm)
 
     def publish(
         self, seq: int, task: str = "bench.noop", *extra: Any, producer: Any = None
@@ -831,34 +840,89 @@ def start_standalone(b: Bench, db: Db, autoscale: str) -> tuple[Proc, Proc]:
     return bridge, w
 
 
+STUB_ARMS = ("scanqueue", "scanqueue_grow_at_once", "raw_celery")
+
+
 def phase_stub50(b: Bench, backend: str) -> dict[str, Any]:
-    """The default 50 ms stub with --autoscale=6,2 against a 50 ms raw Celery task."""
+    """The default 50 ms stub with --autoscale=6,2 against a 50 ms raw Celery task.
+
+    With ``--stub-rounds`` N > 1 the three runs are repeated N times, in alternating
+    order, each with a fresh worker.  The ratio is then the median round's (the lower
+    of the two middle ones), and the top-level runs are that round's; one round's
+    ratio swung 0.61-0.94 on this shared machine.
+    """
     n = b.sizes.stub_n
     timeout = max(120.0, n / 5.0)
-    out: dict[str, Any] = {}
-    wait_for_load(LOAD_OK, LOAD_WAIT_S)
+    rounds: list[dict[str, Any]] = []
     db = b.new_db(backend)
     try:
-        w = start_scanqueue(b, db, "6,2", runner=None)  # the default StubRunner, 50 ms
-        out["scanqueue"] = db_throughput(db, n, w, timeout)
-        out["scanqueue"]["memory"] = worker_memory(w.pid)
-        b.stop(w)
-        # Celery's stock autoscaler grows on the first reserved message; scanqueue's
-        # waits for a sustained backlog (issue 4).  This row prices that wait.
-        w = start_scanqueue(b, db, "6,2", runner=None, SCANQUEUE_AUTOSCALE_GROW_AFTER="0")
-        out["scanqueue_grow_at_once"] = db_throughput(db, n, w, timeout)
-        b.stop(w)
-        raw = RawCelery(b, backend, "6,2")
-        out["raw_celery"] = raw.throughput(n, timeout, "bench.sleep", 0.05)
-        out["raw_celery"]["memory"] = worker_memory(raw.proc.pid)
-        b.stop(raw.proc)
+        for r in range(b.stub_rounds):
+            runs: dict[str, Any] = {}
+            for arm in STUB_ARMS if r % 2 == 0 else STUB_ARMS[::-1]:
+                wait_for_load(LOAD_OK, LOAD_WAIT_S)
+                runs[arm] = stub_run(b, db, backend, arm, n, timeout)
+            rounds.append(runs)
     finally:
         b.drop_db(db)
-    out["ratio_vs_raw_celery"] = ratio(out["scanqueue"]["per_s"], out["raw_celery"]["per_s"])
-    out["grow_at_once_ratio_vs_raw_celery"] = ratio(
-        out["scanqueue_grow_at_once"]["per_s"], out["raw_celery"]["per_s"]
-    )
+    raw = [r["raw_celery"]["per_s"] for r in rounds]
+    ratios = [ratio(r["scanqueue"]["per_s"], x) for r, x in zip(rounds, raw, strict=True)]
+    grow0 = [
+        ratio(r["scanqueue_grow_at_once"]["per_s"], x) for r, x in zip(rounds, raw, strict=True)
+    ]
+    median = ratios.index(statistics.median_low(ratios))
+    # Celery's stock autoscaler grows on the first reserved message; scanqueue's
+    # waits for a sustained backlog (issue 4) unless the backlog is many times
+    # its processes (issue 18), as here.  The grow-at-once run prices what waiting
+    # is left.
+    out: dict[str, Any] = dict(rounds[median])
+    out["ratio_vs_raw_celery"] = ratios[median]
+    out["grow_at_once_ratio_vs_raw_celery"] = statistics.median_low(grow0)
+    if len(rounds) > 1:
+        out["rounds"] = [
+            {
+                "order": list(r),
+                **{arm: r[arm]["per_s"] for arm in STUB_ARMS},
+                "ratio_vs_raw_celery": ratios[i],
+                "grow_at_once_ratio_vs_raw_celery": grow0[i],
+                "first_scan_s": {arm: r[arm]["process_first_start_s"] for arm in STUB_ARMS},
+                "load_before": {arm: r[arm]["load_before"] for arm in STUB_ARMS},
+            }
+            for i, r in enumerate(rounds)
+        ]
+        out["other_rounds"] = {f"round {i + 1}": r for i, r in enumerate(rounds) if i != median}
     return out
+
+
+STUB_WARM = 2  # the autoscale minimum: warm-up scans, one at a time
+
+
+def stub_run(b: Bench, db: Db, backend: str, arm: str, n: int, timeout: float) -> dict[str, Any]:
+    """One run of ``n`` 50 ms scans (or raw Celery tasks) on a fresh --autoscale=6,2 worker.
+
+    The warm-up sends one scan at a time, so every worker meets the backlog with the
+    minimum of 2 processes: a batch of 4 at once grew raw Celery's pool (and
+    scanqueue's with grow-after 0) before the backlog, for the 30 s keepalive.
+    """
+    if arm == "raw_celery":
+        raw = RawCelery(b, backend, "6,2", warm=0)
+        for _ in range(STUB_WARM):
+            raw.warm_up(1)
+        at_start = len(children_of(raw.proc.pid))
+        result = raw.throughput(n, timeout, "bench.sleep", 0.05)
+        result["memory"] = worker_memory(raw.proc.pid)
+        b.stop(raw.proc)
+    else:
+        extra = {"SCANQUEUE_AUTOSCALE_GROW_AFTER": "0"} if arm == "scanqueue_grow_at_once" else {}
+        # runner=None: the default StubRunner, 50 ms
+        w = start_scanqueue(b, db, "6,2", runner=None, warm=0, **extra)
+        for _ in range(STUB_WARM):
+            warm_up_rows(db, w, 1)
+        at_start = len(children_of(w.pid))
+        result = db_throughput(db, n, w, timeout)
+        result["memory"] = worker_memory(w.pid)
+        b.stop(w)
+    result["pool_processes_at_start"] = at_start
+    return result
 
 
 def add_finished_rows(db: Db, start: int, stop: int) -> float:
@@ -1148,10 +1212,11 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         st = data.get("stub50", {})
         if "ratio_vs_raw_celery" in st:
             add(
-                f"{backend} 50 ms stub, --autoscale=6,2 ≥ 0.9 × raw Celery (ratio)",
+                f"{backend} 50 ms stub, --autoscale=6,2 ≥ 0.95 × raw Celery (ratio)",
                 st["ratio_vs_raw_celery"],
-                0.9,
+                0.95,
                 ">=",
+                "issue 18 (issue 8 asked 0.9)",
             )
         gr = data.get("growth", {})
         if "ratios" in gr:
@@ -1278,8 +1343,24 @@ def print_table(res: dict[str, Any]) -> None:
         st = d.get("stub50", {})
         print(
             f"  50 ms stub 6,2: scanqueue {g(st, 'scanqueue', 'per_s')}/s raw "
-            f"{g(st, 'raw_celery', 'per_s')}/s ratio {g(st, 'ratio_vs_raw_celery')}"
+            f"{g(st, 'raw_celery', 'per_s')}/s ratio {g(st, 'ratio_vs_raw_celery')}; "
+            f"grow after 0: {g(st, 'scanqueue_grow_at_once', 'per_s')}/s ratio "
+            f"{g(st, 'grow_at_once_ratio_vs_raw_celery')}"
         )
+        for who in STUB_ARMS:
+            firsts = g(st, who, "process_first_start_s")
+            if isinstance(firsts, list):
+                print(
+                    f"    {who:<22} {g(st, who, 'pool_processes_at_start')} processes at the"
+                    f" backlog; each one's first scan at {firsts} s"
+                )
+        for i, r in enumerate(st.get("rounds", []), 1):
+            print(
+                f"    round {i}: "
+                + ", ".join(f"{arm} {r[arm]}/s" for arm in r["order"])
+                + f"; ratio {r['ratio_vs_raw_celery']}, grow after 0"
+                f" {r['grow_at_once_ratio_vs_raw_celery']}"
+            )
         gr = d.get("growth", {})
         for k, v in gr.items():
             if k != "ratios" and isinstance(v, dict):
@@ -1311,7 +1392,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="", help="postgresql or sqlite (default both)")
     parser.add_argument("--profile", action="store_true", help="also run the py-spy phase")
     parser.add_argument("--out", default=str(RESULTS_DIR / "latest.json"))
+    parser.add_argument(
+        "--stub-rounds",
+        type=int,
+        default=1,
+        help="repeat the stub50 runs, alternating their order; report the median round",
+    )
     args = parser.parse_args(argv)
+    if args.stub_rounds < 1:
+        parser.error("--stub-rounds must be at least 1")
 
     phases = [p for p in args.only.split(",") if p] or [
         p for p in PHASES if p != "profile" or args.profile
@@ -1322,7 +1411,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = [args.backend] if args.backend else list(BACKENDS)
 
     tmp = Path(tempfile.mkdtemp(prefix="scanqueue-bench-"))
-    bench = Bench(Sizes.for_mode(args.quick), tmp)
+    bench = Bench(Sizes.for_mode(args.quick), tmp, stub_rounds=args.stub_rounds)
 
     def on_signal(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -1336,6 +1425,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine(),
             "load_start": loadavg(),
             "sizes": bench.sizes.__dict__,
+            "stub_rounds": args.stub_rounds,
             "phases": phases,
             "errors": [],
         }
