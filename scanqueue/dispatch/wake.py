@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
 
-from scanqueue.db.rows import ScanRow
-from scanqueue.observe.observer import RunInfo
+from scanqueue.observe.observer import NullObserver, RunInfo
 
 READ_CHUNK = 4096
 
@@ -83,20 +81,11 @@ def notify_started() -> None:
         signal.notify()
 
 
-class StartSignalObserver:
+class StartSignalObserver(NullObserver):
     """A run observer whose only job is :func:`notify_started` (first in the list)."""
 
     def started(self, run: RunInfo) -> None:
         notify_started()
-
-    def event(self, run: RunInfo, event_type: str, payload: dict[str, Any]) -> None:
-        pass
-
-    def finished(self, run: RunInfo, row: ScanRow, duration_s: float) -> None:
-        pass
-
-    def discarded(self, run: RunInfo, duration_s: float) -> None:
-        pass
 
     def canceled(self, run: RunInfo, duration_s: float) -> None:
         pass
