@@ -25,7 +25,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +111,7 @@ def run_all(url: str, n: int) -> dict[str, Any]:
 
     from bench.harness import psycopg_dsn
     from scanqueue.db.engine import make_engine
-    from scanqueue.db.store import Store, store_for
+    from scanqueue.db.store import Store
     from scanqueue.dispatch.service import make_publisher
     from scanqueue.observe.event_sender import flush_pending_events
     from scanqueue.observe.observer import NULL_OBSERVER, RunInfo
@@ -120,7 +119,7 @@ def run_all(url: str, n: int) -> dict[str, Any]:
     from scanqueue.worker.app import app, settings
     from scanqueue.worker.execute import ExecutionSettings, execute_scan
     from scanqueue.worker.lease import LeaseKeeper
-    from scanqueue.worker.runtime import build_observer, statement_events
+    from scanqueue.worker.runtime import build_observer
 
     db = Db(url)
     dburl = settings.database_url
@@ -182,11 +181,7 @@ def run_all(url: str, n: int) -> dict[str, Any]:
 
     # -- execute_scan end to end, variants --------------------------------------------------
     def run_variant(
-        name: str,
-        st: Store,
-        obs: Any,
-        profile: cProfile.Profile | None = None,
-        how: ExecutionSettings = execution,
+        name: str, st: Store, obs: Any, profile: cProfile.Profile | None = None
     ) -> None:
         scan_ids = queued(n)
         ahead = claiming_ahead(scan_ids)
@@ -197,7 +192,7 @@ def run_all(url: str, n: int) -> dict[str, Any]:
                 stack.callback(profile.disable)
             res[f"execute_scan[{name}]"] = timed(
                 lambda: execute_scan(
-                    next(ids), store=st, runner=runner, settings=how, observer=obs
+                    next(ids), store=st, runner=runner, settings=execution, observer=obs
                 ),
                 n,
                 finish=flush_events,
@@ -212,20 +207,6 @@ def run_all(url: str, n: int) -> dict[str, Any]:
     via_sqlalchemy = Store(dburl, engine=make_engine(dburl))
     run_variant("no observers, SQLAlchemy Connection per statement", via_sqlalchemy, NULL_OBSERVER)
     run_variant("observers, SQLAlchemy Connection per statement", via_sqlalchemy, observer)
-    # Without REDIS_URL events go to the scanqueue_events table: by the background
-    # sender, or (as shipped) the run's scan.started and scan.completed by its own
-    # start and finish statements (scanqueue.db.run_events).
-    table_settings = settings.__class__.from_env({"DATABASE_URL": dburl})
-    table_store = store_for(dburl)  # the one the table's sink writes through
-    table_observer = build_observer(table_settings)
-    in_statements = replace(
-        execution, statement_events=statement_events(table_settings, table_store)
-    )
-    assert in_statements.statement_events is not None
-    run_variant("events in the table, by the sender", table_store, table_observer)
-    run_variant(
-        "events in the table, in the statements", table_store, table_observer, how=in_statements
-    )
 
     # The old pool's two statements with psycopg2, autocommit: the floor.
     conn = psycopg2.connect(psycopg_dsn(url))

@@ -1,7 +1,7 @@
 """The shapes rows take once they leave the database: frozen records and their helpers.
 
 Owns :data:`PUBLIC_COLUMNS` (what users may see of a scan: never the token),
-:class:`ScanRow`, :class:`StartedRun`, :class:`FinishedRun`, :class:`ReapedScan`, and the small
+:class:`ScanRow`, :class:`StartedRun`, :class:`ReapedScan`, and the small
 conversions every reader of ``scans`` needs (:func:`iso`, :func:`decode_json`,
 :func:`new_scan_id`).  No statements run here.
 """
@@ -158,21 +158,9 @@ class StartedRun:
     # and the runner failures retried so far.
     timeout_seconds: int | None = None
     retries: int = 0
-    # The scan.started row the start statement wrote (docs/reference.md#events); None: the
-    # event is the observers' to send.
-    event_id: str | None = None
 
     def __repr__(self) -> str:  # the token must never reach a log line
         return f"StartedRun(scan_id={self.scan_id!r}, attempt={self.attempt})"
-
-
-@dataclass(frozen=True)
-class FinishedRun:
-    """A run's finish that won its compare-and-set: the row, and the id of the terminal
-    event its statement wrote (None: the event is the observers' to send)."""
-
-    row: ScanRow
-    event_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ machine they implement is drawn in :mod:`scanqueue.db.store`.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -35,22 +34,13 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.elements import ColumnElement
 
 from scanqueue.db.direct_sql import DirectStatement
-from scanqueue.db.engine import StoreBase, describe_db_error
-from scanqueue.db.rows import PUBLIC_COLUMNS, FinishedRun, ReapedScan, ScanRow, StartedRun
-from scanqueue.db.run_events import (
-    StatementEvents,
-    lock_wait_ran_out,
-    prune_statement,
-    with_finish_event,
-    with_started_event,
-)
+from scanqueue.db.engine import StoreBase
+from scanqueue.db.rows import PUBLIC_COLUMNS, ReapedScan, ScanRow, StartedRun
 from scanqueue.db.schema import (
     FINISHED_STATUSES,
-    STATUS_COMPLETED,
     STATUS_FAILED,
     STATUS_QUEUED,
     STATUS_RUNNING,
@@ -58,8 +48,6 @@ from scanqueue.db.schema import (
     db_now_minus,
     scans,
 )
-
-log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 4000
 # SQLite: the dispatched, unstarted rows (the window), as ``other``, read through their
@@ -147,11 +135,6 @@ class RunsMixin(StoreBase):
         self._status_stmt = select(scans.c.status, scans.c.attempts).where(
             scans.c.id == bindparam("scan_id")
         )
-        if self.dialect == "postgresql":
-            # The same, writing the run's own event too (scanqueue.db.run_events).
-            self._start_event_stmt = with_started_event(self._start_stmt)
-            self._start_swap_event_stmt = with_started_event(self._start_swap_stmt)
-            self._finish_event_stmt = with_finish_event(self._finish_stmt)
         # PostgreSQL: the per-scan statements skip SQLAlchemy's per-call work (see
         # StoreBase: only on the store's own autocommit engine).
         if self._direct is not None:
@@ -161,15 +144,6 @@ class RunsMixin(StoreBase):
             )
             self._direct_heartbeat = DirectStatement(self._heartbeat_stmt, self._autocommit_engine)
             self._direct_finish = DirectStatement(self._finish_stmt, self._autocommit_engine)
-            self._direct_start_event = DirectStatement(
-                self._start_event_stmt, self._autocommit_engine
-            )
-            self._direct_start_swap_event = DirectStatement(
-                self._start_swap_event_stmt, self._autocommit_engine
-            )
-            self._direct_finish_event = DirectStatement(
-                self._finish_event_stmt, self._autocommit_engine
-            )
             # A run's other statements too, so that each has the client-side deadline
             # (a hand-back to a stalled database must not hold a pool process for ever).
             self._direct_status = DirectStatement(self._status_stmt, self._autocommit_engine)
@@ -313,47 +287,22 @@ class RunsMixin(StoreBase):
 
     # -- the worker -------------------------------------------------------------------
 
-    def start_run(
-        self, scan_id: str, worker_id: str, *, events: StatementEvents | None = None
-    ) -> StartedRun | None:
+    def start_run(self, scan_id: str, worker_id: str) -> StartedRun | None:
         """CAS ``queued → running`` for the message of ``scan_id``; None when that scan is
         not queued and dispatched (a duplicate or stale message).
 
         The run started may be another scan's (see :meth:`_build_start_statements`):
-        ``StartedRun.scan_id`` says which.  With ``events`` (PostgreSQL, events table)
-        the statement also writes the run's ``scan.started`` when it can
-        (``StartedRun.event_id``; :mod:`scanqueue.db.run_events`).
+        ``StartedRun.scan_id`` says which.
         """
-        values: dict[str, Any] = {"scan_id": scan_id, "start_worker": worker_id}
-        if self.dialect != "postgresql":
-            events = None
-            row = self._returning_row(self._start_stmt, "_direct_start", values)
-            if row is None:
-                row = self._swap_sqlite(values)
-        elif events is not None:
-            try:
-                row = self._returning_row(
-                    self._start_event_stmt, "_direct_start_event", {**values, **events.params()}
-                )
-                if row is None:
-                    row = self._returning_row(
-                        self._start_swap_event_stmt,
-                        "_direct_start_swap_event",
-                        {**values, **events.params()},
-                    )
-            except sa_exc.OperationalError as exc:
-                if not lock_wait_ran_out(exc):
-                    raise
-                # Rolled back: start again without the event (the sender writes it).
-                log.warning("the events table's lock is held; scan.started goes by the sender")
-                events = None
-        if events is None and self.dialect == "postgresql":
-            row = self._returning_row(self._start_stmt, "_direct_start", values)
-            if row is None:
+        values = {"scan_id": scan_id, "start_worker": worker_id}
+        row = self._returning_row(self._start_stmt, "_direct_start", values)
+        if row is None:
+            if self.dialect == "postgresql":
                 row = self._returning_row(self._start_swap_stmt, "_direct_start_swap", values)
+            else:
+                row = self._swap_sqlite(values)
         if row is None:
             return None
-        event_id = self._event_written(row, events)
         return StartedRun(
             scan_id=row["id"],
             attempt=row["attempts"],
@@ -365,25 +314,9 @@ class RunsMixin(StoreBase):
             started_at=row["started_at"],
             timeout_seconds=row["timeout_seconds"],
             retries=row["retries"] or 0,
-            event_id=event_id,
         )
 
-    def _event_written(self, row: Any, events: StatementEvents | None) -> str | None:
-        """The id of the event a statement wrote (None: none), pruning as the sink does."""
-        event_id = row.get("event_id") if events is not None else None
-        if event_id is None:
-            return None
-        assert events is not None
-        prune = prune_statement(int(event_id), events)
-        if prune is not None:
-            try:
-                with self._tx(single=True) as conn:
-                    conn.execute(prune)
-            except Exception as exc:  # the next multiple prunes; the run goes on
-                log.warning("could not prune the events table: %s", describe_db_error(exc))
-        return str(event_id)
-
-    def _returning_row(self, statement: Any, direct: str, values: dict[str, Any]) -> Any:
+    def _returning_row(self, statement: Update, direct: str, values: dict[str, Any]) -> Any:
         """One statement's first row as a mapping, or None (direct on PostgreSQL)."""
         if self._direct is not None:
             row, _ = self._run_direct(getattr(self, direct), values)
@@ -435,33 +368,8 @@ class RunsMixin(StoreBase):
         worker_id: str | None = None,
     ) -> ScanRow | None:
         """CAS ``running(attempt) → status``; None if the run no longer owns the scan."""
-        finished = self.finish_run_with_event(
-            scan_id,
-            attempt,
-            status,
-            error=error,
-            findings_count=findings_count,
-            worker_id=worker_id,
-        )
-        return None if finished is None else finished.row
-
-    def finish_run_with_event(
-        self,
-        scan_id: str,
-        attempt: int,
-        status: str,
-        *,
-        error: str | None = None,
-        findings_count: int | None = None,
-        worker_id: str | None = None,
-        events: StatementEvents | None = None,
-        duration_s: float = 0.0,
-    ) -> FinishedRun | None:
-        """:meth:`finish_run`; with ``events`` (PostgreSQL, events table) the statement
-        also writes the run's ``scan.completed`` or ``scan.failed`` when it can
-        (``FinishedRun.event_id``; its ``duration_s`` is the one given)."""
         assert status in FINISHED_STATUSES, status
-        params: dict[str, Any] = {
+        params = {
             "scan_id": scan_id,
             "attempt": attempt,
             "run_worker": worker_id,
@@ -469,30 +377,12 @@ class RunsMixin(StoreBase):
             "error": None if error is None else error[:MAX_ERROR_CHARS],
             "findings_count": findings_count,
         }
-        if (
-            events is not None
-            and self.dialect == "postgresql"
-            and status in (STATUS_COMPLETED, STATUS_FAILED)
-        ):
-            try:
-                found = self._returning_row(
-                    self._finish_event_stmt,
-                    "_direct_finish_event",
-                    {**params, **events.params(), "duration_s": duration_s},
-                )
-            except sa_exc.OperationalError as exc:
-                if not lock_wait_ran_out(exc):
-                    raise
-                # Rolled back: finish again without the event (the observers send it).
-                log.warning("the events table's lock is held; the finish event goes by the sender")
-                events = None
-        else:
-            events = None
-        if events is None:
-            found = self._returning_row(self._finish_stmt, "_direct_finish", params)
-        if found is None:
-            return None
-        return FinishedRun(ScanRow.from_mapping(found), self._event_written(found, events))
+        if self._direct is not None:
+            found, _ = self._run_direct(self._direct_finish, params)
+            return None if found is None else ScanRow.from_mapping(found)
+        with self._tx(single=True) as conn:
+            row = conn.execute(self._finish_stmt, params).first()
+        return None if row is None else ScanRow.from_row(row)
 
     def retry_run(
         self,

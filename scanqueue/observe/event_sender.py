@@ -6,11 +6,8 @@ a run's lifecycle into events off the scan's critical path: its
 happen) and one sender thread per process (and sink) writes them in batches,
 in order.  :func:`flush_pending_events` waits for what is queued; the pool
 process exit path and ``atexit`` call it, and a forked child starts with empty
-queues.  A run whose statements write its ``scan.started`` and terminal event
-(PostgreSQL with the events table) sends only its other events here, and waits
-for them (:meth:`EventObserver.flush_run`) before its finish.  A sink that
-fails never fails or slows a scan: the event is dropped, logged and counted
-(:data:`emit_failures`, ``scanqueue_events_dropped_total``).
+queues.  A sink that fails never fails or slows a scan: the event is dropped,
+logged and counted (:data:`emit_failures`, ``scanqueue_events_dropped_total``).
 :func:`emit_standalone` (CLI, API) writes at once through a
 :class:`SafeEmitter` and returns the id.
 """
@@ -132,10 +129,9 @@ class BackgroundEmitter:
     :meth:`emit` never waits on the sink: it builds the stored fields (``at`` is
     the moment of the call, values are copied) and puts them on a bounded queue.
     The thread, started on the first event, waits ``linger_s`` after the first
-    event of a batch (less when a caller waits for the events: :meth:`flush_to`),
-    takes what is queued by then (up to ``max_batch``) and writes it with one
-    :meth:`EventSink.write_batch`; a single thread and a FIFO queue keep each
-    caller's events in the order they happened.
+    event of a batch, takes what is queued by then (up to ``max_batch``) and writes
+    it with one :meth:`EventSink.write_batch`; a single thread and a FIFO queue
+    keep each caller's events in the order they happened.
 
     Failures follow :class:`SafeEmitter`: a batch that cannot be written is
     dropped, counted event by event and logged once, and for
@@ -170,21 +166,12 @@ class BackgroundEmitter:
         self._progress = threading.Condition(threading.Lock())
         self._queued = 0
         self._handled = 0
-        # Set by a caller waiting for queued events: the sender skips its linger.
-        self._hurry = threading.Event()
 
     def emit(self, event_type: str, scan_id: str, payload: Mapping[str, Any]) -> bool:
         """Queue an event; False when it was dropped instead (and counted)."""
-        return self.emit_numbered(event_type, scan_id, payload) is not None
-
-    def emit_numbered(
-        self, event_type: str, scan_id: str, payload: Mapping[str, Any]
-    ) -> int | None:
-        """Queue an event; its number in this emitter's queue (for :meth:`flush_to`), or
-        None when it was dropped instead (and counted)."""
         if time.monotonic() < self._down_until:
             _count_failure()
-            return None
+            return False
         # Through JSON now, as stored: a runner that changes a list it reported after
         # reporting it must not change the event, and ``at`` is now.
         fields = json.loads(json.dumps(event_fields(event_type, scan_id, payload), default=str))
@@ -194,32 +181,25 @@ class BackgroundEmitter:
             try:
                 self._queue.put_nowait(fields)
             except queue.Full:
-                number = None
+                full = True
             else:
+                full = False
                 self._queued += 1
-                number = self._queued
-        if number is None:
+        if full:
             _count_failure()
             self._warn_full()
-        return number
+            return False
+        return True
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every event queued before this call is written or dropped.
 
         Returns False if that took longer than ``timeout_s``.
         """
-        with self._progress:
-            target = self._queued
-        return self.flush_to(target, timeout_s)
-
-    def flush_to(self, number: int, timeout_s: float) -> bool:
-        """Wait until the events up to ``number`` (:meth:`emit_numbered`) are written or
-        dropped; False if that took longer than ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         with self._progress:
-            if self._handled < number:
-                self._hurry.set()
-            while self._handled < number:
+            target = self._queued
+            while self._handled < target:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -247,8 +227,7 @@ class BackgroundEmitter:
         while True:
             batch = [pending.get()]
             if self.linger_s > 0:
-                self._hurry.wait(self.linger_s)
-            self._hurry.clear()
+                time.sleep(self.linger_s)
             # This thread is the only consumer: not empty means get_nowait succeeds.
             while len(batch) < self.max_batch and not pending.empty():
                 batch.append(pending.get_nowait())
@@ -346,18 +325,11 @@ class EventObserver:
     """A run's lifecycle and runner reports, as events (a :class:`ScanObserver`).
 
     Events are queued, not written, when a method returns: :meth:`flush` (or
-    :func:`flush_pending_events`) waits for them.  A run's ``scan.started`` or
-    terminal event that its own statement already wrote (``RunInfo.started_event_id``,
-    ``RunInfo.ended_event_id``: PostgreSQL with the events table,
-    :mod:`scanqueue.db.run_events`) is not sent again; :meth:`flush_run` lets such
-    a finish wait for the run's events still queued, so that they keep their order.
+    :func:`flush_pending_events`) waits for them.
     """
 
     def __init__(self, sink: EventSink) -> None:
         self.emitter = background_emitter_for(sink)
-        # Per run, the number of its last queued event (and the process it was queued
-        # in: a forked child's emitter starts counting again).
-        self._last_queued: dict[tuple[str, int], tuple[int, int]] = {}
         # Connect now (pool processes build their observers at start) so the first
         # scan's scan.started does not carry the connection set-up.
         try:
@@ -365,35 +337,17 @@ class EventObserver:
         except Exception as exc:
             log.warning("event sink %s not reachable yet: %s", sink.description, _describe(exc))
 
-    def _emit(self, run: RunInfo, event_type: str, payload: Mapping[str, Any]) -> None:
-        number = self.emitter.emit_numbered(event_type, run.scan_id, payload)
-        if number is not None:
-            self._last_queued[(run.scan_id, run.attempt)] = (os.getpid(), number)
-
     def started(self, run: RunInfo) -> None:
-        if run.started_event_id is not None:
-            return  # written by the start statement
-        self._emit(
-            run,
+        self.emitter.emit(
             "scan.started",
+            run.scan_id,
             {"attempt": run.attempt, "providers": run.providers, "frameworks": run.frameworks},
         )
 
     def event(self, run: RunInfo, event_type: str, payload: dict[str, Any]) -> None:
-        self._emit(run, event_type, {**payload, "attempt": run.attempt})
-
-    def flush_run(self, run: RunInfo, timeout_s: float) -> bool:
-        """Wait until the events of ``run`` queued so far are written (at once when none
-        are waiting); False on timeout."""
-        queued = self._last_queued.get((run.scan_id, run.attempt))
-        if queued is None or queued[0] != os.getpid():
-            return True
-        return self.emitter.flush_to(queued[1], timeout_s)
+        self.emitter.emit(event_type, run.scan_id, {**payload, "attempt": run.attempt})
 
     def finished(self, run: RunInfo, row: ScanRow, duration_s: float) -> None:
-        self._last_queued.pop((run.scan_id, run.attempt), None)
-        if run.ended_event_id is not None:
-            return  # written by the finish statement
         payload: dict[str, Any] = {
             "attempt": run.attempt,
             "status": row.status,
@@ -424,7 +378,7 @@ class EventObserver:
     def discarded(self, run: RunInfo, duration_s: float) -> None:
         # Canceled: whoever canceled emitted scan.canceled.  Lease lost: the next
         # attempt emits its own scan.started.
-        self._last_queued.pop((run.scan_id, run.attempt), None)
+        pass
 
 
 def emit_standalone(

@@ -18,10 +18,6 @@ The rest of the events rooms build on this one, one way:
   scan: the background sender, flushing at exit and after a fork, the
   :class:`EventObserver` a run reports through, and ``emit_standalone`` for the
   CLI and API.
-
-On PostgreSQL with the table, a run's ``scan.started`` and terminal event are
-written by its own start and finish statements instead
-(:mod:`scanqueue.db.run_events`), in the same stored form.
 """
 
 from __future__ import annotations

@@ -28,10 +28,6 @@ class RunInfo:
     frameworks: list[str]
     created_at: datetime | None = None
     started_at: datetime | None = None
-    # The run's scan.started and terminal event when its start and finish statements
-    # wrote them (docs/reference.md#events): observers must not send them again.
-    started_event_id: str | None = None
-    ended_event_id: str | None = None
 
     @classmethod
     def from_started(cls, started: StartedRun) -> RunInfo:
@@ -42,7 +38,6 @@ class RunInfo:
             frameworks=_strings(started.frameworks_raw),
             created_at=started.created_at,
             started_at=started.started_at,
-            started_event_id=started.event_id,
         )
 
     @property
@@ -72,8 +67,6 @@ class ScanObserver(Protocol):
 
     # Optional: ``canceled(run, duration_s)``, for a run whose scan was canceled;
     # the execution path falls back to ``discarded`` for an observer without it.
-    # Optional: ``flush_run(run, timeout_s) -> bool``, called before a finish whose
-    # statement writes the terminal event, so the run's queued events go first.
 
 
 class NullObserver:
@@ -117,18 +110,6 @@ class SafeObservers:
 
     def discarded(self, run: RunInfo, duration_s: float) -> None:
         self._each("discarded", run, duration_s)
-
-    def flush_run(self, run: RunInfo, timeout_s: float) -> bool:
-        """Wait for the run's queued events where an observer queues them (optional hook)."""
-        done = True
-        for observer in self.observers:
-            hook = getattr(observer, "flush_run", None)
-            if callable(hook):
-                try:
-                    done = bool(hook(run, timeout_s)) and done
-                except Exception:
-                    log.exception("observer %s.flush_run failed", type(observer).__name__)
-        return done
 
     def canceled(self, run: RunInfo, duration_s: float) -> None:
         """A run whose scan was canceled (optional hook; ``discarded`` where missing)."""

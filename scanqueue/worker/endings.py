@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TypeVar
 
 from scanqueue.config import (
@@ -38,7 +38,6 @@ from scanqueue.config import (
 )
 from scanqueue.db.engine import retry_with_backoff
 from scanqueue.db.rows import iso
-from scanqueue.db.run_events import StatementEvents
 from scanqueue.db.schema import STATUS_CANCELED, STATUS_COMPLETED, STATUS_FAILED
 from scanqueue.db.store import Store
 from scanqueue.errors import UnavailableError
@@ -51,10 +50,6 @@ from scanqueue.worker.retry import decide
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-# Longest a finish waits for its run's queued events before its statement writes the
-# terminal event (only with statement events, and only when some are queued).
-FLUSH_BEFORE_FINISH_S = 2.0
 
 
 class Outcome(enum.Enum):
@@ -79,9 +74,6 @@ class ExecutionSettings:
     max_retries: int = 0
     retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S
     scan_timeout_s: float = DEFAULT_SCAN_TIMEOUT_S
-    # PostgreSQL with the events table (docs/reference.md#events): the start and finish
-    # statements write the run's scan.started and terminal event themselves.
-    statement_events: StatementEvents | None = None
 
     @property
     def fence_s(self) -> float:
@@ -130,26 +122,18 @@ class RunEnding:
     ) -> Outcome:
         info = self.info
         duration = time.monotonic() - self.clock
-        events = self.settings.statement_events
-        if events is not None:
-            # The finish statement writes the terminal event: the run's events still
-            # queued for the sender (progress, findings, scan.timed_out) go first.
-            self._flush_run_events()
-        finished = self._write(
-            lambda: self.store.finish_run_with_event(
+        row = self._write(
+            lambda: self.store.finish_run(
                 info.scan_id,
                 info.attempt,
                 status,
                 error=error,
                 findings_count=findings,
                 worker_id=self.worker_id,
-                events=events,
-                duration_s=round(duration, 6),
             )
         )
-        if finished is None:
+        if row is None:
             return self._lost(status, duration)
-        row = finished.row
         log.info(
             "scan %s attempt %d %s in %.3fs%s",
             info.scan_id,
@@ -159,27 +143,8 @@ class RunEnding:
             f": {error}" if error else f" ({row.findings_count} findings)",
         )
         if self._report_end_once():
-            if finished.event_id is not None:
-                info = replace(info, ended_event_id=finished.event_id)
             self.observer.finished(info, row, duration)
         return Outcome.COMPLETED if status == STATUS_COMPLETED else Outcome.FAILED
-
-    def _flush_run_events(self) -> None:
-        flush_run = getattr(self.observer, "flush_run", None)
-        if not callable(flush_run):
-            return
-        # Bounded: a sender that cannot write must not hold the run's ending (the
-        # events are then dropped and counted, as they would be anyway).
-        timeout_s = min(FLUSH_BEFORE_FINISH_S, (self._write_within_s or self.settings.fence_s) / 4)
-        try:
-            if not flush_run(self.info, timeout_s):
-                log.warning(
-                    "scan %s: events still queued after %.1fs; finishing without them first",
-                    self.info.scan_id,
-                    timeout_s,
-                )
-        except Exception:
-            log.exception("could not wait for the events of scan %s", self.info.scan_id)
 
     def _write(self, call: Callable[[], _T]) -> _T:
         # A database blip must not strand the row as 'running' until the reaper: retry
@@ -322,11 +287,8 @@ class RunEnding:
         elif lease.terminate_process_when_overdue:
             # This process is about to end: the run's terminal events (lineage ABORT,
             # metrics) now or never, within the fence's margin.
-            # No wait for queued events here: the process ends within the fence's margin.
             self._discard(
-                time.monotonic() - self.clock,
-                canceled=ctx.stop_reason == STOP_REASON_CANCELED,
-                flush=False,
+                time.monotonic() - self.clock, canceled=ctx.stop_reason == STOP_REASON_CANCELED
             )
             lineage = sys.modules.get("scanqueue.observe.lineage")  # loaded only when configured
             if lineage is not None:
@@ -371,14 +333,9 @@ class RunEnding:
             # The reaper takes the scan back once its lease runs out.
             log.exception("could not record the timeout of scan %s", self.info.scan_id)
 
-    def _discard(self, duration: float, *, canceled: bool, flush: bool = True) -> None:
+    def _discard(self, duration: float, *, canceled: bool) -> None:
         if not self._report_end_once():
             return
-        if flush and self.settings.statement_events is not None:
-            # The scan runs again (or ended elsewhere): its next start statement writes
-            # scan.started at once, so this run's queued events (scan.retrying,
-            # scan.requeued) go first.
-            self._flush_run_events()
         hook = getattr(self.observer, "canceled", None) if canceled else None
         if callable(hook):
             hook(self.info, duration)

@@ -74,7 +74,7 @@ def execute_scan(
     start is about the started scan.
     """
     worker_id = worker_identity()
-    started = store.start_run(scan_id, worker_id, events=settings.statement_events)
+    started = store.start_run(scan_id, worker_id)
     if started is None:
         log.info("scan %s is not queued and dispatched; message ignored", scan_id)
         return Outcome.SKIPPED

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from scanqueue.config import Settings
-from scanqueue.db.run_events import StatementEvents
 from scanqueue.db.store import Store, store_for
 from scanqueue.dispatch.wake import StartSignalObserver, installed_start_signal
 from scanqueue.errors import UnavailableError
@@ -43,11 +42,10 @@ def worker_runtime(settings: Settings) -> WorkerRuntime:
     global _runtime
     with _runtime_lock:
         if _runtime is None or _runtime[0] != os.getpid():
-            store = store_for(settings.database_url)
             _runtime = (
                 os.getpid(),
                 WorkerRuntime(
-                    store=store,
+                    store=store_for(settings.database_url),
                     runner=load_runner(settings.runner),
                     observer=build_observer(settings),
                     execution=ExecutionSettings(
@@ -57,26 +55,10 @@ def worker_runtime(settings: Settings) -> WorkerRuntime:
                         max_retries=settings.max_retries,
                         retry_backoff_s=settings.retry_backoff_s,
                         scan_timeout_s=settings.scan_timeout_s,
-                        statement_events=statement_events(settings, store),
                     ),
                 ),
             )
         return _runtime[1]
-
-
-def statement_events(settings: Settings, store: Store) -> StatementEvents | None:
-    """Whether a run's start and finish statements write its own events: PostgreSQL
-    with the events table in the same database (docs/reference.md#events)."""
-    if settings.redis_url or store.dialect != "postgresql":
-        return None
-    from scanqueue.observe.event_sinks import TableEventSink, event_sink_for
-
-    sink = event_sink_for(settings)
-    if not isinstance(sink, TableEventSink) or sink.store is not store:
-        return None
-    return StatementEvents(
-        lock_key=sink.PG_LOCK_KEY, maxlen=sink.maxlen, prune_every=sink.prune_every
-    )
 
 
 def build_observer(settings: Settings) -> ScanObserver:
