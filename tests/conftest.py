@@ -367,3 +367,23 @@ def all_finished(url: str, n: int) -> bool:
     return len(found) == n and all(
         r["status"] in ("completed", "failed", "canceled") for r in found.values()
     )
+
+
+def sql(url: str, statement: str, params: Any = None) -> list[Any]:
+    """One plain-SQL statement (``params``: a dict, or a list for many), its rows if any."""
+    from sqlalchemy import create_engine, text
+
+    from scanqueue.config import normalize_database_url
+
+    engine = create_engine(normalize_database_url(url))
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(text(statement), params or {})
+            return list(result.all()) if result.returns_rows else []
+    finally:
+        engine.dispose()
+
+
+def report(what: str, value: float, unit: str = "s") -> None:
+    """A measured figure, printed for ``-s`` runs and the issue notes."""
+    print(f"\nMEASURED {what}: {value:.2f}{unit}")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, select, text, update
+from sqlalchemy import Connection, bindparam, case, delete, func, select, text, update
 
 from scanqueue.db.engine import StoreBase
 from scanqueue.db.schema import (
@@ -169,8 +169,13 @@ class PoliciesMixin(StoreBase):
         """
         if self.dialect == "sqlite":
             # Named, or SQLite sorts every queued row (see the claim in db/claims.py).
+            # Also the run_after SQLite's date functions cannot read (the column is
+            # text there): such a row would never be due, so it fails instead.
             unseen: Any = text(
-                "SELECT id, scan_key, providers_scanned, frameworks_scanned FROM scans"
+                "SELECT id, scan_key, providers_scanned, frameworks_scanned,"
+                " CASE WHEN run_after IS NOT NULL"
+                f" AND strftime('{SQLITE_TIME_FORMAT}', run_after) IS NULL"
+                " THEN run_after END AS bad_run_after FROM scans"
                 " INDEXED BY scans_unseen_idx WHERE status = 'queued' AND seen_at IS NULL"
                 " ORDER BY created_at, id LIMIT :limit"
             )
@@ -192,6 +197,11 @@ class PoliciesMixin(StoreBase):
         rows = conn.execute(unseen, {"limit": limit}).all()
         taken: list[Intake] = []
         for row in rows:
+            bad_run_after = getattr(row, "bad_run_after", None)
+            if bad_run_after is not None:
+                reason = f"malformed row: run_after {str(bad_run_after)[:100]!r} is not a time"
+                taken.append(Intake(row.id, None, reason))
+                continue
             try:
                 taken.append(
                     Intake(
@@ -239,7 +249,16 @@ class PoliciesMixin(StoreBase):
                     error=bindparam("b_error"),
                     finished_at=self._now,
                     seen_at=self._now,
+                    **self._unreadable_run_after_cleared(),
                 ),
                 bad,
             )
         return taken
+
+    def _unreadable_run_after_cleared(self) -> dict[str, Any]:
+        """SQLite: a run_after that is not a time is cleared on the failed row (the
+        error quotes it), or reading the row back would fail on it."""
+        if self.dialect != "sqlite":
+            return {}
+        readable = func.strftime(SQLITE_TIME_FORMAT, scans.c.run_after).is_not(None)
+        return {"run_after": case((readable, scans.c.run_after), else_=None)}

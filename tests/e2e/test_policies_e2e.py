@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from scanqueue.config import Settings, normalize_database_url
+from scanqueue.config import Settings
 from scanqueue.observe.event_sinks import build_event_sink
 from tests.conftest import (
     Proc,
@@ -24,8 +23,10 @@ from tests.conftest import (
     assert_no_overlaps,
     base_env,
     read_journal,
+    report,
     run_cli,
     scan_rows,
+    sql,
     start_bridge,
     start_worker,
     upgrade,
@@ -41,20 +42,6 @@ FAST = {
     "SCANQUEUE_LEADER_TTL": "2",
     "SCANQUEUE_REDISPATCH_AFTER": "2",
 }
-
-
-def report(what: str, value: float, unit: str = "s") -> None:
-    print(f"\nMEASURED {what}: {value:.2f}{unit}")
-
-
-def sql(url: str, statement: str, params: Any = None) -> list[Any]:
-    engine = create_engine(normalize_database_url(url))
-    try:
-        with engine.begin() as conn:
-            result = conn.execute(text(statement), params or {})
-            return list(result.all()) if result.returns_rows else []
-    finally:
-        engine.dispose()
 
 
 def insert_keyed(url: str, rows: list[tuple[str, str]], **columns: Any) -> None:

@@ -12,18 +12,17 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from scanqueue.config import normalize_database_url
 from tests.conftest import (
     Proc,
     all_finished,
     assert_no_overlaps,
     base_env,
     read_journal,
+    report,
+    sql,
     start_worker,
     upgrade,
     wait_for,
@@ -35,16 +34,6 @@ RUNNER = {"SCANQUEUE_RUNNER": "tests.runners:journal_runner"}
 SWAP_LOG = "started by the message of scan"
 
 
-def sql(url: str, statement: str, params: Any = None) -> list[Any]:
-    engine = create_engine(normalize_database_url(url))
-    try:
-        with engine.begin() as conn:
-            result = conn.execute(text(statement), params or {})
-            return list(result.all()) if result.returns_rows else []
-    finally:
-        engine.dispose()
-
-
 def insert(url: str, rows: list[tuple[str, int]]) -> None:
     """Plain-SQL inserts (another program's) with a priority each."""
     sql(
@@ -53,10 +42,6 @@ def insert(url: str, rows: list[tuple[str, int]]) -> None:
         " VALUES (:id, 'queued', '[\"aws\"]', '[]', :priority)",
         [{"id": i, "priority": p} for i, p in rows],
     )
-
-
-def report(what: str, value: float, unit: str = "s") -> None:
-    print(f"\nMEASURED {what}: {value:.2f}{unit}")
 
 
 @pytest.mark.postgres

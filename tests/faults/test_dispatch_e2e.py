@@ -27,6 +27,7 @@ from tests.conftest import (
     all_finished,
     base_env,
     insert_rows,
+    report,
     scan_rows,
     start_worker,
     upgrade,
@@ -36,10 +37,6 @@ from tests.conftest import (
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 RUNNER = {"SCANQUEUE_RUNNER": "tests.runners:journal_runner"}
-
-
-def report(what: str, value: float, unit: str = "s") -> None:
-    print(f"\nMEASURED {what}: {value:.2f}{unit}")
 
 
 def sql(url: str, statement: str, **params: Any) -> list[Any]:

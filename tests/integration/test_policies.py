@@ -11,11 +11,13 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event, text
 
+from scanqueue.config import normalize_database_url
 from scanqueue.db.claim_sql import (
     PG_PLANNER_SETTINGS,
     PG_STATEMENT_NAME,
@@ -26,7 +28,7 @@ from scanqueue.db.policies import Intake
 from scanqueue.db.scan_request import InvalidScanRequest, validate_scan_request
 from scanqueue.db.store import Store, store_for
 from scanqueue.dispatch.intake import derive_key
-from tests.conftest import insert_rows
+from tests.conftest import insert_rows, upgrade
 
 
 def add(store: Store, **body: Any) -> str:
@@ -152,6 +154,26 @@ def test_intake_keys_plain_sql_rows_and_fails_malformed_ones(store: Store, db_ur
     again: list[Intake] = []
     store.claim_within_window(10, 10, derive=derive_key, intake=again)
     assert again == []
+
+
+def test_intake_on_sqlite_fails_a_run_after_that_is_not_a_time(tmp_path: Path) -> None:
+    """SQLite keeps run_after as text: one no date function reads would never be due."""
+    url = f"sqlite:///{tmp_path / 'scans.db'}"
+    upgrade(url)
+    sqlite_store = store_for(normalize_database_url(url))
+    with sqlite_store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned, run_after)"
+                " VALUES ('never', 'queued', '[\"aws\"]', '[]', 'next tuesday'),"
+                " ('later', 'queued', '[\"aws\"]', '[]', '2026-12-06T10:00:00+02:00')"
+            )
+        )
+    ids, _ = sqlite_store.claim_within_window(10, 10, derive=derive_key, intake=[])
+    assert ids == ["later"]  # 08:00 UTC, long past
+    never = sqlite_store.get("never")
+    assert never.status == "failed"
+    assert never.error == "malformed row: run_after 'next tuesday' is not a time"
 
 
 def test_unique_enqueue_returns_the_queued_scan_of_the_key(store: Store) -> None:
