@@ -23,10 +23,10 @@ keep coming they wait (docs/reference.md#policies says so).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Connection,
@@ -44,7 +44,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.base import Executable
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import ColumnElement, TextClause
 
 from scanqueue.db.claim_sql import (
     PG_STATEMENT_NAME,
@@ -55,6 +55,7 @@ from scanqueue.db.claim_sql import (
     pg_settings_sql,
     policy_claim_sql,
 )
+from scanqueue.db.direct_sql import DirectStatement
 from scanqueue.db.engine import StoreBase
 from scanqueue.db.policies import DeriveKey, Intake, PoliciesMixin
 from scanqueue.db.schema import (
@@ -122,9 +123,19 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
                 " ORDER BY priority DESC, created_at, id LIMIT :limit)"
                 " RETURNING id, created_at, priority"
             )
-        self._look_stmts: dict[bool, Executable] = {
+        self._look_stmts: dict[bool, TextClause] = {
             unseen: text(look_sql(self.dialect, unseen)) for unseen in (False, True)
         }
+        # PostgreSQL: on the bridge's held connection, prepared (planning the look
+        # cost three times its execution).
+        self._direct_looks: dict[bool, DirectStatement] = (
+            {
+                unseen: DirectStatement(look, self._autocommit_engine)
+                for unseen, look in self._look_stmts.items()
+            }
+            if self._direct is not None
+            else {}
+        )
         if self.dialect == "postgresql":
             self._pg_prepare = pg_prepare_sql()
             self._pg_execute = pg_execute_sql()
@@ -196,13 +207,13 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         # outranks what is in flight (a saturated backlog, looked at many times a
         # second) no lock is taken at all.  Safe: the claim itself judges under the
         # lock, so a stale look only delays a claim or a swap to the next look.
-        with self._tx(single=True) as conn:
-            look = conn.execute(self._look_stmts[derive is not None]).one()
-        in_flight = int(look.in_flight)
-        unseen = derive is not None and bool(look.unseen)
-        swap = look.top is not None and look.lowest is not None and look.top > look.lowest
+        look = self._look(unseen=derive is not None)
+        in_flight = int(look["in_flight"])
+        unseen = derive is not None and bool(look["unseen"])
+        top, lowest = look["top"], look["lowest"]
+        swap = top is not None and lowest is not None and top > lowest
         room = window - in_flight
-        claimable = not look.all_paused and (
+        claimable = not look["all_paused"] and (
             room >= min(max(1, min_room), window) or (in_flight == 0 and room > 0) or swap
         )
         if not claimable and not unseen:
@@ -218,6 +229,15 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         if released is not None:
             released.extend(freed)
         return _oldest_first(claimed), max(0, window - in_flight - len(claimed) + len(freed))
+
+    def _look(self, *, unseen: bool) -> Mapping[str, Any]:
+        """The window's state, without the lock (see :func:`look_sql`)."""
+        if self._direct_looks:
+            row, _ = self._run_direct(self._direct_looks[unseen], {})
+            assert row is not None  # an aggregate: always one row
+            return cast(Mapping[str, Any], row)
+        with self._tx(single=True) as conn:
+            return dict(conn.execute(self._look_stmts[unseen]).one()._mapping)
 
     def _claim_with_policies(
         self, conn: Connection, limit: int, window: int, key_limit: int

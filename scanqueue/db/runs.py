@@ -25,6 +25,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    cast,
     exists,
     func,
     literal_column,
@@ -95,7 +96,8 @@ class RunsMixin(StoreBase):
             scans.c.id == bindparam("scan_id"),
             scans.c.status == STATUS_RUNNING,
             scans.c.attempts == bindparam("attempt"),
-            or_(run_worker.is_(None), scans.c.worker_id == run_worker),
+            # The cast lets PostgreSQL infer the type when the statement is prepared.
+            or_(cast(run_worker, Text).is_(None), scans.c.worker_id == run_worker),
         )
         self._heartbeat_stmt = update(scans).where(*this_run).values(heartbeat_at=now)
         self._hand_back_run_stmt = (

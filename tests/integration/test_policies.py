@@ -305,9 +305,10 @@ def test_the_policy_claim_is_one_statement_on_postgresql(pg_url: str) -> None:
             event.listen(engine, "before_cursor_execute", record)
         got = claim(store, n=10, window=10, key_limit=2)
         statements = list(seen)
-        assert len(statements) == 3, statements  # the look, the lock, the claim
-        assert "pg_advisory_xact_lock" in statements[1]
-        assert f"EXECUTE {PG_STATEMENT_NAME}" in statements[2]
+        # The look went before them, prepared on the bridge's held connection.
+        assert len(statements) == 2, statements  # the lock, the claim
+        assert "pg_advisory_xact_lock" in statements[0]
+        assert f"EXECUTE {PG_STATEMENT_NAME}" in statements[1]
         assert [store.get(i).key for i in got] == ["k1", "k1"]  # k0 full, k2 paused
     finally:
         store.dispose()
