@@ -374,6 +374,21 @@ def pg_execute_sql() -> str:
     return f"EXECUTE {PG_STATEMENT_NAME} ({', '.join(f'%({name})s' for name in PARAMS)})"
 
 
+def pg_one_trip_sql(lock_key: int, *, prepared: bool) -> str:
+    """The PostgreSQL claim as one round trip: the lock (with the planner settings)
+    and the claim, sent as one query string, which the server runs as one implicit
+    transaction: the lock is held until the claim's update commits.  ``prepared``:
+    ``EXECUTE`` of :func:`pg_prepare_sql`; else the statement itself (planned on
+    every call), with the driver's ``%(name)s`` placeholders."""
+    lock = f"SELECT pg_advisory_xact_lock({int(lock_key)}), {pg_settings_sql()}"
+    if prepared:
+        return f"{lock}; {pg_execute_sql()}"
+    sql = policy_claim_sql("postgresql").replace("%", "%%")
+    for name in PARAMS:
+        sql = re.sub(rf"(?<!:):{name}\b", f"%({name})s::int", sql)
+    return f"{lock}; {sql}"
+
+
 def look_sql(dialect: str, unseen: bool) -> str:
     """Without the lock: in flight, their lowest priority, the highest claimable one,
     the whole queue paused, and (``unseen``) whether intake has rows to take in."""

@@ -26,6 +26,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -51,11 +52,12 @@ from scanqueue.db.claim_sql import (
     fast_rows,
     look_sql,
     pg_execute_sql,
+    pg_one_trip_sql,
     pg_prepare_sql,
     pg_settings_sql,
     policy_claim_sql,
 )
-from scanqueue.db.direct_sql import DirectStatement
+from scanqueue.db.direct_sql import DirectStatement, PreparedForm
 from scanqueue.db.engine import StoreBase
 from scanqueue.db.policies import DeriveKey, Intake, PoliciesMixin
 from scanqueue.db.schema import (
@@ -139,6 +141,15 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         if self.dialect == "postgresql":
             self._pg_prepare = pg_prepare_sql()
             self._pg_execute = pg_execute_sql()
+            # Lock and claim in one round trip, on the bridge's held connection.
+            self._direct_claim = DirectStatement.from_sql(
+                pg_one_trip_sql(DISPATCH_LOCK_KEY, prepared=False),
+                PreparedForm(
+                    PG_STATEMENT_NAME,
+                    self._pg_prepare,
+                    pg_one_trip_sql(DISPATCH_LOCK_KEY, prepared=True),
+                ),
+            )
         else:
             # By id alone: BEGIN IMMEDIATE has kept every other writer out since the
             # plan's SELECT saw these rows, and with a status term SQLite would rather
@@ -180,6 +191,7 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         intake: list[Intake] | None = None,
         released: list[str] | None = None,
         min_room: int = 1,
+        look: bool = True,
     ) -> tuple[list[str], int]:
         """Claim ``min(limit, window - in_flight)`` scans; returns (ids, room left).
 
@@ -202,22 +214,34 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         lock (a dead claimer's lock goes with its connection); SQLite: ``BEGIN
         IMMEDIATE`` takes the write lock before the count.  Every bridge may claim,
         and the window stays exact across them.
+
+        ``look=False`` skips the unlocked look (below) when the caller knows there is
+        room (starts it was told of), and takes nothing in.  On PostgreSQL a claim
+        with nothing to take in is one round trip (lock and claim in one implicit
+        transaction).
         """
         # A look without the lock first: while the window is full and nothing waiting
         # outranks what is in flight (a saturated backlog, looked at many times a
         # second) no lock is taken at all.  Safe: the claim itself judges under the
         # lock, so a stale look only delays a claim or a swap to the next look.
-        look = self._look(unseen=derive is not None)
-        in_flight = int(look["in_flight"])
-        unseen = derive is not None and bool(look["unseen"])
-        top, lowest = look["top"], look["lowest"]
-        swap = top is not None and lowest is not None and top > lowest
-        room = window - in_flight
-        claimable = not look["all_paused"] and (
-            room >= min(max(1, min_room), window) or (in_flight == 0 and room > 0) or swap
-        )
-        if not claimable and not unseen:
-            return [], max(0, window - in_flight)
+        unseen, claimable, in_flight = False, True, 0
+        if look:
+            state = self._look(unseen=derive is not None)
+            in_flight = int(state["in_flight"])
+            unseen = derive is not None and bool(state["unseen"])
+            top, lowest = state["top"], state["lowest"]
+            swap = top is not None and lowest is not None and top > lowest
+            room = window - in_flight
+            claimable = not state["all_paused"] and (
+                room >= min(max(1, min_room), window) or (in_flight == 0 and room > 0) or swap
+            )
+            if not claimable and not unseen:
+                return [], max(0, window - in_flight)
+        if not unseen and self._direct_looks:
+            claimed, freed, in_flight = self._claim_one_trip(limit, window, key_limit)
+            if released is not None:
+                released.extend(freed)
+            return _oldest_first(claimed), max(0, window - in_flight - len(claimed) + len(freed))
         with self._serialized_tx() as conn:
             if derive is not None and unseen:
                 taken = self.take_in(conn, derive)
@@ -239,18 +263,33 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         with self._tx(single=True) as conn:
             return dict(conn.execute(self._look_stmts[unseen]).one()._mapping)
 
-    def _claim_with_policies(
-        self, conn: Connection, limit: int, window: int, key_limit: int
-    ) -> tuple[list[Row[Any]], list[str], int]:
-        """Within the serialized transaction: (claimed rows, released ids, in flight before)."""
+    def _claim_one_trip(
+        self, limit: int, window: int, key_limit: int
+    ) -> tuple[list[Any], list[str], int]:
+        """PostgreSQL, nothing to take in: lock and claim in one round trip."""
+        rows = self._run_direct_rows(
+            self._direct_claim, self._claim_params(limit, window, key_limit)
+        )
+        in_flight = next(int(r["n"]) for r in rows if r["what"] == "in_flight")
+        claimed = [SimpleNamespace(**r) for r in rows if r["what"] == "claimed"]
+        return claimed, [r["id"] for r in rows if r["what"] == "released"], in_flight
+
+    @staticmethod
+    def _claim_params(limit: int, window: int, key_limit: int) -> dict[str, int]:
         cap = max(0, min(limit, window))
-        params = {
+        return {
             "key_limit": key_limit,
             "limit": limit,
             "window": window,
             "cap": cap,
             "m": fast_rows(cap),
         }
+
+    def _claim_with_policies(
+        self, conn: Connection, limit: int, window: int, key_limit: int
+    ) -> tuple[list[Row[Any]], list[str], int]:
+        """Within the serialized transaction: (claimed rows, released ids, in flight before)."""
+        params = self._claim_params(limit, window, key_limit)
         if self.dialect == "postgresql":
             rows = self._run_prepared_claim(conn, params)
             in_flight = next(int(r.n) for r in rows if r.what == "in_flight")
@@ -488,7 +527,7 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         return int(result.rowcount or 0)
 
 
-def _oldest_first(rows: Sequence[Row[Any]]) -> list[str]:
+def _oldest_first(rows: Sequence[Any]) -> list[str]:
     """Claim order: higher priority first, then oldest (publish order = start order)."""
     ordered = sorted(
         rows, key=lambda r: (-(r.priority or 0), r.created_at is None, r.created_at, r.id)

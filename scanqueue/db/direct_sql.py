@@ -84,6 +84,16 @@ class DirectStatement:
             else None
         )
 
+    @classmethod
+    def from_sql(cls, sql: str, prepared: PreparedForm | None) -> DirectStatement:
+        """A statement written for the driver (``%(name)s`` placeholders), with its
+        prepared form made by the caller (or None)."""
+        made = cls.__new__(cls)
+        made.sql = sql
+        made.defaults = {}
+        made.prepared = prepared
+        return made
+
     def params(self, values: Mapping[str, Any]) -> dict[str, Any]:
         return {**self.defaults, **values}
 
@@ -105,12 +115,16 @@ class PreparedForm:
     """
 
     def __init__(
-        self, name: str, prepare_sql: str, execute_sql: str, inlined: Mapping[str, Any]
+        self,
+        name: str,
+        prepare_sql: str,
+        execute_sql: str,
+        inlined: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.prepare_sql = prepare_sql
         self.execute_sql = execute_sql
-        self.inlined = dict(inlined)
+        self.inlined = dict(inlined or {})
 
     @classmethod
     def of(cls, sql: str, defaults: Mapping[str, Any]) -> PreparedForm:
@@ -165,6 +179,16 @@ class HeldConnections:
 
     def run(self, statement: DirectStatement, values: Mapping[str, Any]) -> tuple[Any, int]:
         """Execute; return (the first row as a name → value dict or None, rowcount)."""
+        rows, rowcount = self._run(statement, values, every_row=False)
+        return (rows[0] if rows else None), rowcount
+
+    def run_rows(self, statement: DirectStatement, values: Mapping[str, Any]) -> list[Any]:
+        """Execute; return every row, each as a name → value dict."""
+        return self._run(statement, values, every_row=True)[0]
+
+    def _run(
+        self, statement: DirectStatement, values: Mapping[str, Any], *, every_row: bool
+    ) -> tuple[list[Any], int]:
         params = statement.params(values)
         dbapi = self._engine.dialect.loaded_dbapi
         conn = None
@@ -176,7 +200,12 @@ class HeldConnections:
             cursor = conn.cursor()
             try:
                 self._execute(cursor, statement, params, values)
-                row = cursor.fetchone() if cursor.description else None
+                if cursor.description is None:
+                    rows = []
+                elif every_row:
+                    rows = cursor.fetchall()
+                else:
+                    rows = cursor.fetchmany(1)
                 names = [column[0] for column in cursor.description or ()]
                 rowcount = cursor.rowcount
             finally:
@@ -211,9 +240,9 @@ class HeldConnections:
             # The socket was shut down just as the answer came: the result stands, the
             # connection does not.
             self._drop(conn)
-        if row is None:
-            return None, rowcount
-        return {name: _utc(value) for name, value in zip(names, row, strict=True)}, rowcount
+        return [
+            {name: _utc(value) for name, value in zip(names, row, strict=True)} for row in rows
+        ], rowcount
 
     def _execute(
         self,

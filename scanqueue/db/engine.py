@@ -243,6 +243,14 @@ class StoreBase:
             self._raise_unavailable_if_gone(exc)
             raise
 
+    def _run_direct_rows(self, statement: DirectStatement, values: dict[str, Any]) -> list[Any]:
+        assert self._direct is not None
+        try:
+            return self._direct.run_rows(statement, values)
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            self._raise_unavailable_if_gone(exc)
+            raise
+
     # -- health -----------------------------------------------------------------
 
     def ping(self) -> None:

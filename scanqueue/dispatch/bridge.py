@@ -150,6 +150,24 @@ class Bridge:
         self.derive = derive
         self.on_intake = on_intake
         self.window_full = False  # the last claim left no room
+        # Room the last claim left, plus the starts signalled since (a lower bound
+        # for this bridge: other workers' starts free room it is not told of).
+        self._known_room: int | None = None
+        self._room_signalled = False
+
+    def room_signalled(self, starts: int) -> bool:
+        """Count ``starts`` (signalled by the worker's pool processes) into the room
+        the last claim left.  False when the window is known to be still short of a
+        refill, so a look would find nothing to claim; True when there is room,
+        and then the next claim skips its unlocked look (one round trip on
+        PostgreSQL).  Any other wake-up (a new row, a poll) looks as usual."""
+        if starts <= 0 or not self.window_full or self._known_room is None:
+            return True
+        self._known_room += starts
+        if self._known_room < refill_room(self.window()):
+            return False
+        self._room_signalled = True
+        return True
 
     def dispatch_once(self) -> int:
         """Take in unseen rows, claim up to one batch (within the window and the
@@ -157,6 +175,7 @@ class Bridge:
         taken: list[Intake] = []
         released: list[str] = []
         window = self.window()
+        look, self._room_signalled = not self._room_signalled, False
         ids, room = self.store.claim_within_window(
             self.batch,
             window,
@@ -165,7 +184,9 @@ class Bridge:
             intake=taken,
             released=released,
             min_room=refill_room(window),
+            look=look,
         )
+        self._known_room = room
         if taken and self.on_intake is not None:
             self.on_intake(taken)
         if released:
@@ -356,6 +377,8 @@ class BridgeService:
         while self.watcher.wait(
             self.stop_event, self._recheck_s if self.bridge.window_full else None
         ):
+            if not self.bridge.room_signalled(self.watcher.starts):
+                continue  # known without a look: the window is still too full to refill
             sent = 0
 
             def step() -> None:

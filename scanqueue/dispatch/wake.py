@@ -41,14 +41,18 @@ class StartSignal:
         with contextlib.suppress(OSError):
             os.write(self._write_fd, b"\0")
 
-    def drain(self) -> None:
-        """Read every pending byte (one look answers them all)."""
+    def drain(self) -> int:
+        """Read every pending byte (one look answers them all); returns how many: the
+        starts signalled since the last drain (fewer if the pipe was full)."""
+        count = 0
         while True:
             try:
-                if not os.read(self._read_fd, READ_CHUNK):
-                    return
+                chunk = os.read(self._read_fd, READ_CHUNK)
             except (BlockingIOError, OSError):
-                return
+                return count
+            if not chunk:
+                return count
+            count += len(chunk)
 
     def close(self) -> None:
         if self.closed:

@@ -45,6 +45,9 @@ PING_PAYLOAD = "scanqueue-liveness"
 
 
 class Watcher(Protocol):
+    starts: int
+    """Starts signalled when the last wait ended on the start signal alone; else 0."""
+
     def wait(self, stop: threading.Event, timeout_s: float | None = None) -> bool:
         """Block until it is time to look (True; also after ``timeout_s``) or ``stop``
         is set (False)."""
@@ -59,14 +62,16 @@ class PollWatcher:
     def __init__(self, interval_s: float, start_signal: StartSignal | None = None) -> None:
         self.interval_s = interval_s
         self.start_signal = start_signal
+        self.starts = 0
         self._next = time.monotonic()
 
     def wait(self, stop: threading.Event, timeout_s: float | None = None) -> bool:
         now = time.monotonic()
+        self.starts = 0
         if timeout_s is not None and now + timeout_s < self._next + self.interval_s:
             # An early look; the schedule stays.
             if self.start_signal is not None and not stop.is_set():
-                _wait_for_start(self.start_signal, timeout_s)
+                self.starts = _wait_for_start(self.start_signal, timeout_s)
                 return not stop.is_set()
             return not stop.wait(timeout_s)
         self._next += self.interval_s
@@ -93,6 +98,7 @@ class ListenWatcher:
     ) -> None:
         self.database_url = database_url
         self.start_signal = start_signal
+        self.starts = 0
         self.safety_poll_s = safety_poll_s
         self.channel = channel
         self.liveness_every_s = liveness_every_s
@@ -158,6 +164,7 @@ class ListenWatcher:
         import psycopg2
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.starts = 0
         while not stop.is_set():
             if self._conn is None:
                 try:
@@ -198,7 +205,9 @@ class ListenWatcher:
                     watched.append(self.start_signal)  # the window is full: a start frees room
                 readable, _, _ = select.select(watched, [], [], min(timeout, 0.5))
                 if self.start_signal is not None and self.start_signal in readable:
-                    self.start_signal.drain()
+                    # Rows inserted meanwhile are still pending on the connection: the
+                    # next wait returns for them at once.
+                    self.starts = self.start_signal.drain()
                     return True
                 if readable:
                     self._conn.poll()
@@ -251,14 +260,14 @@ class ListenWatcher:
                 self._conn = None
 
 
-def _wait_for_start(signal: StartSignal, timeout_s: float) -> None:
-    """Up to ``timeout_s``, ending early when a pool process started a scan."""
+def _wait_for_start(signal: StartSignal, timeout_s: float) -> int:
+    """Up to ``timeout_s``, ending early when a pool process started a scan; returns
+    the starts signalled (0: the time ran out)."""
     try:
         readable, _, _ = select.select([signal], [], [], timeout_s)
     except (OSError, ValueError):  # closed at shutdown
-        return
-    if readable:
-        signal.drain()
+        return 0
+    return signal.drain() if readable else 0
 
 
 def watcher_for(

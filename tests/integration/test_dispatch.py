@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from sqlalchemy import text
 
 from scanqueue.db.store import Store, store_for
@@ -92,8 +93,10 @@ def test_a_claim_never_exceeds_the_window_and_a_start_frees_room(store: Store) -
     assert store.claim_within_window(1, 10) == (["w5"], 5)
 
 
-def test_concurrent_claimers_keep_the_window_exact(db_url: str, store: Store) -> None:
-    """Four claimers on separate engines race; in flight never passes the window."""
+@pytest.mark.parametrize("look", [True, False], ids=["look", "no_look"])
+def test_concurrent_claimers_keep_the_window_exact(db_url: str, store: Store, look: bool) -> None:
+    """Four claimers on separate engines race; in flight never passes the window (also
+    when they claim without the unlocked look, as after a start signal)."""
     insert(store, *[f"c{i:03d}" for i in range(60)])
     window = 7
     claimers = [Store(store.database_url) for _ in range(4)]
@@ -104,7 +107,7 @@ def test_concurrent_claimers_keep_the_window_exact(db_url: str, store: Store) ->
     def claim(s: Store) -> None:
         deadline = time.monotonic() + 20
         while not stop.is_set() and time.monotonic() < deadline:
-            ids, _ = s.claim_within_window(3, window)
+            ids, _ = s.claim_within_window(3, window, look=look)
             with lock:
                 claimed.extend(ids)
 

@@ -283,9 +283,11 @@ def test_store_for_is_reused(db_url: str, store: Store) -> None:
     assert store_for(store.database_url) is store
 
 
-def test_the_policy_claim_is_one_statement_on_postgresql(pg_url: str) -> None:
-    """Limits, pauses, counts, candidates and the update: one statement under the lock."""
+def test_the_policy_claim_is_one_round_trip_on_postgresql(pg_url: str) -> None:
+    """Limits, pauses, counts, candidates and the update: one statement, sent with the
+    lock in one query string (one implicit transaction), after the unlocked look."""
     from scanqueue.config import normalize_database_url
+    from scanqueue.db.direct_sql import HeldConnections
     from tests.conftest import upgrade
 
     upgrade(pg_url)
@@ -295,20 +297,30 @@ def test_the_policy_claim_is_one_statement_on_postgresql(pg_url: str) -> None:
             add(store, key=f"k{i % 3}")
         store.set_limit("k0", 1)
         store.pause("k2")
-        claim(store, n=1, window=10, key_limit=2)  # prepares the statement on its connection
-        seen: list[str] = []
+        claim(store, n=1, window=10, key_limit=2)  # prepares the statements
+        through_sqlalchemy: list[str] = []
 
         def record(_c: Any, _cur: Any, statement: str, *_rest: Any) -> None:
-            seen.append(statement)
+            through_sqlalchemy.append(statement)
 
         for engine in (store.engine, store._autocommit_engine.engine):
             event.listen(engine, "before_cursor_execute", record)
-        got = claim(store, n=10, window=10, key_limit=2)
-        statements = list(seen)
-        # The look went before them, prepared on the bridge's held connection.
-        assert len(statements) == 2, statements  # the lock, the claim
-        assert "pg_advisory_xact_lock" in statements[0]
-        assert f"EXECUTE {PG_STATEMENT_NAME}" in statements[1]
+        sent: list[str] = []
+        execute = HeldConnections._execute
+
+        def spy(self: Any, cursor: Any, statement: Any, *args: Any) -> None:
+            sent.append(statement.prepared.execute_sql)
+            execute(self, cursor, statement, *args)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(HeldConnections, "_execute", spy)
+            got = claim(store, n=10, window=10, key_limit=2)
+        assert through_sqlalchemy == []
+        assert len(sent) == 2, sent  # the look, then the lock and the claim
+        assert sent[0].startswith("EXECUTE ")
+        lock, claim_sql = sent[1].split("; ")
+        assert "pg_advisory_xact_lock" in lock
+        assert claim_sql.startswith(f"EXECUTE {PG_STATEMENT_NAME}")
         assert [store.get(i).key for i in got] == ["k1", "k1"]  # k0 full, k2 paused
     finally:
         store.dispose()
@@ -446,17 +458,22 @@ def test_a_deep_key_ahead_of_many_keys_is_walked_past(store: Store) -> None:
 
 def _pg_rows_examined(store: Store, values: dict[str, int]) -> int:
     """Rows of ``scans`` the prepared claim reads (returned or filtered out), per EXPLAIN,
-    with the plan the store's connection made when it first claimed."""
-    with store.engine.begin() as conn:
-        prepared = text("SELECT 1 FROM pg_prepared_statements WHERE name = :n")
-        assert conn.execute(prepared, {"n": PG_STATEMENT_NAME}).first() is not None
+    with the plan the store's connection made when it first claimed (this thread's held
+    connection, where the claim runs)."""
+    assert store._direct is not None
+    cur = store._direct._connection().cursor()
+    try:
+        cur.execute("SELECT 1 FROM pg_prepared_statements WHERE name = %s", (PG_STATEMENT_NAME,))
+        assert cur.fetchone() is not None
+        cur.execute("BEGIN")
         for name, value in PG_PLANNER_SETTINGS:
-            conn.execute(text("SELECT set_config(:n, :v, true)"), {"n": name, "v": value})
+            cur.execute("SELECT set_config(%s, %s, true)", (name, value))
         args = ", ".join(str(values[k]) for k in ("key_limit", "limit", "window", "cap", "m"))
-        plan = conn.execute(
-            text(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {PG_STATEMENT_NAME} ({args})")
-        ).scalar_one()
-        conn.rollback()
+        cur.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {PG_STATEMENT_NAME} ({args})")
+        plan = cur.fetchone()[0]
+    finally:
+        cur.execute("ROLLBACK")
+        cur.close()
 
     def rows(node: dict[str, Any]) -> int:
         own = 0

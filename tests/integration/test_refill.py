@@ -57,3 +57,35 @@ def test_a_higher_priority_scan_swaps_in_whatever_the_room(migrated: str) -> Non
     )
     assert ids == ["urgent"] and len(released) == 1
     assert store.in_flight() == WINDOW
+
+
+def test_signalled_starts_refill_without_a_look(migrated: str) -> None:
+    """The embedded bridge counts its workers' start signals into the room its last
+    claim left: it does not look while that is short of a refill, and claims without
+    the look (on PostgreSQL one round trip) once it is not."""
+    from scanqueue.dispatch.bridge import Bridge
+
+    store = store_for(migrated)
+    insert_rows(migrated, [f"s{i:02d}" for i in range(20)])
+    published: list[str] = []
+    bridge = Bridge(store, published.extend, 100, lambda: WINDOW, derive=derive_key)
+    looks: list[bool] = []
+    look = store._look
+
+    def counted(*, unseen: bool) -> object:
+        looks.append(unseen)
+        return look(unseen=unseen)
+
+    store._look = counted  # type: ignore[method-assign]
+    assert bridge.dispatch_once() == WINDOW and bridge.window_full
+    assert len(looks) == 1
+    _start_one(migrated)
+    assert not bridge.room_signalled(1)  # one place: not enough, and nothing looked at
+    _start_one(migrated)
+    assert bridge.room_signalled(1)
+    assert bridge.dispatch_once() == 2
+    assert len(looks) == 1  # claimed without a look
+    assert len(published) == len(set(published)) == WINDOW + 2
+    assert store.in_flight() == WINDOW
+    assert bridge.room_signalled(0)  # no starts counted (a row, a poll): look as usual
+    assert bridge.dispatch_once() == 0 and len(looks) == 2

@@ -77,3 +77,17 @@ def test_notify_after_close_is_harmless() -> None:
     signal.notify()
     signal.drain()
     signal.close()
+
+
+def test_a_wait_ended_by_starts_says_how_many() -> None:
+    signal = StartSignal()
+    try:
+        for _ in range(3):
+            signal.notify()
+        watcher = PollWatcher(60.0, start_signal=signal)
+        assert watcher.wait(threading.Event(), timeout_s=5.0)
+        assert watcher.starts == 3
+        assert watcher.wait(threading.Event(), timeout_s=0.05)
+        assert watcher.starts == 0  # the time ran out: a look, not a count
+    finally:
+        signal.close()
