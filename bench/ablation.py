@@ -7,7 +7,9 @@ with events, metrics, the lease keeper, or all three switched off
 with its events in the ``scanqueue_events`` table instead of the Redis stream
 (``table_events``: no ``REDIS_URL``, Redis as the broker only).
 Each run is N no-op scans through a warmed-up worker, as in ``bench.run``'s
-throughput phase.  Prints each run and the medians as ratios against raw Celery.
+throughput phase.  Prints each run and the medians as ratios against raw Celery,
+and each arm's median CPU per scan (worker tree, PostgreSQL, whole machine), which
+moves less than throughput on a shared machine.
 An experiment for the bound analysis in ``bench/README.md``.
 
 With ``BENCH_AB_BASE=DIR`` (a source tree of another commit, e.g. from ``git
@@ -68,7 +70,7 @@ def set_synchronous_commit(url: str, value: str) -> None:
     conn.close()
 
 
-def scanqueue_run(b: Bench, n: int, arm: Arm) -> float:
+def scanqueue_run(b: Bench, n: int, arm: Arm) -> dict[str, float]:
     db = b.new_db("postgresql")
     try:
         if arm.synchronous_commit != "on":
@@ -87,7 +89,13 @@ def scanqueue_run(b: Bench, n: int, arm: Arm) -> float:
     finally:
         b.drop_db(db)
     assert run["exactly_once"]["ok"], run["exactly_once"]
-    return float(run["per_s"])
+    split = run["cpu_split_ms_per_scan"]
+    return {
+        "per_s": float(run["per_s"]),
+        "worker_ms": float(split["worker"]),
+        "postgres_ms": float(split["postgres"]),
+        "machine_ms": float(split["machine"]),
+    }
 
 
 def main() -> None:
@@ -107,6 +115,8 @@ def main() -> None:
             arms_by_name[f"{name}@{label}"] = replace(ARMS[name], source=source)
     chosen = [n for name in chosen for n in (name, *(f"{name}@{label}" for label in labels))]
     runs: dict[str, list[float]] = {"raw": [], **{arm: [] for arm in chosen}}
+    # CPU per scan (ms): steadier than throughput on a shared machine.
+    cpu: dict[str, dict[str, list[float]]] = {arm: {} for arm in chosen}
     try:
         for i in range(rounds):
             raw = RawCelery(b, "postgresql", "2,2")
@@ -114,7 +124,10 @@ def main() -> None:
             b.stop(raw.proc)
             arms = chosen if i % 2 == 0 else list(reversed(chosen))
             for arm in arms:
-                runs[arm].append(scanqueue_run(b, n, arms_by_name[arm]))
+                got = scanqueue_run(b, n, arms_by_name[arm])
+                runs[arm].append(got.pop("per_s"))
+                for k, v in got.items():
+                    cpu[arm].setdefault(k, []).append(v)
             print(
                 f"round {i + 1}: " + ", ".join(f"{k} {v[-1]}/s" for k, v in runs.items()),
                 flush=True,
@@ -129,6 +142,10 @@ def main() -> None:
                 "runs": runs,
                 "median_per_s": med,
                 "vs_raw": {arm: round(v / med["raw"], 3) for arm, v in med.items()},
+                "median_cpu_ms_per_scan": {
+                    arm: {k: round(statistics.median(v), 3) for k, v in parts.items()}
+                    for arm, parts in cpu.items()
+                },
             },
             indent=2,
         )

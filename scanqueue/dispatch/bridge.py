@@ -141,9 +141,11 @@ class Bridge:
         key_limit: int = 0,
         derive: DeriveKey | None = None,
         on_intake: Callable[[Sequence[Intake]], None] | None = None,
+        forget_starts: Callable[[], object] | None = None,
     ) -> None:
         self.store = store
         self.publish = publish
+        self.forget_starts = forget_starts
         self.batch = batch
         self.window = window
         self.key_limit = key_limit  # SCANQUEUE_MAX_RUNNING_PER_KEY
@@ -176,6 +178,10 @@ class Bridge:
         released: list[str] = []
         window = self.window()
         look, self._room_signalled = not self._room_signalled, False
+        if self.forget_starts is not None:
+            # Starts signalled before the claim are in its count: counting them again
+            # afterwards would make the bridge claim one scan at a time.
+            self.forget_starts()
         ids, room = self.store.claim_within_window(
             self.batch,
             window,
@@ -266,6 +272,7 @@ class BridgeService:
             key_limit=key_limit,
             derive=derive,
             on_intake=on_intake,
+            forget_starts=watcher.forget_starts,
         )
         self.store = store
         self.leadership = leadership

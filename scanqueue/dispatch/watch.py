@@ -53,6 +53,10 @@ class Watcher(Protocol):
         is set (False)."""
         ...
 
+    def forget_starts(self) -> None:
+        """Drop the start signals pending: a claim about to run counts those starts."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -78,6 +82,10 @@ class PollWatcher:
         if self._next < now:  # fell behind (a long pass): restart the schedule, don't burst
             self._next = now + self.interval_s
         return not stop.wait(max(0.0, self._next - now))
+
+    def forget_starts(self) -> None:
+        if self.start_signal is not None:
+            self.start_signal.drain()
 
     def close(self) -> None:
         pass
@@ -223,6 +231,10 @@ class ListenWatcher:
             except (psycopg2.Error, OSError, ValueError) as exc:
                 self._drop(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
         return False
+
+    def forget_starts(self) -> None:
+        if self.start_signal is not None:
+            self.start_signal.drain()
 
     def _next_timeout(self, now: float) -> float:
         until_poll = self.safety_poll_s - (now - self._last_poll)
