@@ -5,7 +5,10 @@ with events, metrics, the lease keeper, or all three switched off
 (``bench/ablation_runners.py``), or on a database with ``synchronous_commit = off``
 (commits do not wait for the WAL flush; the statements are otherwise unchanged), or
 with its events in the ``scanqueue_events`` table instead of the Redis stream
-(``table_events``: no ``REDIS_URL``, Redis as the broker only).
+(``table_events``: no ``REDIS_URL``, Redis as the broker only).  Each round also
+runs the like-for-like yardstick, raw Celery whose task makes a run's two
+compare-and-set writes (``bench.two_writes``; ``BENCH_AB_TWO_WRITES=0`` skips it),
+and reports every arm against it.
 Each run is N no-op scans through a warmed-up worker, as in ``bench.run``'s
 throughput phase.  Prints each run and the medians as ratios against raw Celery,
 and each arm's median CPU per scan (worker tree, PostgreSQL, whole machine), which
@@ -36,7 +39,7 @@ from pathlib import Path
 import psycopg2
 
 from bench.harness import RedisServer, psycopg_dsn
-from bench.run import Bench, RawCelery, Sizes, db_throughput, start_scanqueue
+from bench.run import Bench, RawCelery, Sizes, db_throughput, raw_two_writes, start_scanqueue
 
 
 @dataclass(frozen=True)
@@ -114,13 +117,27 @@ def main() -> None:
             source = str(Path(tree.partition("=")[2] if "=" in tree else tree).resolve())
             arms_by_name[f"{name}@{label}"] = replace(ARMS[name], source=source)
     chosen = [n for name in chosen for n in (name, *(f"{name}@{label}" for label in labels))]
-    runs: dict[str, list[float]] = {"raw": [], **{arm: [] for arm in chosen}}
+    # The like-for-like yardstick (bench.run's raw_celery_c2_two_writes), each round.
+    two_writes = os.environ.get("BENCH_AB_TWO_WRITES", "1") != "0"
+    runs: dict[str, list[float]] = {
+        "raw": [],
+        **({"two_writes": []} if two_writes else {}),
+        **{arm: [] for arm in chosen},
+    }
     # CPU per scan (ms): steadier than throughput on a shared machine.
     cpu: dict[str, dict[str, list[float]]] = {arm: {} for arm in chosen}
     try:
         for i in range(rounds):
             raw = RawCelery(b, "postgresql", "2,2")
             runs["raw"].append(raw.throughput(n, n / 20.0)["per_s"])
+            if two_writes:
+                db = b.new_db("postgresql")
+                try:
+                    yardstick = raw_two_writes(raw, db, n, n / 20.0)
+                finally:
+                    b.drop_db(db)
+                assert yardstick["exactly_once"]["ok"], yardstick["exactly_once"]
+                runs["two_writes"].append(yardstick["per_s"])
             b.stop(raw.proc)
             arms = chosen if i % 2 == 0 else list(reversed(chosen))
             for arm in arms:
@@ -142,6 +159,23 @@ def main() -> None:
                 "runs": runs,
                 "median_per_s": med,
                 "vs_raw": {arm: round(v / med["raw"], 3) for arm, v in med.items()},
+                **(
+                    {
+                        "vs_two_writes": {
+                            arm: round(v / med["two_writes"], 3) for arm, v in med.items()
+                        },
+                        # Round by round (each scanqueue run against its round's yardstick).
+                        "vs_two_writes_by_round": {
+                            arm: [
+                                round(x / y, 3)
+                                for x, y in zip(runs[arm], runs["two_writes"], strict=True)
+                            ]
+                            for arm in chosen
+                        },
+                    }
+                    if two_writes
+                    else {}
+                ),
                 "median_cpu_ms_per_scan": {
                     arm: {k: round(statistics.median(v), 3) for k, v in parts.items()}
                     for arm, parts in cpu.items()
