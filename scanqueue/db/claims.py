@@ -320,22 +320,18 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         return claimed, freed, in_flight
 
     def _run_prepared_claim(self, conn: Connection, params: dict[str, int]) -> list[Row[Any]]:
-        """PostgreSQL: the claim as a statement prepared once per connection, and
-        planned once (``PG_PLANNER_SETTINGS``, set with the lock)."""
-        info = conn.info
-        try:
-            if not info.get(PG_STATEMENT_NAME):
-                known = conn.exec_driver_sql(
-                    "SELECT 1 FROM pg_prepared_statements WHERE name = %(name)s",
-                    {"name": PG_STATEMENT_NAME},
-                ).first()
-                if known is None:
-                    conn.exec_driver_sql(self._pg_prepare)
-                info[PG_STATEMENT_NAME] = True
-            return list(conn.exec_driver_sql(self._pg_execute, params).all())
-        except Exception:
-            info.pop(PG_STATEMENT_NAME, None)  # look again next time
-            raise
+        """PostgreSQL, within the serialized transaction (the intake's path): the claim
+        as a statement prepared once per database session and planned once
+        (``PG_PLANNER_SETTINGS``, set with the lock).  Whether the session has it is
+        asked in the same transaction, not remembered: behind a transaction-pooling
+        proxy each transaction may run in another server session."""
+        known = conn.exec_driver_sql(
+            "SELECT 1 FROM pg_prepared_statements WHERE name = %(name)s",
+            {"name": PG_STATEMENT_NAME},
+        ).first()
+        if known is None:
+            conn.exec_driver_sql(self._pg_prepare)
+        return list(conn.exec_driver_sql(self._pg_execute, params).all())
 
     def _serialized_tx(self) -> AbstractContextManager[Connection]:
         """A transaction that holds the dispatch lock from its first statement."""

@@ -173,3 +173,74 @@ def test_a_connection_held_past_the_recycle_age_goes_back_to_the_pool(url: str) 
         assert pool.checkedout() == 1  # the old one went back: none leaked
     finally:
         direct.recycle_s = 1800.0
+
+
+def _prepared_names(store: Store) -> set[str]:
+    assert store._direct is not None
+    cur = store._direct._connection().cursor()
+    try:
+        cur.execute("SELECT name FROM pg_prepared_statements")
+        return {row[0] for row in cur.fetchall()}
+    finally:
+        cur.close()
+
+
+def test_the_per_scan_statements_are_prepared_once_per_connection(url: str) -> None:
+    """Start, heartbeat and finish run as EXECUTEs of statements the session prepared
+    once, with the statuses written in (so generic plans keep the partial indexes)."""
+    store = store_for(url)
+    try:
+        for _ in range(3):
+            scan_id = insert(store)
+            started = store.start_run(scan_id, "w/1")
+            assert started is not None
+            assert store.heartbeat(scan_id, started.attempt, worker_id="w/1")
+            assert store.finish_run(scan_id, started.attempt, "completed", worker_id="w/1")
+        assert store._direct_start.prepared is not None
+        assert "'queued'" in store._direct_start.prepared.prepare_sql
+        names = {
+            s.prepared.name
+            for s in (store._direct_start, store._direct_heartbeat, store._direct_finish)
+            if s.prepared is not None
+        }
+        assert len(names) == 3 and names <= _prepared_names(store)
+    finally:
+        store.dispose()
+
+
+def test_a_session_that_lost_its_prepared_statements_prepares_again(url: str) -> None:
+    """DISCARD ALL (or a transaction-pooling proxy moving the session) drops them: the
+    call that finds one gone runs unprepared, the next prepares again, and a
+    connection that keeps losing them stops preparing."""
+    from scanqueue.db.direct_sql import MAX_PREPARE_MISSES
+
+    store = store_for(url)
+    assert store._direct is not None
+    try:
+
+        def discard() -> None:
+            assert store._direct is not None
+            cur = store._direct._connection().cursor()
+            cur.execute("DISCARD ALL")
+            cur.close()
+
+        def one_run() -> None:
+            scan_id = insert(store)
+            started = store.start_run(scan_id, "w/1")
+            assert started is not None
+            assert store.finish_run(scan_id, started.attempt, "completed", worker_id="w/1")
+
+        one_run()
+        discard()
+        one_run()  # the start finds its statement gone: run plain, prepare next time
+        one_run()
+        assert store._direct_start.prepared is not None
+        assert store._direct_start.prepared.name in _prepared_names(store)
+        for _ in range(MAX_PREPARE_MISSES):
+            discard()
+            one_run()
+        discard()
+        one_run()
+        assert _prepared_names(store) == set()  # this connection runs them plain now
+    finally:
+        store.dispose()
