@@ -192,6 +192,7 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         released: list[str] | None = None,
         min_room: int = 1,
         look: bool = True,
+        take_in: bool = False,
     ) -> tuple[list[str], int]:
         """Claim ``min(limit, window - in_flight)`` scans; returns (ids, room left).
 
@@ -216,15 +217,16 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         and the window stays exact across them.
 
         ``look=False`` skips the unlocked look (below) when the caller knows there is
-        room (starts it was told of), and takes nothing in.  On PostgreSQL a claim
-        with nothing to take in is one round trip (lock and claim in one implicit
-        transaction).
+        room (starts it was told of, or room its last claim left), and then takes rows
+        in only with ``take_in`` (it was told rows were inserted).  On PostgreSQL a
+        claim with nothing to take in is one round trip (lock and claim in one
+        implicit transaction).
         """
         # A look without the lock first: while the window is full and nothing waiting
         # outranks what is in flight (a saturated backlog, looked at many times a
         # second) no lock is taken at all.  Safe: the claim itself judges under the
         # lock, so a stale look only delays a claim or a swap to the next look.
-        unseen, claimable, in_flight = False, True, 0
+        unseen, claimable, in_flight = derive is not None and take_in, True, 0
         if look:
             state = self._look(unseen=derive is not None)
             in_flight = int(state["in_flight"])

@@ -156,13 +156,19 @@ class Bridge:
         # for this bridge: other workers' starts free room it is not told of).
         self._known_room: int | None = None
         self._room_signalled = False
+        self._notified = False
 
-    def room_signalled(self, starts: int) -> bool:
+    def room_signalled(self, starts: int, notified: bool = False) -> bool:
         """Count ``starts`` (signalled by the worker's pool processes) into the room
         the last claim left.  False when the window is known to be still short of a
         refill, so a look would find nothing to claim; True when there is room,
         and then the next claim skips its unlocked look (one round trip on
-        PostgreSQL).  Any other wake-up (a new row, a poll) looks as usual."""
+        PostgreSQL).  ``notified`` (rows were inserted) while the last claim left
+        room: the next claim takes the new rows in and claims, without a look
+        first.  A poll looks as usual."""
+        if notified and not self.window_full and self._known_room is not None:
+            self._notified = True
+            return True
         if starts <= 0 or not self.window_full or self._known_room is None:
             return True
         self._known_room += starts
@@ -177,7 +183,9 @@ class Bridge:
         taken: list[Intake] = []
         released: list[str] = []
         window = self.window()
-        look, self._room_signalled = not self._room_signalled, False
+        look = not (self._room_signalled or self._notified)
+        take_in = self._notified
+        self._room_signalled = self._notified = False
         if self.forget_starts is not None:
             # Starts signalled before the claim are in its count: counting them again
             # afterwards would make the bridge claim one scan at a time.
@@ -191,6 +199,7 @@ class Bridge:
             released=released,
             min_room=refill_room(window),
             look=look,
+            take_in=take_in,
         )
         self._known_room = room
         if taken and self.on_intake is not None:
@@ -384,7 +393,7 @@ class BridgeService:
         while self.watcher.wait(
             self.stop_event, self._recheck_s if self.bridge.window_full else None
         ):
-            if not self.bridge.room_signalled(self.watcher.starts):
+            if not self.bridge.room_signalled(self.watcher.starts, self.watcher.notified):
                 continue  # known without a look: the window is still too full to refill
             sent = 0
 

@@ -47,6 +47,8 @@ PING_PAYLOAD = "scanqueue-liveness"
 class Watcher(Protocol):
     starts: int
     """Starts signalled when the last wait ended on the start signal alone; else 0."""
+    notified: bool
+    """The last wait ended on a notification that rows were inserted."""
 
     def wait(self, stop: threading.Event, timeout_s: float | None = None) -> bool:
         """Block until it is time to look (True; also after ``timeout_s``) or ``stop``
@@ -67,6 +69,7 @@ class PollWatcher:
         self.interval_s = interval_s
         self.start_signal = start_signal
         self.starts = 0
+        self.notified = False  # polling hears of no insert
         self._next = time.monotonic()
 
     def wait(self, stop: threading.Event, timeout_s: float | None = None) -> bool:
@@ -107,6 +110,7 @@ class ListenWatcher:
         self.database_url = database_url
         self.start_signal = start_signal
         self.starts = 0
+        self.notified = False
         self.safety_poll_s = safety_poll_s
         self.channel = channel
         self.liveness_every_s = liveness_every_s
@@ -173,6 +177,7 @@ class ListenWatcher:
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self.starts = 0
+        self.notified = False
         while not stop.is_set():
             if self._conn is None:
                 try:
@@ -222,6 +227,7 @@ class ListenWatcher:
                     woke = self._drain()
                     if woke:
                         self._last_poll = time.monotonic()
+                        self.notified = True
                         return True
                 if time.monotonic() - self._last_poll >= self.safety_poll_s:
                     self._last_poll = time.monotonic()

@@ -89,3 +89,36 @@ def test_signalled_starts_refill_without_a_look(migrated: str) -> None:
     assert store.in_flight() == WINDOW
     assert bridge.room_signalled(0)  # no starts counted (a row, a poll): look as usual
     assert bridge.dispatch_once() == 0 and len(looks) == 2
+
+
+def test_a_notified_insert_is_taken_in_and_claimed_without_a_look(migrated: str) -> None:
+    """Rows inserted (the LISTEN watcher was notified) while the last claim left room:
+    the next claim takes them in and claims them, with no unlocked look first."""
+    from scanqueue.dispatch.bridge import Bridge
+
+    store = store_for(migrated)
+    published: list[str] = []
+    taken: list[str] = []
+    bridge = Bridge(
+        store,
+        published.extend,
+        100,
+        lambda: WINDOW,
+        derive=derive_key,
+        on_intake=lambda rows: taken.extend(r.scan_id for r in rows),
+    )
+    looks: list[bool] = []
+    look = store._look
+
+    def counted(*, unseen: bool) -> object:
+        looks.append(unseen)
+        return look(unseen=unseen)
+
+    store._look = counted  # type: ignore[method-assign]
+    assert bridge.dispatch_once() == 0 and len(looks) == 1  # empty: the room is known
+    insert_rows(migrated, ["new-1", "new-2"])
+    assert bridge.room_signalled(0, notified=True)
+    assert bridge.dispatch_once() == 2
+    assert len(looks) == 1
+    assert sorted(taken) == sorted(published) == ["new-1", "new-2"]
+    assert all(store.get(i).key for i in published)  # taken in: keyed
