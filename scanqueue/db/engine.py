@@ -236,17 +236,21 @@ class StoreBase:
             ) from exc
 
     def _run_direct(self, statement: DirectStatement, values: dict[str, Any]) -> tuple[Any, int]:
-        assert self._direct is not None
-        try:
-            return self._direct.run(statement, values)
-        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-            self._raise_unavailable_if_gone(exc)
-            raise
+        """The first row (or None) and the row count, on this thread's held connection."""
+        direct = self._direct
+        assert direct is not None
+        return self._mapped(lambda: direct.run(statement, values))
 
     def _run_direct_rows(self, statement: DirectStatement, values: dict[str, Any]) -> list[Any]:
-        assert self._direct is not None
+        """Every row, on this thread's held connection."""
+        direct = self._direct
+        assert direct is not None
+        return self._mapped(lambda: direct.run_rows(statement, values))
+
+    def _mapped(self, call: Callable[[], T]) -> T:
+        """``call()``, a lost connection raised as UnavailableError."""
         try:
-            return self._direct.run_rows(statement, values)
+            return call()
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
             self._raise_unavailable_if_gone(exc)
             raise

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from sqlalchemy import text
 
-from scanqueue.db.store import store_for
+from scanqueue.db.store import Store, store_for
 from scanqueue.dispatch.bridge import refill_room
 from scanqueue.dispatch.intake import derive_key
 from tests.conftest import insert_rows
@@ -59,6 +62,20 @@ def test_a_higher_priority_scan_swaps_in_whatever_the_room(migrated: str) -> Non
     assert store.in_flight() == WINDOW
 
 
+def _count_looks(store: Store) -> list[bool]:
+    """The store's unlocked looks from now on (one entry each: whether it asked for
+    unseen rows)."""
+    looks: list[bool] = []
+    look = store._look
+
+    def counted(*, unseen: bool) -> Mapping[str, Any]:
+        looks.append(unseen)
+        return look(unseen=unseen)
+
+    store._look = counted  # type: ignore[method-assign]
+    return looks
+
+
 def test_signalled_starts_refill_without_a_look(migrated: str) -> None:
     """The embedded bridge counts its workers' start signals into the room its last
     claim left: it does not look while that is short of a refill, and claims without
@@ -69,14 +86,7 @@ def test_signalled_starts_refill_without_a_look(migrated: str) -> None:
     insert_rows(migrated, [f"s{i:02d}" for i in range(20)])
     published: list[str] = []
     bridge = Bridge(store, published.extend, 100, lambda: WINDOW, derive=derive_key)
-    looks: list[bool] = []
-    look = store._look
-
-    def counted(*, unseen: bool) -> object:
-        looks.append(unseen)
-        return look(unseen=unseen)
-
-    store._look = counted  # type: ignore[method-assign]
+    looks = _count_looks(store)
     assert bridge.dispatch_once() == WINDOW and bridge.window_full
     assert len(looks) == 1
     _start_one(migrated)
@@ -107,14 +117,7 @@ def test_a_notified_insert_is_taken_in_and_claimed_without_a_look(migrated: str)
         derive=derive_key,
         on_intake=lambda rows: taken.extend(r.scan_id for r in rows),
     )
-    looks: list[bool] = []
-    look = store._look
-
-    def counted(*, unseen: bool) -> object:
-        looks.append(unseen)
-        return look(unseen=unseen)
-
-    store._look = counted  # type: ignore[method-assign]
+    looks = _count_looks(store)
     assert bridge.dispatch_once() == 0 and len(looks) == 1  # empty: the room is known
     insert_rows(migrated, ["new-1", "new-2"])
     assert bridge.room_signalled(0, notified=True)
