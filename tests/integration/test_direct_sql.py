@@ -244,3 +244,30 @@ def test_a_session_that_lost_its_prepared_statements_prepares_again(url: str) ->
         assert _prepared_names(store) == set()  # this connection runs them plain now
     finally:
         store.dispose()
+
+
+def test_the_one_trip_claim_survives_a_session_that_lost_its_statement(url: str) -> None:
+    """The bridge's claim (lock and EXECUTE in one query string) runs its statement
+    unprepared when the session lost it, then prepares it again."""
+    store = store_for(url)
+    assert store._direct is not None
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned,"
+                    " seen_at, effective_key) SELECT 'c' || g, 'queued', '[\"aws\"]',"
+                    " '[\"cis\"]', now(), 'k' FROM generate_series(1, 6) g"
+                )
+            )
+        first, _ = store.claim_within_window(2, 100, look=False)
+        cur = store._direct._connection().cursor()
+        cur.execute("DISCARD ALL")
+        cur.close()
+        second, _ = store.claim_within_window(2, 100, look=False)  # unprepared
+        third, room = store.claim_within_window(2, 100, look=False)  # prepared again
+        claimed = first + second + third
+        assert len(claimed) == len(set(claimed)) == 6 and room == 94
+        assert "scanqueue_claim_v1" in _prepared_names(store)
+    finally:
+        store.dispose()
