@@ -32,14 +32,20 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psycopg2
 
-from bench.harness import RedisServer, psycopg_dsn
-from bench.run import Bench, RawCelery, Sizes, db_throughput, raw_two_writes, start_scanqueue
+from bench.harness import psycopg_dsn
+from bench.run import (
+    Bench,
+    RawCelery,
+    bench_with_redis,
+    db_throughput,
+    raw_two_writes,
+    start_scanqueue,
+)
 
 
 @dataclass(frozen=True)
@@ -104,10 +110,7 @@ def scanqueue_run(b: Bench, n: int, arm: Arm) -> dict[str, float]:
 def main() -> None:
     rounds = int(os.environ.get("BENCH_AB_ROUNDS", "3"))
     n = int(os.environ.get("BENCH_AB_N", "4000"))
-    tmp = Path(tempfile.mkdtemp(prefix="scanqueue-bench-"))
-    b = Bench(Sizes.for_mode(False), tmp)
-    b.redis = RedisServer(tmp)
-    b.redis.start()
+    b = bench_with_redis()
     chosen = [a for a in os.environ.get("BENCH_ABLATION_ARMS", ",".join(ARMS)).split(",") if a]
     arms_by_name = {name: ARMS[name] for name in chosen}
     trees = [t for t in os.environ.get("BENCH_AB_BASE", "").split(",") if t]

@@ -14,11 +14,9 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
-from pathlib import Path
 
-from bench.harness import CpuSplit, RedisServer, children_of, proc_cpu_s
-from bench.run import Bench, Sizes, db_throughput, start_scanqueue
+from bench.harness import CpuSplit, children_of, proc_cpu_s
+from bench.run import Bench, bench_with_redis, db_throughput, start_scanqueue
 
 
 def one_run(b: Bench, n: int) -> dict[str, float]:
@@ -47,10 +45,7 @@ def one_run(b: Bench, n: int) -> dict[str, float]:
 def main() -> None:
     runs = int(os.environ.get("BENCH_CPU_RUNS", "3"))
     n = int(os.environ.get("BENCH_CPU_N", "4000"))
-    tmp = Path(tempfile.mkdtemp(prefix="scanqueue-bench-"))
-    b = Bench(Sizes.for_mode(False), tmp)
-    b.redis = RedisServer(tmp)
-    b.redis.start()
+    b = bench_with_redis()
     results = []
     try:
         for i in range(runs):

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
-from bench.harness import RedisServer, children_of, vm_kib
-from bench.run import RESULTS_DIR, Bench, Sizes, start_scanqueue
+from bench.harness import children_of, vm_kib
+from bench.run import RESULTS_DIR, bench_with_redis, start_scanqueue
 
 FIRST_SAMPLE_AT = 1000
 
@@ -51,10 +49,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=5_000)
     parser.add_argument("--timeout", type=float, default=3600.0)
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="scanqueue-bench-"))
-    b = Bench(Sizes.for_mode(False), tmp)
-    b.redis = RedisServer(tmp)
-    b.redis.start()
+    b = bench_with_redis()
     prefix = f"soak-{uuid.uuid4().hex[:6]}-"
     result: dict[str, Any] = {"scans": args.scans}
     try:

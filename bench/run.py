@@ -188,6 +188,16 @@ class Bench:
 # -- scanqueue and the old pool: rows in, rows out ------------------------------------------------
 
 
+def bench_with_redis(quick: bool = False) -> Bench:
+    """A Bench in a new temporary directory, with a Redis of its own started (the
+    experiments' set-up; ``Bench.cleanup`` stops it)."""
+    tmp = Path(tempfile.mkdtemp(prefix="scanqueue-bench-"))
+    b = Bench(Sizes.for_mode(quick), tmp)
+    b.redis = RedisServer(tmp)
+    b.redis.start()
+    return b
+
+
 def start_scanqueue(
     b: Bench,
     db: Db,

@@ -14,18 +14,11 @@ yardstick.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
-from bench.harness import RedisServer
-from bench.run import Bench, RawCelery, Sizes
+from bench.run import RawCelery, bench_with_redis
 
 
 def main() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="scanqueue-bench-"))
-    b = Bench(Sizes.for_mode(True), tmp)
-    b.redis = RedisServer(tmp)
-    b.redis.start()
+    b = bench_with_redis(quick=True)
     try:
         print("task ms | tasks/s | tasks running at once (of 2)")
         for seconds in (0.0, 0.002, 0.004, 0.008):
