@@ -241,17 +241,17 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
                 return [], max(0, window - in_flight)
         if not unseen and self._direct_looks:
             claimed, freed, in_flight = self._claim_one_trip(limit, window, key_limit)
-            if released is not None:
-                released.extend(freed)
-            return _oldest_first(claimed), max(0, window - in_flight - len(claimed) + len(freed))
-        with self._serialized_tx() as conn:
-            if derive is not None and unseen:
-                taken = self.take_in(conn, derive)
-                if intake is not None:
-                    intake.extend(taken)
-            if not claimable:
-                return [], max(0, window - in_flight)
-            claimed, freed, in_flight = self._claim_with_policies(conn, limit, window, key_limit)
+        else:
+            with self._serialized_tx() as conn:
+                if derive is not None and unseen:
+                    taken = self.take_in(conn, derive)
+                    if intake is not None:
+                        intake.extend(taken)
+                if not claimable:
+                    return [], max(0, window - in_flight)
+                claimed, freed, in_flight = self._claim_with_policies(
+                    conn, limit, window, key_limit
+                )
         if released is not None:
             released.extend(freed)
         return _oldest_first(claimed), max(0, window - in_flight - len(claimed) + len(freed))

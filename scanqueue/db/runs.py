@@ -35,6 +35,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
 from scanqueue.db.direct_sql import DirectStatement
@@ -318,8 +319,9 @@ class RunsMixin(StoreBase):
             retries=row["retries"] or 0,
         )
 
-    def _returning_row(self, statement: Update, direct: str, values: dict[str, Any]) -> Any:
-        """One statement's first row as a mapping, or None (direct on PostgreSQL)."""
+    def _returning_row(self, statement: Executable, direct: str, values: dict[str, Any]) -> Any:
+        """One statement's first row as a mapping, or None (on PostgreSQL through the
+        held connection's ``direct`` statement)."""
         if self._direct is not None:
             row, _ = self._run_direct(getattr(self, direct), values)
             return row
@@ -352,12 +354,8 @@ class RunsMixin(StoreBase):
         return result.rowcount == 1
 
     def status_of(self, scan_id: str) -> tuple[str, int] | None:
-        if self._direct is not None:
-            found, _ = self._run_direct(self._direct_status, {"scan_id": scan_id})
-            return None if found is None else (found["status"], found["attempts"])
-        with self._tx(single=True) as conn:
-            row = conn.execute(self._status_stmt, {"scan_id": scan_id}).first()
-        return None if row is None else (row.status, row.attempts)
+        found = self._returning_row(self._status_stmt, "_direct_status", {"scan_id": scan_id})
+        return None if found is None else (found["status"], found["attempts"])
 
     def finish_run(
         self,
@@ -379,12 +377,8 @@ class RunsMixin(StoreBase):
             "error": None if error is None else error[:MAX_ERROR_CHARS],
             "findings_count": findings_count,
         }
-        if self._direct is not None:
-            found, _ = self._run_direct(self._direct_finish, params)
-            return None if found is None else ScanRow.from_mapping(found)
-        with self._tx(single=True) as conn:
-            row = conn.execute(self._finish_stmt, params).first()
-        return None if row is None else ScanRow.from_row(row)
+        found = self._returning_row(self._finish_stmt, "_direct_finish", params)
+        return None if found is None else ScanRow.from_mapping(found)
 
     def retry_run(
         self,
@@ -405,13 +399,7 @@ class RunsMixin(StoreBase):
             "error": error[:MAX_ERROR_CHARS],
             "delay_s": max(0.0, float(delay_s)),
         }
-        row: Any
-        if self._direct is not None:
-            row, _ = self._run_direct(self._direct_retry, params)
-        else:
-            with self._tx(single=True) as conn:
-                found = conn.execute(self._retry_stmt, params).first()
-            row = None if found is None else found._mapping
+        row = self._returning_row(self._retry_stmt, "_direct_retry", params)
         if row is None:
             return None
         run_after = row["run_after"]
