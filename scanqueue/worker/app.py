@@ -23,6 +23,7 @@ from scanqueue.config import Settings, mask_url, warn_unknown_variables
 from scanqueue.errors import ConfigError
 from scanqueue.worker import broker_sqlite
 from scanqueue.worker.harden import make_non_dumpable
+from scanqueue.worker.heap import freeze_startup_objects
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,13 @@ def _in_pool_process(**_: Any) -> None:
         worker_runtime(settings).store.ping()
     except Exception as exc:  # the first scan will retry and report it
         log.warning("pool process warm-up failed: %s", exc)
+    freeze_startup_objects()
+
+
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
+def _in_main_process_ready(**_: Any) -> None:
+    # Every bootstep has started (the bridge too): what the process holds now stays.
+    freeze_startup_objects()
 
 
 @signals.celeryd_init.connect  # type: ignore[untyped-decorator]
