@@ -202,8 +202,9 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         a per-scan cost.
 
         The policies apply (module docstring); ``key_limit`` is the default per-key
-        limit.  With ``derive``, unseen queued rows are first taken in, in the same
-        transaction (:meth:`PoliciesMixin.take_in`), and appended to ``intake``.
+        limit.  With ``derive``, unseen queued rows are first taken in (PostgreSQL:
+        :meth:`PoliciesMixin.take_in_direct` first; :meth:`PoliciesMixin.take_in`, in
+        the serialized transaction, for what it leaves), and appended to ``intake``.
         When claimable scans outrank dispatched ones that have not started, up to
         ``limit`` in all are claimed and as many of the lowest are released
         (``dispatched_at`` NULL again: queued, their messages stale); their ids are
@@ -219,8 +220,10 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         ``look=False`` skips the unlocked look (below) when the caller knows there is
         room (starts it was told of, or room its last claim left), and then takes rows
         in only with ``take_in`` (it was told rows were inserted).  On PostgreSQL a
-        claim with nothing to take in is one round trip (lock and claim in one
-        implicit transaction).
+        claim is one round trip (lock and claim in one implicit transaction), and
+        so is the intake of well-formed rows before it
+        (:meth:`PoliciesMixin.take_in_direct`); only malformed ones take the
+        serialized transaction's path.
         """
         # A look without the lock first: while the window is full and nothing waiting
         # outranks what is in flight (a saturated backlog, looked at many times a
@@ -237,6 +240,14 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
             claimable = not state["all_paused"] and (
                 room >= min(max(1, min_room), window) or (in_flight == 0 and room > 0) or swap
             )
+            if not claimable and not unseen:
+                return [], max(0, window - in_flight)
+        if unseen and self._direct_looks:
+            # PostgreSQL: the rows SQL can key are taken in with one round trip of
+            # their own; take_in below sees only what it left (malformed rows).
+            taken, unseen = self.take_in_direct()
+            if intake is not None:
+                intake.extend(taken)
             if not claimable and not unseen:
                 return [], max(0, window - in_flight)
         if not unseen and self._direct_looks:

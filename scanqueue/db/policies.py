@@ -6,7 +6,9 @@ for the whole queue), what ``scanqueue queue`` shows per key (running and in
 flight, with the limit that applies), and **intake**: queued rows no bridge has
 seen yet (``seen_at IS NULL``, whoever inserted them) get their
 ``effective_key`` and ``seen_at`` — or, when their stored data is malformed, are
-failed at once with the reason — in one SELECT and one batched UPDATE.
+failed at once with the reason — in one SELECT and one batched UPDATE (on
+PostgreSQL the well-formed rows first, in one prepared statement that derives
+their key in SQL).
 
 The claim that enforces all this lives in :mod:`scanqueue.db.claims`.
 """
@@ -19,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, case, delete, func, select, text, update
 
+from scanqueue.db.direct_sql import DirectStatement, PreparedForm
 from scanqueue.db.engine import StoreBase
 from scanqueue.db.schema import (
     PAUSE_ALL,
@@ -33,6 +36,55 @@ from scanqueue.db.schema import (
 from scanqueue.errors import NotFoundError
 
 INTAKE_BATCH = 500  # unseen rows taken in at once (the rest on the next pass)
+
+
+def _pg_string_array(column: str) -> str:
+    """SQL: ``column`` (jsonb) parses as the Runner API parses it: no value, JSON
+    null, or an array of strings only."""
+    return (
+        f"({column} IS NULL OR jsonb_typeof({column}) = 'null'"
+        f" OR (jsonb_typeof({column}) = 'array' AND NOT EXISTS ("
+        f"SELECT 1 FROM jsonb_array_elements({column}) x WHERE jsonb_typeof(x) <> 'string')))"
+    )
+
+
+def _pg_joined(column: str) -> str:
+    """SQL: the sorted strings of ``column`` joined by ``,`` (code point order, as
+    Python's ``sorted``: the "C" collation compares UTF-8 bytes)."""
+    return (
+        "(SELECT coalesce(string_agg(e, ',' ORDER BY e COLLATE \"C\"), '')"
+        f" FROM jsonb_array_elements_text(CASE WHEN jsonb_typeof({column}) = 'array'"
+        f" THEN {column} ELSE '[]'::jsonb END) e)"
+    )
+
+
+# PostgreSQL's intake in one statement (the bridge's held connection, prepared): the
+# unseen rows whose key SQL derives exactly as scanqueue.db.keys.effective_key does
+# from the Runner API's parsing are keyed and marked seen ('taken', with the key);
+# the rest ('left': a malformed column, or a scan_key with whitespace or a non-ASCII
+# character at either end, whose stripping is Python's) stay unseen for take_in,
+# which fails the malformed ones with the reason.  Its own transaction: a claim
+# after it sees the keys, and rows another claim took meanwhile are harmless (the
+# intake keys queued rows, dispatched or not).
+PG_INTAKE_SQL = f"""
+WITH cand AS MATERIALIZED (
+    SELECT id, scan_key, providers_scanned AS p, frameworks_scanned AS f FROM scans
+    WHERE status = 'queued' AND seen_at IS NULL
+    ORDER BY created_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED),
+keyed AS MATERIALIZED (
+    SELECT id, CASE WHEN scan_key IS NULL OR scan_key = ''
+        THEN {_pg_joined("p")} || '|' || {_pg_joined("f")} ELSE scan_key END AS key
+    FROM cand
+    WHERE (scan_key IS NULL OR scan_key = '' OR scan_key ~ '^[!-~](.*[!-~])?$')
+      AND {_pg_string_array("p")} AND {_pg_string_array("f")}),
+marked AS (
+    UPDATE scans SET effective_key = keyed.key, seen_at = clock_timestamp()
+    FROM keyed WHERE scans.id = keyed.id AND scans.seen_at IS NULL
+    RETURNING scans.id, scans.effective_key)
+SELECT 'taken' AS what, id, effective_key AS key FROM marked
+UNION ALL
+SELECT 'left', id, NULL FROM cand WHERE id NOT IN (SELECT id FROM keyed)
+"""
 MAX_LIMIT = 100_000  # a per-key limit, at most
 
 # (scan_key, providers_raw, frameworks_raw) → the effective key; raises with the
@@ -61,6 +113,8 @@ def paused_in(conn: Connection) -> set[str]:
 
 class PoliciesMixin(StoreBase):
     """Limits, pauses, per-key activity and intake."""
+
+    _direct_intake: DirectStatement | None = None
 
     # -- limits -------------------------------------------------------------------
 
@@ -158,6 +212,19 @@ class PoliciesMixin(StoreBase):
             )
         with self._tx(single=True) as conn:
             return conn.execute(stmt).first() is not None
+
+    def take_in_direct(self, limit: int = INTAKE_BATCH) -> tuple[list[Intake], bool]:
+        """PostgreSQL, on this thread's held connection, one round trip: key and mark
+        the unseen rows :data:`PG_INTAKE_SQL` can key; returns (those rows, whether
+        any were left for :meth:`take_in`)."""
+        statement = self._direct_intake
+        if statement is None:
+            statement = self._direct_intake = DirectStatement.from_sql(
+                PG_INTAKE_SQL, PreparedForm.of(PG_INTAKE_SQL, {})
+            )
+        rows = self._run_direct_rows(statement, {"limit": limit})
+        taken = [Intake(r["id"], r["key"]) for r in rows if r["what"] == "taken"]
+        return taken, len(taken) < len(rows)
 
     def take_in(
         self, conn: Connection, derive: DeriveKey, limit: int = INTAKE_BATCH

@@ -6,8 +6,9 @@ the bridge derives its key from the stored columns — parsed and validated as
 the Runner API parses them (:meth:`scanqueue.runners.api.Job.from_stored`) —
 and sends ``scan.queued``; a row whose stored data is malformed is failed at
 once with the reason and sends ``scan.failed``, never stranded.  The statements
-run in the claim's own serialized transaction
-(:meth:`scanqueue.db.store.Store.claim_within_window`); the events go through
+run just before the claim (:meth:`scanqueue.db.store.Store.claim_within_window`;
+on PostgreSQL the well-formed rows are keyed in SQL, the same way, and only the
+rest come here); the events go through
 the event sink in the background, batched, so pickup barely moves.
 """
 

@@ -156,6 +156,117 @@ def test_intake_keys_plain_sql_rows_and_fails_malformed_ones(store: Store, db_ur
     assert again == []
 
 
+# (scan_key, providers_scanned, frameworks_scanned) as SQL literals; whether
+# PostgreSQL's one-statement intake keys the row itself (else take_in does).
+_INTAKE_SHAPES: list[tuple[str, str, str, bool]] = [
+    ("NULL", "'[\"aws\"]'", "'[\"soc2\"]'", True),
+    ("NULL", "NULL", "'[]'", True),
+    ("NULL", "'null'", '\'["b", "a"]\'', True),
+    ("NULL", '\'["gcp", "aws", "Azure", "\u00e9", "z", "aws"]\'', "NULL", True),
+    ("NULL", '\'["a,b", "a|c"]\'', "'[\"x\"]'", True),
+    ("'team-a'", "'[\"aws\"]'", "'[]'", True),
+    ("''", "'[\"aws\"]'", "'[]'", True),
+    ("E'a\\tb'", "'[]'", "'[]'", True),
+    ("' padded '", "'[\"aws\"]'", "'[]'", False),
+    ("E'tab\\t'", "'[]'", "'[]'", False),
+    ("'   '", "'[\"aws\"]'", "'[]'", False),
+    ("'\u043a\u043b\u044e\u0447'", "'[]'", "'[]'", False),
+    ("NULL", '\'"[\\"aws\\"]"\'', "'[]'", False),
+    ("NULL", '\'{"not": "a list"}\'', "'[]'", False),
+    ("NULL", "'[\"aws\", 1]'", "'[]'", False),
+    ("'team-b'", "'\"aws\"'", "'[]'", False),
+    ("NULL", "'[]'", "'[[\"x\"]]'", False),
+]
+
+
+def test_postgresql_intake_keys_in_sql_as_python_does(pg_url: str) -> None:
+    """The one-statement intake derives the key exactly as derive_key does, and leaves
+    the rows it cannot be sure of (malformed, or a key whose ends Python strips) to
+    take_in, which keys or fails them: every row ends as the Python intake left it."""
+    upgrade(pg_url)
+    store = Store(normalize_database_url(pg_url))
+    try:
+        with store.engine.begin() as conn:
+            for i, (key, providers, frameworks, _) in enumerate(_INTAKE_SHAPES):
+                conn.execute(
+                    text(
+                        "INSERT INTO scans (id, status, scan_key, providers_scanned,"
+                        f" frameworks_scanned) VALUES ('shape{i:02d}', 'queued', {key},"
+                        f" {providers}, {frameworks})"
+                    )
+                )
+            stored = {
+                r.id: r
+                for r in conn.execute(
+                    text("SELECT id, scan_key, providers_scanned, frameworks_scanned FROM scans")
+                )
+            }
+        expected: dict[str, tuple[str | None, str | None]] = {}
+        for scan_id, row in stored.items():
+            try:
+                key = derive_key(row.scan_key, row.providers_scanned, row.frameworks_scanned)
+                expected[scan_id] = (key, None)
+            except Exception as exc:
+                expected[scan_id] = (None, f"malformed row: {exc}")
+        taken, left = store.take_in_direct()
+        assert left
+        in_sql = {f"shape{i:02d}" for i, shape in enumerate(_INTAKE_SHAPES) if shape[3]}
+        assert {t.scan_id for t in taken} == in_sql
+        for t in taken:
+            assert (t.key, t.error) == expected[t.scan_id], t.scan_id
+        rest: list[Intake] = []
+        store.claim_within_window(100, 100, derive=derive_key, intake=rest)
+        assert {t.scan_id for t in rest} == set(stored) - in_sql
+        for scan_id, (key, error) in expected.items():
+            scan = store.get(scan_id)
+            assert (scan.key, scan.error) == (key, error), scan_id
+            assert scan.status == ("failed" if error else "queued"), scan_id
+    finally:
+        store.dispose()
+
+
+def test_a_notified_insert_is_taken_in_and_claimed_in_two_round_trips(pg_url: str) -> None:
+    """PostgreSQL: a claim told of new rows (no look) keys them with one prepared
+    statement and claims with another, both on the held connection."""
+    from scanqueue.db.direct_sql import HeldConnections
+
+    upgrade(pg_url)
+    store = Store(normalize_database_url(pg_url))
+    try:
+        insert_rows(pg_url, ["warm"])
+        claim(store)  # prepares the statements
+        insert_rows(pg_url, ["new1", "new2"])
+        through_sqlalchemy: list[str] = []
+
+        def record(_c: Any, _cur: Any, statement: str, *_rest: Any) -> None:
+            through_sqlalchemy.append(statement)
+
+        for engine in (store.engine, store._autocommit_engine.engine):
+            event.listen(engine, "before_cursor_execute", record)
+        sent: list[str] = []
+        execute = HeldConnections._execute
+
+        def spy(self: Any, cursor: Any, statement: Any, *args: Any) -> None:
+            sent.append(statement.prepared.execute_sql)
+            execute(self, cursor, statement, *args)
+
+        taken: list[Intake] = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(HeldConnections, "_execute", spy)
+            ids, _ = store.claim_within_window(
+                10, 10, derive=derive_key, intake=taken, look=False, take_in=True
+            )
+        assert through_sqlalchemy == []
+        assert len(sent) == 2, sent
+        assert sent[0].startswith("EXECUTE ") and sent[1].split("; ")[1].startswith(
+            f"EXECUTE {PG_STATEMENT_NAME}"
+        )
+        assert ids == ["new1", "new2"]
+        assert [(t.scan_id, t.key) for t in taken] == [("new1", "aws|soc2"), ("new2", "aws|soc2")]
+    finally:
+        store.dispose()
+
+
 def test_intake_on_sqlite_fails_a_run_after_that_is_not_a_time(tmp_path: Path) -> None:
     """SQLite keeps run_after as text: one no date function reads would never be due."""
     url = f"sqlite:///{tmp_path / 'scans.db'}"
