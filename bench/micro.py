@@ -112,7 +112,7 @@ def run_all(url: str, n: int) -> dict[str, Any]:
     from bench.harness import psycopg_dsn
     from scanqueue.db.engine import make_engine
     from scanqueue.db.store import Store
-    from scanqueue.dispatch.service import make_publisher
+    from scanqueue.dispatch.publish import make_publisher
     from scanqueue.observe.event_sender import flush_pending_events
     from scanqueue.observe.observer import NULL_OBSERVER, RunInfo
     from scanqueue.runners.api import ScanContext, load_runner

@@ -8,44 +8,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from scanqueue.config import TASK_NAME, Settings
+from scanqueue.config import Settings
 from scanqueue.db.rows import ReapedScan
 from scanqueue.db.store import store_for
-from scanqueue.dispatch.bridge import BridgeService, PublishError
+from scanqueue.dispatch.bridge import BridgeService
 from scanqueue.dispatch.intake import derive_key, intake_events
 from scanqueue.dispatch.leader import leadership_for
+from scanqueue.dispatch.publish import make_publisher
 from scanqueue.dispatch.wake import StartSignal
 from scanqueue.dispatch.watch import watcher_for
 from scanqueue.observe.observer import RunInfo
 
 if TYPE_CHECKING:
     from scanqueue.observe.lineage import LineageObserver
-
-
-def make_publisher(app: Any, queue: str | None = None) -> Any:
-    """A publish callable: one ``run_scan(scan_id)`` message per id, on ``queue``
-    (default: the app's default queue)."""
-    queue = queue or app.conf.task_default_queue
-
-    def publish(scan_ids: Sequence[str]) -> None:
-        sent = 0
-        batched = False
-        try:
-            with app.producer_or_acquire() as producer:
-                # One round trip (Redis pipeline) or one commit (SQLite broker) for the
-                # whole claim instead of one per message; other transports send at once.
-                batched = callable(getattr(producer.channel, "create_publish_batch", None))
-                with producer.batch(max_size=max(1, len(scan_ids))):
-                    for scan_id in scan_ids:
-                        # send_task: the publishing process need not import the task.
-                        app.send_task(TASK_NAME, args=(scan_id,), producer=producer, queue=queue)
-                        sent += 1
-        except Exception as exc:
-            # A batch that failed may have been partly written: count none as sent, so
-            # all are dispatched again (a duplicate message is harmless; a lost one is not).
-            raise PublishError(0 if batched else sent, exc) from exc
-
-    return publish
 
 
 def make_broker_depth(app: Any, queue: str | None = None) -> Any:

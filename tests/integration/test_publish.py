@@ -14,7 +14,7 @@ from celery import Celery
 
 from scanqueue.config import TASK_NAME, Settings
 from scanqueue.dispatch.bridge import PublishError
-from scanqueue.dispatch.service import make_publisher
+from scanqueue.dispatch.publish import make_publisher
 from scanqueue.worker.app import QUEUE, celery_defaults
 from tests.support import RedisServer
 
@@ -84,4 +84,64 @@ def test_a_failed_batch_counts_none_as_sent(tmp_path: Path) -> None:
     with pytest.raises(PublishError) as caught:
         publish(["a", "b", "c"])
     assert caught.value.published == 0
+    app.close()
+
+
+def _without_ids(message: dict[str, Any]) -> dict[str, Any]:
+    """A message with its per-message ids (task id, delivery tag) blanked."""
+    message = json.loads(json.dumps(message))
+    for key in ("id", "root_id"):
+        message["headers"][key] = "-"
+    for key in ("correlation_id", "delivery_tag"):
+        message["properties"][key] = "-"
+    return message
+
+
+def test_the_message_is_the_one_send_task_writes(redis_url: str, tmp_path: Path) -> None:
+    """Built without send_task (a third of the CPU), byte for byte the same message but
+    for its ids: Celery's task protocol 2, as workers, Flower and tools read it."""
+    app = _app(redis_url, tmp_path)
+    client = redis.Redis.from_url(redis_url)
+    client.delete(QUEUE)
+    app.send_task(TASK_NAME, args=("scan-1",), queue=QUEUE)
+    publisher = make_publisher(app)
+    assert publisher.plain()
+    publisher(["scan-1"])
+    by_celery, ours = [json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]
+    assert ours["headers"]["id"] != by_celery["headers"]["id"]
+    assert (
+        ours["headers"]["root_id"] == ours["properties"]["correlation_id"] == ours["headers"]["id"]
+    )
+    assert _without_ids(ours) == _without_ids(by_celery)
+    client.delete(QUEUE)
+    app.close()
+
+
+def test_a_publish_signal_receiver_gets_celerys_own_message(redis_url: str, tmp_path: Path) -> None:
+    """A before_task_publish receiver (a tracing instrumentation adding headers) sees
+    every message: the batch then goes through send_task."""
+    from celery import signals
+
+    app = _app(redis_url, tmp_path)
+    client = redis.Redis.from_url(redis_url)
+    client.delete(QUEUE)
+    seen: list[str] = []
+
+    def add_header(headers: dict[str, Any], **_: Any) -> None:
+        headers["traceparent"] = "00-abc-def-01"
+        seen.append(headers["argsrepr"])
+
+    signals.before_task_publish.connect(add_header)
+    try:
+        publisher = make_publisher(app)
+        assert not publisher.plain()
+        publisher(["scan-1", "scan-2"])
+    finally:
+        signals.before_task_publish.disconnect(add_header)
+    assert seen == ["('scan-1',)", "('scan-2',)"]
+    raw = [json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]
+    assert [m["headers"]["traceparent"] for m in raw] == ["00-abc-def-01"] * 2
+    assert _ids(raw) == ["scan-1", "scan-2"]
+    assert make_publisher(app).plain()
+    client.delete(QUEUE)
     app.close()
