@@ -52,19 +52,24 @@ class TaskPublisher:
         self.delivery_mode = queue_obj.exchange.delivery_mode or app.conf.task_default_delivery_mode
         self.declare = [queue_obj]
         self.origin = anon_nodename()
-
-    def plain(self) -> bool:
-        """Whether the message is the plain one (else ``send_task`` builds it)."""
-        conf = self.app.conf
-        return not (
-            signals.before_task_publish.receivers
-            or signals.after_task_publish.receivers
-            or conf.task_send_sent_event
+        # Read once: Celery's configuration lookups cost microseconds each, and the
+        # settings do not change once the app is set up (the signals can).
+        conf = app.conf
+        self.retry = bool(conf.task_publish_retry)
+        self.retry_policy = dict(conf.task_publish_retry_policy or {})
+        self._plain_settings = not (
+            conf.task_send_sent_event
             or conf.task_routes
             or conf.task_compression
             or conf.task_serializer != "json"
             or conf.task_protocol != 2
             or conf.task_default_priority is not None
+        )
+
+    def plain(self) -> bool:
+        """Whether the message is the plain one (else ``send_task`` builds it)."""
+        return self._plain_settings and not (
+            signals.before_task_publish.receivers or signals.after_task_publish.receivers
         )
 
     def __call__(self, scan_ids: Sequence[str]) -> None:
@@ -81,10 +86,10 @@ class TaskPublisher:
                 with producer.batch(max_size=max(1, len(scan_ids))):
                     if plain:
                         reply_to = app.thread_oid
-                        retry = app.conf.task_publish_retry
-                        policy = app.conf.task_publish_retry_policy
                         for scan_id in scan_ids:
-                            self._publish(producer, scan_id, reply_to, retry, policy)
+                            # The queue is declared (once per connection, then
+                            # cached) before the batch's first message.
+                            self._publish(producer, scan_id, reply_to, declare=sent == 0)
                             sent += 1
                     else:
                         for scan_id in scan_ids:
@@ -98,9 +103,7 @@ class TaskPublisher:
             # all are dispatched again (a duplicate message is harmless; a lost one is not).
             raise PublishError(0 if batched else sent, exc) from exc
 
-    def _publish(
-        self, producer: Any, scan_id: str, reply_to: str, retry: bool, policy: Any
-    ) -> None:
+    def _publish(self, producer: Any, scan_id: str, reply_to: str, *, declare: bool) -> None:
         task_id = uuid()
         args = (scan_id,)
         argsrepr = repr(args) if len(scan_id) <= _PLAIN_REPR_CHARS else saferepr(args, 1024)
@@ -133,9 +136,9 @@ class TaskPublisher:
             content_encoding="utf-8",
             headers=headers,
             delivery_mode=self.delivery_mode,
-            declare=self.declare,
-            retry=retry,
-            retry_policy=policy,
+            declare=self.declare if declare else None,
+            retry=self.retry,
+            retry_policy=self.retry_policy,
             correlation_id=task_id,
             reply_to=reply_to,
         )
