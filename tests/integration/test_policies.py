@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,36 @@ def add(store: Store, **body: Any) -> str:
 
 def claim(store: Store, n: int = 100, window: int = 1000, key_limit: int = 0) -> list[str]:
     return store.claim_within_window(n, window, key_limit=key_limit, derive=derive_key)[0]
+
+
+@contextmanager
+def statements_sent(store: Store) -> Iterator[tuple[list[str], list[str]]]:
+    """What the block sends: (statements through SQLAlchemy, the held connections'
+    prepared forms)."""
+    from scanqueue.db.direct_sql import HeldConnections
+
+    through_sqlalchemy: list[str] = []
+    sent: list[str] = []
+
+    def record(_c: Any, _cur: Any, statement: str, *_rest: Any) -> None:
+        through_sqlalchemy.append(statement)
+
+    execute = HeldConnections._execute
+
+    def spy(self: Any, cursor: Any, statement: Any, *args: Any) -> None:
+        sent.append(statement.prepared.execute_sql)
+        execute(self, cursor, statement, *args)
+
+    engines = (store.engine, store._autocommit_engine.engine)
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(HeldConnections, "_execute", spy)
+            yield through_sqlalchemy, sent
+    finally:
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record)
 
 
 def start(store: Store, ids: list[str]) -> None:
@@ -228,7 +259,6 @@ def test_postgresql_intake_keys_in_sql_as_python_does(pg_url: str) -> None:
 def test_a_notified_insert_is_taken_in_and_claimed_in_two_round_trips(pg_url: str) -> None:
     """PostgreSQL: a claim told of new rows (no look) keys them with one prepared
     statement and claims with another, both on the held connection."""
-    from scanqueue.db.direct_sql import HeldConnections
 
     upgrade(pg_url)
     store = Store(normalize_database_url(pg_url))
@@ -236,23 +266,8 @@ def test_a_notified_insert_is_taken_in_and_claimed_in_two_round_trips(pg_url: st
         insert_rows(pg_url, ["warm"])
         claim(store)  # prepares the statements
         insert_rows(pg_url, ["new1", "new2"])
-        through_sqlalchemy: list[str] = []
-
-        def record(_c: Any, _cur: Any, statement: str, *_rest: Any) -> None:
-            through_sqlalchemy.append(statement)
-
-        for engine in (store.engine, store._autocommit_engine.engine):
-            event.listen(engine, "before_cursor_execute", record)
-        sent: list[str] = []
-        execute = HeldConnections._execute
-
-        def spy(self: Any, cursor: Any, statement: Any, *args: Any) -> None:
-            sent.append(statement.prepared.execute_sql)
-            execute(self, cursor, statement, *args)
-
         taken: list[Intake] = []
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(HeldConnections, "_execute", spy)
+        with statements_sent(store) as (through_sqlalchemy, sent):
             ids, _ = store.claim_within_window(
                 10, 10, derive=derive_key, intake=taken, look=False, take_in=True
             )
@@ -398,7 +413,6 @@ def test_the_policy_claim_is_one_round_trip_on_postgresql(pg_url: str) -> None:
     """Limits, pauses, counts, candidates and the update: one statement, sent with the
     lock in one query string (one implicit transaction), after the unlocked look."""
     from scanqueue.config import normalize_database_url
-    from scanqueue.db.direct_sql import HeldConnections
     from tests.conftest import upgrade
 
     upgrade(pg_url)
@@ -409,22 +423,7 @@ def test_the_policy_claim_is_one_round_trip_on_postgresql(pg_url: str) -> None:
         store.set_limit("k0", 1)
         store.pause("k2")
         claim(store, n=1, window=10, key_limit=2)  # prepares the statements
-        through_sqlalchemy: list[str] = []
-
-        def record(_c: Any, _cur: Any, statement: str, *_rest: Any) -> None:
-            through_sqlalchemy.append(statement)
-
-        for engine in (store.engine, store._autocommit_engine.engine):
-            event.listen(engine, "before_cursor_execute", record)
-        sent: list[str] = []
-        execute = HeldConnections._execute
-
-        def spy(self: Any, cursor: Any, statement: Any, *args: Any) -> None:
-            sent.append(statement.prepared.execute_sql)
-            execute(self, cursor, statement, *args)
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(HeldConnections, "_execute", spy)
+        with statements_sent(store) as (through_sqlalchemy, sent):
             got = claim(store, n=10, window=10, key_limit=2)
         assert through_sqlalchemy == []
         assert len(sent) == 2, sent  # the look, then the lock and the claim
