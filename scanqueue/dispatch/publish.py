@@ -32,8 +32,6 @@ from scanqueue.dispatch.bridge import PublishError
 
 # What the protocol-2 body carries after the arguments (no workflow).
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-# Arguments longer than this get Celery's own (truncating) repr in ``argsrepr``.
-_PLAIN_REPR_CHARS = 200
 
 
 class TaskPublisher:
@@ -52,6 +50,10 @@ class TaskPublisher:
         self.delivery_mode = queue_obj.exchange.delivery_mode or app.conf.task_default_delivery_mode
         self.declare = [queue_obj]
         self.origin = anon_nodename()
+        # argsrepr as Celery writes it (its saferepr differs from repr() for quotes,
+        # backslashes and non-ASCII text, which a foreign row's id may hold).
+        self.argsrepr_maxsize = app.amqp.argsrepr_maxsize
+        self.repr_maxlevels = app.conf.task_repr_maxlevels
         # Read once: Celery's configuration lookups cost microseconds each, and the
         # settings do not change once the app is set up (the signals can).
         conf = app.conf
@@ -106,7 +108,7 @@ class TaskPublisher:
     def _publish(self, producer: Any, scan_id: str, reply_to: str, *, declare: bool) -> None:
         task_id = uuid()
         args = (scan_id,)
-        argsrepr = repr(args) if len(scan_id) <= _PLAIN_REPR_CHARS else saferepr(args, 1024)
+        argsrepr = saferepr(args, self.argsrepr_maxsize, maxlevels=self.repr_maxlevels)
         headers = {
             "lang": "py",
             "task": TASK_NAME,
