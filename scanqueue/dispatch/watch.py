@@ -5,7 +5,10 @@ notification costs latency, never a scan: every (re)connect and every safety
 poll is followed by a full look.
 
 * :class:`PollWatcher` (SQLite): a fixed-rate ticker — ticks do not drift by
-  the time the bridge spent working.
+  the time the bridge spent working — that also wakes as soon as another
+  connection commits to the database file
+  (:class:`~scanqueue.db.sqlite_commits.CommitWatch`): another program's insert,
+  a worker's start or finish.  The tick stays the guarantee.
 * :class:`ListenWatcher` (PostgreSQL): ``LISTEN`` on the channel the
   migration's trigger notifies, on a dedicated autocommit connection, plus a
   safety poll.  Every ``liveness_every_s`` a ping ``NOTIFY`` is sent from a
@@ -20,7 +23,8 @@ poll is followed by a full look.
 window is full the bridge looks again soon whether or not a row was inserted,
 because a scan *starting* frees room.  With a :class:`~scanqueue.dispatch.wake.StartSignal`
 (the embedded bridge) such a wait also ends as soon as one of the worker's pool
-processes started a scan; a standalone bridge has only the timeout.
+processes started a scan; a standalone bridge has the timeout and, on SQLite, the
+commit its workers' starts make (on PostgreSQL it polls: a start notifies nobody).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any, Protocol
 
 from scanqueue.config import mask_url
 from scanqueue.db.schema import NOTIFY_CHANNEL
+from scanqueue.db.sqlite_commits import CommitWatch
 from scanqueue.dispatch.wake import StartSignal
 
 log = logging.getLogger(__name__)
@@ -63,11 +68,18 @@ class Watcher(Protocol):
 
 
 class PollWatcher:
-    """Ticks every ``interval_s`` on a fixed schedule."""
+    """Ticks every ``interval_s`` on a fixed schedule; with ``commits``, also wakes
+    when another connection commits to the database file."""
 
-    def __init__(self, interval_s: float, start_signal: StartSignal | None = None) -> None:
+    def __init__(
+        self,
+        interval_s: float,
+        start_signal: StartSignal | None = None,
+        commits: CommitWatch | None = None,
+    ) -> None:
         self.interval_s = interval_s
         self.start_signal = start_signal
+        self.commits = commits if commits is not None else CommitWatch(None)
         self.starts = 0
         self.notified = False  # polling hears of no insert
         self._next = time.monotonic()
@@ -75,23 +87,31 @@ class PollWatcher:
     def wait(self, stop: threading.Event, timeout_s: float | None = None) -> bool:
         now = time.monotonic()
         self.starts = 0
+        # The bridge's own commits came before this: only others' wake it.
+        self.commits.mark()
         if timeout_s is not None and now + timeout_s < self._next + self.interval_s:
             # An early look; the schedule stays.
             if self.start_signal is not None and not stop.is_set():
                 self.starts = _wait_for_start(self.start_signal, timeout_s)
                 return not stop.is_set()
-            return not stop.wait(timeout_s)
-        self._next += self.interval_s
-        if self._next < now:  # fell behind (a long pass): restart the schedule, don't burst
-            self._next = now + self.interval_s
-        return not stop.wait(max(0.0, self._next - now))
+            self.commits.wait(stop, timeout_s)
+            return not stop.is_set()
+        tick = self._next + self.interval_s
+        if tick < now:  # fell behind (a long pass): restart the schedule, don't burst
+            tick = now + self.interval_s
+        committed = self.commits.wait(stop, max(0.0, tick - now))
+        if stop.is_set():
+            return False
+        if not committed:
+            self._next = tick  # woken by a commit, the schedule stays
+        return True
 
     def forget_starts(self) -> None:
         if self.start_signal is not None:
             self.start_signal.drain()
 
     def close(self) -> None:
-        pass
+        self.commits.close()
 
 
 class ListenWatcher:
@@ -293,4 +313,6 @@ def watcher_for(
 ) -> Watcher:
     if database_url.startswith("postgresql"):
         return ListenWatcher(database_url, safety_poll_s=poll_every_s, start_signal=start_signal)
-    return PollWatcher(poll_every_s, start_signal=start_signal)
+    return PollWatcher(
+        poll_every_s, start_signal=start_signal, commits=CommitWatch.of_url(database_url)
+    )

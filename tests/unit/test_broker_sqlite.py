@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -65,6 +67,39 @@ def test_a_publish_from_this_process_ends_the_wait(tmp_path: Path) -> None:
             sender.join()
     assert got == [1]
     assert waited < 2, f"waited {waited:.1f}s for the 5 s poll"
+
+
+_PUBLISH_FROM_ANOTHER_PROCESS = """
+import sys
+from kombu import Connection, Exchange, Queue
+from scanqueue.worker.broker_sqlite import register
+register()
+queue = Queue("q", Exchange("q", type="direct"), routing_key="q")
+with Connection(sys.argv[1]) as conn:
+    conn.Producer().publish({"n": 7}, exchange=queue.exchange, routing_key="q", declare=[queue])
+"""
+
+
+def test_a_publish_from_another_process_ends_the_wait(tmp_path: Path) -> None:
+    # A standalone bridge publishes in its own process, a dispatch window's few
+    # messages at a time: waiting out the poll after each refill held a worker at
+    # concurrency 2 to 35 scans/s.
+    register()
+    url = f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+    queue = Queue("q", Exchange("q", type="direct"), routing_key="q")
+    got: list[int] = []
+    with Connection(url, transport_options={"polling_interval": 30}) as conn:
+        queue(conn.default_channel).declare()
+        with conn.Consumer(queue, callbacks=[lambda body, message: got.append(body["n"])]):
+            publisher = subprocess.Popen([sys.executable, "-c", _PUBLISH_FROM_ANOTHER_PROCESS, url])
+            try:
+                t0 = time.monotonic()
+                conn.drain_events(timeout=60)
+                waited = time.monotonic() - t0
+            finally:
+                assert publisher.wait(timeout=30) == 0
+    assert got == [7]
+    assert waited < 20, f"waited {waited:.1f}s: the 30 s poll, not the commit, released it"
 
 
 def _messages(path: Path) -> list[tuple[int, bool]]:

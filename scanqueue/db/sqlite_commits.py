@@ -1,0 +1,100 @@
+"""Whether another connection committed to an SQLite file: the cross-process wake-up.
+
+On SQLite nothing notifies a waiting process of another's commit, and the embedded
+broker's consumer and a standalone bridge would otherwise sleep out their whole
+poll interval after every commit that concerns them (a standalone bridge's
+publish; a worker's start freeing room in the dispatch window; another program's
+insert).  :class:`CommitWatch` asks SQLite itself, through ``PRAGMA data_version``
+— documented to change exactly when another connection has committed to the file —
+on a connection of its own (about 5 µs a look).  Its :meth:`CommitWatch.wait` looks
+every :data:`MIN_LOOK_EVERY_S` after a commit was seen, backing off to
+:data:`MAX_LOOK_EVERY_S` while none comes (25 looks a second when idle).
+
+A file that cannot be watched (an in-memory database, an error opening it) reports
+no change: the caller keeps to its poll, which stays the guarantee.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from time import monotonic
+
+from sqlalchemy import make_url
+
+MIN_LOOK_EVERY_S = 0.005
+MAX_LOOK_EVERY_S = 0.04
+
+
+class CommitWatch:
+    """Commits by other connections to one SQLite file, since :meth:`mark`."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._pid = 0
+        self._conn: sqlite3.Connection | None = None
+        self._seen: int | None = None
+        self._every = MIN_LOOK_EVERY_S
+
+    @classmethod
+    def of_url(cls, url: str) -> CommitWatch:
+        """For a SQLAlchemy SQLite URL; anything else watches nothing."""
+        try:
+            parsed = make_url(url)
+        except Exception:  # not a URL SQLAlchemy reads: nothing to watch
+            return cls(None)
+        if parsed.get_backend_name() != "sqlite":
+            return cls(None)
+        database = parsed.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return cls(None)
+        return cls(database)
+
+    def mark(self) -> None:
+        """Remember the file's version now (before looking at what it holds)."""
+        self._seen = self._version()
+
+    def changed(self) -> bool:
+        """True when another connection committed since :meth:`mark`."""
+        if self._seen is None:
+            return False
+        return self._version() != self._seen
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        """Up to ``seconds``; True as soon as ``event`` is set or another connection
+        commits (since :meth:`mark`), False when the time ran out."""
+        if self.path is None or self._seen is None:
+            return event.wait(seconds)
+        until = monotonic() + seconds
+        while True:
+            left = until - monotonic()
+            if left <= 0:
+                return False
+            if event.wait(min(left, self._every)):
+                return True
+            if self.changed():
+                self._every = MIN_LOOK_EVERY_S
+                return True
+            self._every = min(self._every * 2, MAX_LOOK_EVERY_S)
+
+    def _version(self) -> int | None:
+        if self.path is None:
+            return None
+        try:
+            if self._conn is None or self._pid != os.getpid():
+                # A forked child never uses its parent's connection.
+                self._conn = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False
+                )
+                self._pid = os.getpid()
+            row = self._conn.execute("PRAGMA data_version").fetchone()
+        except sqlite3.Error:
+            self._conn = None
+            return None
+        return int(row[0]) if row else None
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
