@@ -23,6 +23,7 @@ from sqlalchemy.pool import NullPool
 
 from scanqueue.config import mask_url
 from scanqueue.db.direct_sql import DirectStatement, HeldConnections
+from scanqueue.db.fork_gate import GATE as FORK_GATE
 from scanqueue.db.schema import db_now
 from scanqueue.errors import UnavailableError
 
@@ -190,12 +191,13 @@ class StoreBase:
     def _tx(self, *, single: bool = False) -> Iterator[Connection]:
         """A transaction; ``single=True`` for one statement, which then autocommits."""
         try:
-            if single:
-                with self._autocommit_engine.connect() as conn:
-                    yield conn
-            else:
-                with self.engine.begin() as conn:
-                    yield conn
+            with self._fork_gate():
+                if single:
+                    with self._autocommit_engine.connect() as conn:
+                        yield conn
+                else:
+                    with self.engine.begin() as conn:
+                        yield conn
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
             self._raise_unavailable_if_gone(exc)
             raise
@@ -217,7 +219,7 @@ class StoreBase:
             return
         try:
             # Autocommit connection: the driver issues no BEGIN of its own.
-            with self._autocommit_engine.connect() as conn:
+            with self._fork_gate(), self._autocommit_engine.connect() as conn:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -228,6 +230,16 @@ class StoreBase:
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
             self._raise_unavailable_if_gone(exc)
             raise
+
+    @contextmanager
+    def _fork_gate(self) -> Iterator[None]:
+        """SQLite: no fork of this process while the statement runs
+        (:mod:`scanqueue.db.fork_gate`)."""
+        if self.dialect != "sqlite":
+            yield
+            return
+        with FORK_GATE.held():
+            yield
 
     def _raise_unavailable_if_gone(self, exc: sa_exc.DBAPIError) -> None:
         if getattr(exc, "connection_invalidated", False) or _is_connect_error(exc):

@@ -23,6 +23,8 @@ from time import monotonic
 
 from sqlalchemy import make_url
 
+from scanqueue.db.fork_gate import GATE as FORK_GATE
+
 MIN_LOOK_EVERY_S = 0.005
 MAX_LOOK_EVERY_S = 0.04
 
@@ -82,16 +84,18 @@ class CommitWatch:
         if self.path is None:
             return None
         try:
-            if self._conn is None or self._pid != os.getpid():
-                # A forked child never uses its parent's connection.
-                self._conn = sqlite3.connect(
-                    self.path, isolation_level=None, check_same_thread=False
-                )
-                self._pid = os.getpid()
-            row = self._conn.execute("PRAGMA data_version").fetchone()
+            with FORK_GATE.held():
+                return self._read_version(self.path)
         except sqlite3.Error:
             self._conn = None
             return None
+
+    def _read_version(self, path: str) -> int | None:
+        if self._conn is None or self._pid != os.getpid():
+            # A forked child never uses its parent's connection.
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._pid = os.getpid()
+        row = self._conn.execute("PRAGMA data_version").fetchone()
         return int(row[0]) if row else None
 
     def close(self) -> None:

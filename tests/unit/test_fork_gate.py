@@ -1,0 +1,103 @@
+"""A process forked while another thread is inside an SQLite transaction can write."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from scanqueue.db.fork_gate import GATE
+from scanqueue.db.store import Store
+
+CHILD_BUSY_TIMEOUT_S = 3.0
+
+
+def _database(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE t (x INTEGER)")
+
+
+def _write_in_a_forked_child(path: Path) -> int:
+    """Fork; the child writes one row on a new connection; its exit status (0: it could)."""
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest, no cleanup, just the write
+        code = 1
+        try:
+            db = sqlite3.connect(path, timeout=CHILD_BUSY_TIMEOUT_S, isolation_level=None)
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO t VALUES (2)")
+            db.execute("COMMIT")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _hold_a_write_transaction(
+    begin: threading.Event, hold_s: float, gated: bool, path: Path
+) -> None:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    if gated:
+        GATE.enter()
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO t VALUES (1)")
+        begin.set()
+        time.sleep(hold_s)
+        db.execute("COMMIT")
+    finally:
+        if gated:
+            GATE.leave()
+        db.close()
+
+
+def _fork_during_a_transaction(path: Path, *, gated: bool) -> tuple[int, float]:
+    begin = threading.Event()
+    holder = threading.Thread(target=_hold_a_write_transaction, args=(begin, 0.5, gated, path))
+    holder.start()
+    assert begin.wait(10)
+    began = time.monotonic()
+    code = _write_in_a_forked_child(path)
+    took = time.monotonic() - began
+    holder.join(10)
+    return code, took
+
+
+def test_without_the_gate_the_child_finds_the_database_locked_for_good(tmp_path: Path) -> None:
+    # The hazard itself: the transaction ends 0.5 s after the fork, yet the child,
+    # which inherited the bookkeeping of a lock it does not hold, never gets in.
+    path = tmp_path / "x.db"
+    _database(path)
+    code, _ = _fork_during_a_transaction(path, gated=False)
+    assert code == 1
+
+
+def test_the_gate_holds_the_fork_until_the_transaction_ends(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    _database(path)
+    code, took = _fork_during_a_transaction(path, gated=True)
+    assert code == 0
+    assert 0.2 < took < 5.0  # the fork waited for the commit, not for the gate's limit
+    assert GATE.holders == 0
+
+
+def test_the_stores_sqlite_transactions_hold_the_gate(tmp_path: Path) -> None:
+    from scanqueue.db.migrate import upgrade
+
+    store = Store(f"sqlite:///{tmp_path / 'scans.db'}")
+    upgrade(store)
+    seen: list[int] = []
+    with store._tx() as conn:
+        seen.append(GATE.holders)
+        with store._tx(single=True):  # nested on one thread: counted once
+            seen.append(GATE.holders)
+        conn.exec_driver_sql("SELECT 1")
+    with store._locked_tx("", {}):
+        seen.append(GATE.holders)
+    seen.append(GATE.holders)
+    assert seen == [1, 1, 1, 0]
+    store.dispose()
