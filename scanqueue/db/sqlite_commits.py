@@ -6,9 +6,11 @@ poll interval after every commit that concerns them (a standalone bridge's
 publish; a worker's start freeing room in the dispatch window; another program's
 insert).  :class:`CommitWatch` asks SQLite itself, through ``PRAGMA data_version``
 — documented to change exactly when another connection has committed to the file —
-on a connection of its own (about 5 µs a look).  Its :meth:`CommitWatch.wait` looks
-every :data:`MIN_LOOK_EVERY_S` after a commit was seen, backing off to
-:data:`MAX_LOOK_EVERY_S` while none comes (25 looks a second when idle).
+on a connection of its own.  Its :meth:`CommitWatch.wait` looks every
+:data:`MIN_LOOK_EVERY_S` after a commit was seen, backing off to
+:data:`MAX_LOOK_EVERY_S` while none comes: 25 looks a second when idle, each
+0.1–0.25 ms of CPU with the timed wake-up around it (about 0.5 % of a core; at
+10 ms it was 2.5 %), and on average 20 ms before an idle bridge sees an insert.
 
 A file that cannot be watched (an in-memory database, an error opening it) reports
 no change: the caller keeps to its poll, which stays the guarantee.
