@@ -83,27 +83,35 @@ class PollWatcher:
         self.starts = 0
         self.notified = False  # polling hears of no insert
         self._next = time.monotonic()
+        self._marked = False
 
     def wait(self, stop: threading.Event, timeout_s: float | None = None) -> bool:
         now = time.monotonic()
         self.starts = 0
-        # The bridge's own commits came before this: only others' wake it.
-        self.commits.mark()
+        if not self._marked:
+            self.commits.mark()
         if timeout_s is not None and now + timeout_s < self._next + self.interval_s:
             # An early look; the schedule stays.
             if self.start_signal is not None and not stop.is_set():
                 self.starts = _wait_for_start(self.start_signal, timeout_s)
-                return not stop.is_set()
-            self.commits.wait(stop, timeout_s)
-            return not stop.is_set()
+            else:
+                self.commits.wait(stop, timeout_s)
+            return self._look(stop)
         tick = self._next + self.interval_s
         if tick < now:  # fell behind (a long pass): restart the schedule, don't burst
             tick = now + self.interval_s
-        committed = self.commits.wait(stop, max(0.0, tick - now))
+        if not self.commits.wait(stop, max(0.0, tick - now)):
+            self._next = tick  # woken by a commit, the schedule stays
+        return self._look(stop)
+
+    def _look(self, stop: threading.Event) -> bool:
+        """The file's version just before the bridge looks: a commit from then on,
+        even one that lands during the look, wakes the next wait.  (The bridge's own
+        commits during the look do too, once; the look after that writes nothing.)"""
         if stop.is_set():
             return False
-        if not committed:
-            self._next = tick  # woken by a commit, the schedule stays
+        self.commits.mark()
+        self._marked = True
         return True
 
     def forget_starts(self) -> None:

@@ -80,3 +80,22 @@ def test_stop_ends_the_wait_and_nothing_to_watch_falls_back_to_the_tick(tmp_path
     began = time.monotonic()
     assert unwatched.wait(threading.Event())
     assert 0.1 < time.monotonic() - began < 5.0
+
+
+def test_a_commit_made_while_the_bridge_looks_wakes_its_next_wait(tmp_path: Path) -> None:
+    # The version is taken when the wait returns, before the look: an insert that
+    # lands between the look's read and the next wait is not news that was missed.
+    path = tmp_path / "scans.db"
+    _database(path)
+    watcher = watcher_for(f"sqlite:///{path}", poll_every_s=60.0)
+    assert isinstance(watcher, PollWatcher)
+    try:
+        timer = _insert_later(path, 0.1)
+        assert watcher.wait(threading.Event())  # woken by that insert; the bridge looks
+        timer.join()
+        _insert_later(path, 0).join()  # another program inserts during the look
+        began = time.monotonic()
+        assert watcher.wait(threading.Event())
+        assert time.monotonic() - began < 5.0, "the insert during the look was missed"
+    finally:
+        watcher.close()
