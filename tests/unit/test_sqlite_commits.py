@@ -5,7 +5,10 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from scanqueue.db.sqlite_commits import CommitWatch
 from scanqueue.dispatch.watch import PollWatcher, watcher_for
@@ -39,41 +42,49 @@ def test_a_commit_by_another_connection_is_seen_and_earlier_ones_are_not(tmp_pat
     watch.close()
 
 
-def test_the_poll_watcher_wakes_on_another_programs_insert_not_its_tick(tmp_path: Path) -> None:
-    # The contract's bound on SQLite is one poll interval; an insert is now seen in
-    # milliseconds, and the tick stays the guarantee.
+@pytest.fixture
+def watched(tmp_path: Path) -> Iterator[tuple[Path, PollWatcher]]:
+    """A database file and the bridge's watcher on it, with a 60 s tick."""
     path = tmp_path / "scans.db"
     _database(path)
     watcher = watcher_for(f"sqlite:///{path}", poll_every_s=60.0)
     assert isinstance(watcher, PollWatcher)
     try:
-        timer = _insert_later(path, 0.2)
-        began = time.monotonic()
-        assert watcher.wait(threading.Event())
-        waited = time.monotonic() - began
-        timer.join()
-        assert waited < 5.0, f"waited {waited:.1f}s: the 60 s tick, not the insert, woke it"
-        # A full window's early look (a standalone bridge has no start signal): a
-        # worker's start commits, and that ends the wait too.
-        timer = _insert_later(path, 0.2)
-        began = time.monotonic()
-        assert watcher.wait(threading.Event(), timeout_s=30.0)
-        assert time.monotonic() - began < 5.0
-        timer.join()
+        yield path, watcher
     finally:
         watcher.close()
 
 
-def test_stop_ends_the_wait_and_nothing_to_watch_falls_back_to_the_tick(tmp_path: Path) -> None:
-    path = tmp_path / "scans.db"
-    _database(path)
-    watcher = watcher_for(f"sqlite:///{path}", poll_every_s=60.0)
+def test_the_poll_watcher_wakes_on_another_programs_insert_not_its_tick(
+    watched: tuple[Path, PollWatcher],
+) -> None:
+    # The contract's bound on SQLite is one poll interval; an insert is now seen in
+    # milliseconds, and the tick stays the guarantee.
+    path, watcher = watched
+    timer = _insert_later(path, 0.2)
+    began = time.monotonic()
+    assert watcher.wait(threading.Event())
+    waited = time.monotonic() - began
+    timer.join()
+    assert waited < 5.0, f"waited {waited:.1f}s: the 60 s tick, not the insert, woke it"
+    # A full window's early look (a standalone bridge has no start signal): a
+    # worker's start commits, and that ends the wait too.
+    timer = _insert_later(path, 0.2)
+    began = time.monotonic()
+    assert watcher.wait(threading.Event(), timeout_s=30.0)
+    assert time.monotonic() - began < 5.0
+    timer.join()
+
+
+def test_stop_ends_the_wait_and_nothing_to_watch_falls_back_to_the_tick(
+    watched: tuple[Path, PollWatcher],
+) -> None:
+    _, watcher = watched
     stop = threading.Event()
     threading.Timer(0.2, stop.set).start()
     began = time.monotonic()
     assert watcher.wait(stop) is False
     assert time.monotonic() - began < 5.0
-    watcher.close()
 
     unwatched = PollWatcher(0.2, commits=CommitWatch.of_url("sqlite://"))  # in memory
     assert unwatched.commits.path is None
@@ -82,20 +93,16 @@ def test_stop_ends_the_wait_and_nothing_to_watch_falls_back_to_the_tick(tmp_path
     assert 0.1 < time.monotonic() - began < 5.0
 
 
-def test_a_commit_made_while_the_bridge_looks_wakes_its_next_wait(tmp_path: Path) -> None:
+def test_a_commit_made_while_the_bridge_looks_wakes_its_next_wait(
+    watched: tuple[Path, PollWatcher],
+) -> None:
     # The version is taken when the wait returns, before the look: an insert that
     # lands between the look's read and the next wait is not news that was missed.
-    path = tmp_path / "scans.db"
-    _database(path)
-    watcher = watcher_for(f"sqlite:///{path}", poll_every_s=60.0)
-    assert isinstance(watcher, PollWatcher)
-    try:
-        timer = _insert_later(path, 0.1)
-        assert watcher.wait(threading.Event())  # woken by that insert; the bridge looks
-        timer.join()
-        _insert_later(path, 0).join()  # another program inserts during the look
-        began = time.monotonic()
-        assert watcher.wait(threading.Event())
-        assert time.monotonic() - began < 5.0, "the insert during the look was missed"
-    finally:
-        watcher.close()
+    path, watcher = watched
+    timer = _insert_later(path, 0.1)
+    assert watcher.wait(threading.Event())  # woken by that insert; the bridge looks
+    timer.join()
+    _insert_later(path, 0).join()  # another program inserts during the look
+    began = time.monotonic()
+    assert watcher.wait(threading.Event())
+    assert time.monotonic() - began < 5.0, "the insert during the look was missed"
