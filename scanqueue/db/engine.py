@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, select, text
@@ -175,6 +175,11 @@ class StoreBase:
         self._direct: HeldConnections | None = None
         if self.dialect == "postgresql" and engine is None:
             self._direct = HeldConnections(self._autocommit_engine)
+        # SQLite: no fork of this process while a transaction runs
+        # (:mod:`scanqueue.db.fork_gate`).
+        self._fork_gate: Callable[[], AbstractContextManager[None]] = (
+            FORK_GATE.held if self.dialect == "sqlite" else nullcontext
+        )
 
     def dispose(self, close: bool = True) -> None:
         """Drop both connection pools (``close=False`` after a fork: the parent owns them)."""
@@ -230,16 +235,6 @@ class StoreBase:
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
             self._raise_unavailable_if_gone(exc)
             raise
-
-    @contextmanager
-    def _fork_gate(self) -> Iterator[None]:
-        """SQLite: no fork of this process while the statement runs
-        (:mod:`scanqueue.db.fork_gate`)."""
-        if self.dialect != "sqlite":
-            yield
-            return
-        with FORK_GATE.held():
-            yield
 
     def _raise_unavailable_if_gone(self, exc: sa_exc.DBAPIError) -> None:
         if getattr(exc, "connection_invalidated", False) or _is_connect_error(exc):

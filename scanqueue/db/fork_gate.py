@@ -100,8 +100,13 @@ class ForkGate:
             self._cond.notify_all()
 
     def after_fork_in_child(self) -> None:
-        # The other threads are gone, and the lock may have been held at the fork.
+        # The other threads are gone, and the lock may have been held at the fork; the
+        # forking thread's own hold goes on (it leaves the gate in the child too).
+        own = getattr(self._mine, "count", 0)
         self._reset()
+        if own:
+            self._holders = 1
+            self._mine.count = own
 
 
 GATE = ForkGate()

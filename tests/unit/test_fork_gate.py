@@ -101,3 +101,22 @@ def test_the_stores_sqlite_transactions_hold_the_gate(tmp_path: Path) -> None:
     seen.append(GATE.holders)
     assert seen == [1, 1, 1, 0]
     store.dispose()
+
+
+def test_a_thread_that_forks_inside_its_own_hold_leaves_the_gate_in_the_child() -> None:
+    # The fork does not wait for the forking thread itself; in the child that thread
+    # still holds the gate and leaves it on the way out.
+    with GATE.held():
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                held_in_child = GATE.holders
+                GATE.leave()
+                code = 0 if (held_in_child, GATE.holders) == (1, 0) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert GATE.holders == 1
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert GATE.holders == 0
