@@ -225,6 +225,7 @@ def test_the_reaper_does_not_count_retried_runs_as_lost_workers(store: Store) ->
     # The third run's worker dies: 3 runs started, but only this one was lost.
     mark_dispatched(store, "survivor")
     assert store.start_run("survivor", "doomed/1") is not None
+    time.sleep(0.01)  # SQLite's clock has milliseconds: a lease of 0 needs one to pass
     reaped = store.reap_orphans(lease_s=0, max_attempts=2)
     assert [(r.scan_id, r.requeued) for r in reaped] == [("survivor", True)]
     row = store.get("survivor")
@@ -232,6 +233,7 @@ def test_the_reaper_does_not_count_retried_runs_as_lost_workers(store: Store) ->
     # A second lost run spends the crash budget: failed as a lost worker.
     mark_dispatched(store, "survivor")
     assert store.start_run("survivor", "doomed/2") is not None
+    time.sleep(0.01)
     reaped = store.reap_orphans(lease_s=0, max_attempts=2)
     assert [(r.scan_id, r.requeued) for r in reaped] == [("survivor", False)]
     assert (store.get("survivor").error or "").startswith("worker lost")
