@@ -202,15 +202,20 @@ class Bridge:
             take_in=take_in,
         )
         self._known_room = room
-        if taken and self.on_intake is not None:
-            self.on_intake(taken)
         if released:
             # Queued again, for a later claim; the worker's start passes over a scan
             # whose dispatch was released, so their stale messages run nothing twice.
             log.debug("released %d dispatched scan(s) for higher-priority ones", len(released))
         # "Full" until a claim can take something: the loop then waits for starts.
         self.window_full = room < refill_room(window)
-        return self._publish_claimed(ids)
+        try:
+            return self._publish_claimed(ids)
+        finally:
+            # After the publish: the intake's events (queued for the event sender's
+            # thread, which the first one wakes) are not on the pickup's path.  A run's
+            # scan.started comes milliseconds later, so scan.queued still goes first.
+            if taken and self.on_intake is not None:
+                self.on_intake(taken)
 
     def _publish_claimed(self, ids: list[str]) -> int:
         if not ids:

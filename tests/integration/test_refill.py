@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from scanqueue.db.store import Store, store_for
@@ -125,3 +126,37 @@ def test_a_notified_insert_is_taken_in_and_claimed_without_a_look(migrated: str)
     assert len(looks) == 1
     assert sorted(taken) == sorted(published) == ["new-1", "new-2"]
     assert all(store.get(i).key for i in published)  # taken in: keyed
+
+
+def test_intake_events_follow_the_publish_and_survive_its_failure(migrated: str) -> None:
+    """The scan.queued of a claimed row is reported after its message went out (off
+    the pickup's path), and also when the publish failed (the rows were taken in)."""
+    from scanqueue.dispatch.bridge import Bridge, PublishError
+
+    store = store_for(migrated)
+    order: list[str] = []
+    fail = [False]
+
+    def publish(ids: list[str]) -> None:
+        if fail[0]:
+            raise PublishError(0, ConnectionError("broker down"))
+        order.extend(f"published {i}" for i in ids)
+
+    bridge = Bridge(
+        store,
+        publish,
+        100,
+        lambda: WINDOW,
+        derive=derive_key,
+        on_intake=lambda rows: order.extend(f"taken {r.scan_id}" for r in rows),
+    )
+    insert_rows(migrated, ["first"])
+    assert bridge.dispatch_once() == 1
+    assert order == ["published first", "taken first"]
+    order.clear()
+    fail[0] = True
+    insert_rows(migrated, ["second"])
+    with pytest.raises(PublishError):
+        bridge.dispatch_once()
+    assert order == ["taken second"]
+    assert store.get("second").status == "queued"  # released for the next claim
