@@ -158,9 +158,26 @@ class StartedRun:
     # and the runner failures retried so far.
     timeout_seconds: int | None = None
     retries: int = 0
+    # The scan this start claimed to take its place in the dispatch window, if any
+    # (RunsMixin.start_run with a SuccessorWindow): its message is the caller's to send.
+    successor_id: str | None = None
 
     def __repr__(self) -> str:  # the token must never reach a log line
         return f"StartedRun(scan_id={self.scan_id!r}, attempt={self.attempt})"
+
+
+@dataclass(frozen=True)
+class SuccessorWindow:
+    """The dispatch window as a start that claims its successor judges it.
+
+    ``fixed`` is ``SCANQUEUE_DISPATCH_WINDOW`` (0: ``per_slot`` times the slots of the
+    workers whose heartbeat is under ``stale_after_s`` old, at least ``minimum``).
+    """
+
+    fixed: int
+    minimum: int
+    per_slot: int
+    stale_after_s: float
 
 
 @dataclass(frozen=True)

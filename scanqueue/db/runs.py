@@ -38,9 +38,9 @@ from sqlalchemy import (
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
-from scanqueue.db.direct_sql import DirectStatement
+from scanqueue.db.direct_sql import DirectStatement, PreparedForm
 from scanqueue.db.engine import StoreBase
-from scanqueue.db.rows import PUBLIC_COLUMNS, ReapedScan, ScanRow, StartedRun
+from scanqueue.db.rows import PUBLIC_COLUMNS, ReapedScan, ScanRow, StartedRun, SuccessorWindow
 from scanqueue.db.schema import (
     FINISHED_STATUSES,
     STATUS_FAILED,
@@ -145,6 +145,7 @@ class RunsMixin(StoreBase):
             self._direct_start_swap = DirectStatement(
                 self._start_swap_stmt, self._autocommit_engine
             )
+            self._direct_start_successor = _start_with_successor(self._direct_start)
             self._direct_heartbeat = DirectStatement(self._heartbeat_stmt, self._autocommit_engine)
             self._direct_finish = DirectStatement(self._finish_stmt, self._autocommit_engine)
             # A run's other statements too, so that each has the client-side deadline
@@ -290,15 +291,31 @@ class RunsMixin(StoreBase):
 
     # -- the worker -------------------------------------------------------------------
 
-    def start_run(self, scan_id: str, worker_id: str) -> StartedRun | None:
+    def start_run(
+        self, scan_id: str, worker_id: str, *, successor: SuccessorWindow | None = None
+    ) -> StartedRun | None:
         """CAS ``queued → running`` for the message of ``scan_id``; None when that scan is
         not queued and dispatched (a duplicate or stale message).
 
         The run started may be another scan's (see :meth:`_build_start_statements`):
         ``StartedRun.scan_id`` says which.
+
+        With ``successor`` (PostgreSQL; ignored on SQLite) the start of the own scan
+        also claims, in the same statement, the scan a bridge's claim would take next
+        (``StartedRun.successor_id``), so that the window stays full without a bridge
+        round: see :func:`_start_with_successor` for when it does.
         """
-        values = {"scan_id": scan_id, "start_worker": worker_id}
-        row = self._returning_row(self._start_stmt, "_direct_start", values)
+        values: dict[str, Any] = {"scan_id": scan_id, "start_worker": worker_id}
+        if successor is not None and self._direct is not None:
+            values.update(
+                window=successor.fixed,
+                min_window=successor.minimum,
+                per_slot=successor.per_slot,
+                stale_s=successor.stale_after_s,
+            )
+            row = self._returning_row(self._start_stmt, "_direct_start_successor", values)
+        else:
+            row = self._returning_row(self._start_stmt, "_direct_start", values)
         if row is None:
             if self.dialect == "postgresql":
                 row = self._returning_row(self._start_swap_stmt, "_direct_start_swap", values)
@@ -317,6 +334,7 @@ class RunsMixin(StoreBase):
             started_at=row["started_at"],
             timeout_seconds=row["timeout_seconds"],
             retries=row["retries"] or 0,
+            successor_id=row.get("successor_id"),
         )
 
     def _returning_row(self, statement: Executable, direct: str, values: dict[str, Any]) -> Any:
@@ -494,3 +512,48 @@ class RunsMixin(StoreBase):
             ).all():
                 reaped.append(ReapedScan(row.id, row.attempts, requeued=False))
         return reaped
+
+
+# The start of the own scan (the plain start statement, as compiled for the driver)
+# and, in the same statement, the claim of its successor: the first row of the claim
+# order (priority, age, id) that may run now, as a bridge's claim would take it.
+# Only when that claim needs none of the claim statement's judgement (claim_sql.py):
+# no pause, no per-key limit (the caller passes none for a default limit), the row
+# already taken in (seen_at: keyed, its scan.queued sent), and the window's in-flight
+# count, read before this start, within the window.  A start takes one scan out of
+# the window and the successor puts one in, so the count never moves and needs no
+# lock: the bridges' claims, serialized, see the same count before and after.  The
+# row is taken with SKIP LOCKED, so two starts never pick the same one; whichever
+# rows a start passes over, the bridge claims as before.
+_SUCCESSOR_SQL = """
+WITH started AS ({start}),
+top AS MATERIALIZED (
+    SELECT s.id, s.seen_at FROM scans s
+    WHERE s.status = 'queued' AND s.dispatched_at IS NULL
+      AND (s.run_after IS NULL OR s.run_after <= clock_timestamp())
+      AND EXISTS (SELECT 1 FROM started)
+      AND NOT EXISTS (SELECT 1 FROM scanqueue_pauses)
+      AND NOT EXISTS (SELECT 1 FROM scanqueue_limits)
+      AND (SELECT count(*) FROM scans f WHERE f.status = 'queued'
+                                          AND f.dispatched_at IS NOT NULL)
+          <= CASE WHEN %(window)s::integer > 0 THEN %(window)s::integer
+                ELSE greatest(%(min_window)s::integer,
+                %(per_slot)s::integer * (SELECT coalesce(sum(w.slots), 0) FROM scanqueue_workers w
+                  WHERE w.heartbeat_at >= clock_timestamp()
+                                          - make_interval(secs => %(stale_s)s::float8))) END
+    ORDER BY s.priority DESC, s.created_at, s.id
+    LIMIT 1
+    FOR UPDATE OF s SKIP LOCKED),
+successor AS (
+    UPDATE scans s SET dispatched_at = clock_timestamp(), dispatch_count = s.dispatch_count + 1
+    FROM top WHERE s.id = top.id AND top.seen_at IS NOT NULL
+    RETURNING s.id)
+SELECT started.*, (SELECT id FROM successor) AS successor_id FROM started
+"""
+
+
+def _start_with_successor(start: DirectStatement) -> DirectStatement:
+    sql = _SUCCESSOR_SQL.format(start=start.sql)
+    made = DirectStatement.from_sql(sql, PreparedForm.of(sql, start.defaults))
+    made.defaults = dict(start.defaults)
+    return made

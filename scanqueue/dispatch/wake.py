@@ -89,7 +89,8 @@ class StartSignalObserver(NullObserver):
     """A run observer whose only job is :func:`notify_started` (first in the list)."""
 
     def started(self, run: RunInfo) -> None:
-        notify_started()
+        if not run.successor_sent:  # else the start took one out and put one in
+            notify_started()
 
     def canceled(self, run: RunInfo, duration_s: float) -> None:
         pass

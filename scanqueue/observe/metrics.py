@@ -308,9 +308,22 @@ def bridge_metrics() -> BridgeMetrics:
             "1 while this bridge holds the leader lock, else 0.",
             multiprocess_mode="livemax",
         ),
-        dispatched=Counter("scanqueue_scans_dispatched", "Scans published to the broker."),
+        dispatched=dispatched_counter(),
         reaped=reaped,
     )
+
+
+@cache
+def dispatched_counter() -> Counter:
+    """Bridges count their claims' messages; pool processes their starts' successors'."""
+    from prometheus_client import Counter
+
+    return Counter("scanqueue_scans_dispatched", "Scans published to the broker.")
+
+
+def report_dispatched(count: int) -> None:
+    with _writing():
+        dispatched_counter().inc(count)
 
 
 @cache

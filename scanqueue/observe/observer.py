@@ -28,9 +28,12 @@ class RunInfo:
     frameworks: list[str]
     created_at: datetime | None = None
     started_at: datetime | None = None
+    # The start also claimed the next scan and sent its message (worker/successor.py):
+    # the dispatch window is as full as before, nothing for a bridge to refill.
+    successor_sent: bool = False
 
     @classmethod
-    def from_started(cls, started: StartedRun) -> RunInfo:
+    def from_started(cls, started: StartedRun, *, successor_sent: bool = False) -> RunInfo:
         return cls(
             scan_id=started.scan_id,
             attempt=started.attempt,
@@ -38,6 +41,7 @@ class RunInfo:
             frameworks=_strings(started.frameworks_raw),
             created_at=started.created_at,
             started_at=started.started_at,
+            successor_sent=successor_sent,
         )
 
     @property

@@ -52,6 +52,7 @@ from scanqueue.observe.observer import NULL_OBSERVER, RunInfo, ScanObserver
 from scanqueue.runners.api import Job, Runner, ScanContext, ScanResult
 from scanqueue.worker.endings import ExecutionSettings, Outcome, RunEnding
 from scanqueue.worker.lease import LeaseKeeper, was_timed_out
+from scanqueue.worker.successor import Successors
 
 __all__ = ["ExecutionSettings", "Outcome", "execute_scan"]
 
@@ -65,20 +66,30 @@ def execute_scan(
     runner: Runner,
     settings: ExecutionSettings,
     observer: ScanObserver = NULL_OBSERVER,
+    successors: Successors | None = None,
 ) -> Outcome:
     """Run the scan this message starts, if any (docs/reference.md#lifecycle).
 
     The message is a start token: it starts its own scan, or a dispatched scan of
     higher priority in its place (its own then waits for a message of its own);
     nothing when its own scan is not queued and dispatched.  Everything after the
-    start is about the started scan.
+    start is about the started scan.  With ``successors`` the start may also claim
+    the next scan of the dispatch window, whose message is sent before the run
+    (:mod:`scanqueue.worker.successor`).
     """
     worker_id = worker_identity()
-    started = store.start_run(scan_id, worker_id)
+    started = store.start_run(
+        scan_id, worker_id, successor=successors.window if successors is not None else None
+    )
     if started is None:
         log.info("scan %s is not queued and dispatched; message ignored", scan_id)
         return Outcome.SKIPPED
-    info = RunInfo.from_started(started)
+    sent = (
+        successors.send(started.successor_id)
+        if successors is not None and started.successor_id is not None
+        else False
+    )
+    info = RunInfo.from_started(started, successor_sent=sent)
     clock = time.monotonic()
     if started.scan_id == scan_id:
         log.info("scan %s attempt %d started", started.scan_id, started.attempt)

@@ -23,6 +23,7 @@ from scanqueue.errors import UnavailableError
 from scanqueue.observe.observer import SafeObservers, ScanObserver
 from scanqueue.runners.api import Runner, load_runner
 from scanqueue.worker.execute import ExecutionSettings
+from scanqueue.worker.successor import Successors, successors_for
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class WorkerRuntime:
     runner: Runner
     observer: ScanObserver
     execution: ExecutionSettings
+    successors: Successors | None = None
 
 
 _runtime: tuple[int, WorkerRuntime] | None = None
@@ -42,10 +44,11 @@ def worker_runtime(settings: Settings) -> WorkerRuntime:
     global _runtime
     with _runtime_lock:
         if _runtime is None or _runtime[0] != os.getpid():
+            store = store_for(settings.database_url)
             _runtime = (
                 os.getpid(),
                 WorkerRuntime(
-                    store=store_for(settings.database_url),
+                    store=store,
                     runner=load_runner(settings.runner),
                     observer=build_observer(settings),
                     execution=ExecutionSettings(
@@ -56,6 +59,7 @@ def worker_runtime(settings: Settings) -> WorkerRuntime:
                         retry_backoff_s=settings.retry_backoff_s,
                         scan_timeout_s=settings.scan_timeout_s,
                     ),
+                    successors=successors_for(settings, store),
                 ),
             )
         return _runtime[1]

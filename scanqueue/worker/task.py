@@ -44,5 +44,6 @@ def run_scan(self: Any, scan_id: object) -> str:
         runner=rt.runner,
         settings=rt.execution,
         observer=rt.observer,
+        successors=rt.successors,
     )
     return outcome.value

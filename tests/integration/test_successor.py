@@ -1,0 +1,225 @@
+"""A start that claims its successor (PostgreSQL): the scan a bridge's claim would take
+next, only when that claim needs none of its judgement (scanqueue/worker/successor.py)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from scanqueue.config import normalize_database_url
+from scanqueue.db.rows import SuccessorWindow
+from scanqueue.db.store import Store, store_for
+from scanqueue.errors import UnavailableError
+from scanqueue.worker.successor import Successors
+from tests.conftest import sql, upgrade
+
+DEFAULT = SuccessorWindow(fixed=0, minimum=4, per_slot=2, stale_after_s=20.0)
+
+
+@pytest.fixture
+def pg(pg_url: str) -> tuple[str, Store]:
+    upgrade(pg_url)
+    url = normalize_database_url(pg_url)
+    return url, store_for(url)
+
+
+def _queued(url: str, rows: Sequence[tuple[str, int]], *, seen: bool = True) -> None:
+    """Queued rows (id, priority), oldest first; taken in (keyed) unless ``seen=False``."""
+    for n, (scan_id, priority) in enumerate(rows):
+        sql(
+            url,
+            "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned, priority,"
+            " created_at, seen_at, effective_key) VALUES (:id, 'queued', '[\"aws\"]',"
+            " '[\"soc2\"]', :p, now() + :n * interval '1 ms',"
+            " CASE WHEN :seen THEN now() END, CASE WHEN :seen THEN 'aws|soc2' END)",
+            {"id": scan_id, "p": priority, "n": n, "seen": seen},
+        )
+
+
+def _dispatch(url: str, *ids: str) -> None:
+    sql(
+        url,
+        "UPDATE scans SET dispatched_at = clock_timestamp(), dispatch_count = 1"
+        " WHERE id = ANY(:ids)",
+        {"ids": list(ids)},
+    )
+
+
+def _dispatched(url: str) -> set[str]:
+    rows = sql(url, "SELECT id FROM scans WHERE status = 'queued' AND dispatched_at IS NOT NULL")
+    return {r[0] for r in rows}
+
+
+def test_a_start_claims_the_next_scan_in_claim_order(pg: tuple[str, Store]) -> None:
+    url, store = pg
+    _queued(url, [("own", 0), ("old", 0), ("urgent", 5), ("new", 0)])
+    _dispatch(url, "own")
+    started = store.start_run("own", "w", successor=DEFAULT)
+    assert started is not None and started.scan_id == "own"
+    assert started.successor_id == "urgent"  # priority first, then age
+    assert _dispatched(url) == {"urgent"}
+    assert sql(url, "SELECT dispatch_count FROM scans WHERE id = 'urgent'") == [(1,)]
+    nxt = store.start_run("urgent", "w", successor=DEFAULT)
+    assert nxt is not None and nxt.successor_id == "old"
+
+
+def test_no_successor_without_being_asked_or_when_nothing_may_run(pg: tuple[str, Store]) -> None:
+    url, store = pg
+    _queued(url, [("own", 0), ("later", 0), ("other", 0)])
+    sql(url, "UPDATE scans SET run_after = now() + interval '1 hour' WHERE id = 'later'")
+    _dispatch(url, "own")
+    started = store.start_run("own", "w")
+    assert started is not None and started.successor_id is None
+    _dispatch(url, "other")
+    started = store.start_run("other", "w", successor=DEFAULT)
+    assert started is not None and started.successor_id is None  # run_after: not yet
+    assert _dispatched(url) == set()
+
+
+def test_a_row_not_taken_in_yet_is_left_to_the_bridge(pg: tuple[str, Store]) -> None:
+    """The next row in claim order is unseen (no scan.queued yet): no successor at all,
+    not the one after it, so priority order holds."""
+    url, store = pg
+    _queued(url, [("own", 0), ("seen", 0)])
+    _queued(url, [("unseen", 9)], seen=False)
+    _dispatch(url, "own")
+    started = store.start_run("own", "w", successor=DEFAULT)
+    assert started is not None and started.successor_id is None
+    assert _dispatched(url) == set()
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "INSERT INTO scanqueue_pauses (key) VALUES ('*')",
+        "INSERT INTO scanqueue_pauses (key) VALUES ('gcp|iso')",
+        "INSERT INTO scanqueue_limits (key, max_running) VALUES ('aws|soc2', 5)",
+    ],
+)
+def test_pauses_and_limits_leave_every_claim_to_the_bridge(
+    pg: tuple[str, Store], policy: str
+) -> None:
+    url, store = pg
+    _queued(url, [("own", 0), ("next", 0)])
+    _dispatch(url, "own")
+    sql(url, policy)
+    started = store.start_run("own", "w", successor=DEFAULT)
+    assert started is not None and started.successor_id is None
+    assert _dispatched(url) == set()
+
+
+def test_the_window_is_never_exceeded(pg: tuple[str, Store]) -> None:
+    """In flight before the start (the started scan included) must be within the window:
+    a start then keeps the count; over it (the window shrank), it lets the count fall."""
+    url, store = pg
+    _queued(url, [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("e", 0)])
+    _dispatch(url, "a", "b", "c")
+    fixed = SuccessorWindow(fixed=2, minimum=4, per_slot=2, stale_after_s=20.0)
+    started = store.start_run("a", "w", successor=fixed)
+    assert started is not None and started.successor_id is None  # 3 in flight > 2
+    assert _dispatched(url) == {"b", "c"}
+    started = store.start_run("b", "w", successor=fixed)
+    assert started is not None and started.successor_id == "d"  # 2 in flight: kept at 2
+    assert _dispatched(url) == {"c", "d"}
+    # The default: twice the live workers' slots, at least the minimum.
+    sql(url, "INSERT INTO scanqueue_workers (id, hostname, pid, slots) VALUES ('x', 'h', 1, 1)")
+    started = store.start_run("c", "w", successor=DEFAULT)
+    assert started is not None and started.successor_id == "e"  # 2 in flight <= max(4, 2)
+
+
+def test_concurrent_starts_claim_different_successors(pg: tuple[str, Store]) -> None:
+    url, store = pg
+    ids = [f"s{i:02d}" for i in range(40)]
+    _queued(url, [(i, 0) for i in ids])
+    firsts = ids[:4]
+    _dispatch(url, *firsts)
+    got: list[Any] = []
+    lock = threading.Lock()
+
+    def start(scan_id: str) -> None:
+        run = store.start_run(scan_id, "w", successor=DEFAULT)
+        with lock:
+            got.append(run)
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in firsts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    successors = [r.successor_id for r in got if r is not None]
+    assert len(got) == 4 and all(r is not None for r in got)
+    assert len(successors) == len(set(successors)) == 4
+    assert _dispatched(url) == set(successors)
+    assert sql(url, "SELECT max(dispatch_count) FROM scans") == [(1,)]
+
+
+def test_a_successor_whose_message_cannot_go_is_released(pg: tuple[str, Store]) -> None:
+    url, store = pg
+    _queued(url, [("own", 0), ("next", 0)])
+    _dispatch(url, "own")
+    started = store.start_run("own", "w", successor=DEFAULT)
+    assert started is not None and started.successor_id == "next"
+    counted: list[int] = []
+
+    def broker_down(ids: Sequence[str]) -> None:
+        raise UnavailableError("cannot reach broker redis://127.0.0.1:1/0")
+
+    assert not Successors(store, DEFAULT, broker_down, counted.append).send("next")
+    assert _dispatched(url) == set() and counted == []  # queued again, for the bridge
+    sent: list[str] = []
+    assert Successors(store, DEFAULT, sent.extend, counted.append).send("next")
+    assert sent == ["next"] and counted == [1]
+
+
+def test_a_run_sends_its_successor_before_the_runner_and_skips_the_start_signal(
+    pg: tuple[str, Store],
+) -> None:
+    from scanqueue.dispatch.wake import StartSignalObserver
+    from scanqueue.observe.observer import NullObserver, RunInfo, SafeObservers
+    from scanqueue.runners.api import RunnerFunc
+    from scanqueue.worker.execute import ExecutionSettings, Outcome, execute_scan
+
+    url, store = pg
+    _queued(url, [("own", 0), ("next", 0)])
+    _dispatch(url, "own")
+    order: list[str] = []
+    heard: list[RunInfo] = []
+
+    class Heard(NullObserver):
+        def started(self, run: RunInfo) -> None:
+            heard.append(run)
+
+    class Signal(StartSignalObserver):
+        def started(self, run: RunInfo) -> None:
+            if not run.successor_sent:
+                order.append("signal")
+            super().started(run)
+
+    outcome = execute_scan(
+        "own",
+        store=store,
+        runner=RunnerFunc(lambda job, ctx: order.append(f"run {job.scan_id}")),
+        settings=ExecutionSettings(heartbeat_every_s=0.5, lease_s=5, cancel_grace_s=0.5),
+        observer=SafeObservers([Signal(), Heard()]),
+        successors=Successors(store, DEFAULT, lambda ids: order.extend(f"sent {i}" for i in ids)),
+    )
+    assert outcome is Outcome.COMPLETED
+    assert order == ["sent next", "run own"]  # no start signal: the window is as full
+    assert [(r.scan_id, r.successor_sent) for r in heard] == [("own", True)]
+    # Nothing left to claim: the next start signals the bridge as before.
+    order.clear()
+    assert (
+        execute_scan(
+            "next",
+            store=store,
+            runner=RunnerFunc(lambda job, ctx: order.append(f"run {job.scan_id}")),
+            settings=ExecutionSettings(heartbeat_every_s=0.5, lease_s=5, cancel_grace_s=0.5),
+            observer=SafeObservers([Signal()]),
+            successors=Successors(store, DEFAULT, order.extend),
+        )
+        is Outcome.COMPLETED
+    )
+    assert order == ["signal", "run next"]
