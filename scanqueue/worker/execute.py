@@ -79,7 +79,7 @@ def execute_scan(
     """
     worker_id = worker_identity()
     started = store.start_run(
-        scan_id, worker_id, successor=successors.window if successors is not None else None
+        scan_id, worker_id, successor=successors.wanted() if successors is not None else None
     )
     if started is None:
         log.info("scan %s is not queued and dispatched; message ignored", scan_id)
@@ -127,6 +127,8 @@ def execute_scan(
     finally:
         # Every way out, including BaseException (a shutdown), leaves the lease thread.
         keeper.stop()
+    if successors is not None:
+        successors.ran(time.monotonic() - clock)
     if ctx.cancelled:
         # Whatever the runner returned or raised: a run told to stop never completes.
         if was_timed_out(ctx):

@@ -16,7 +16,8 @@ window not over its size — and leaves everything else to the bridges.
 This module owns the pool process's side: whether this worker asks for successors
 (:func:`successors_for`: PostgreSQL, an embedded bridge, whose settings the pool
 processes share, and no default per-key limit) and sending the message
-(:meth:`Successors.send`).  A message that cannot be sent is released for the
+(:meth:`Successors.send`), while its runs are short enough for a bridge's refill to
+lag behind them (:data:`SHORT_RUN_S`).  A message that cannot be sent is released for the
 bridge's next claim, which the start signal then wakes; if even the release fails,
 or the pool process dies before it sent it, the leader's re-dispatch sends it after
 ``SCANQUEUE_REDISPATCH_AFTER``.
@@ -35,12 +36,20 @@ from scanqueue.errors import ScanqueueError
 log = logging.getLogger(__name__)
 
 
+# A run at least this long gives the bridge time to refill the window after its start
+# signal (a claim and a publish take a few ms), so the next start asks for no
+# successor: the longer statement and the message would cost that run about 1 ms
+# (2 % of a 50 ms scan) and buy nothing.
+SHORT_RUN_S = 0.02
+
+
 class Successors:
     """Sends the message of a scan this process's start claimed, at once.
 
     In the pool process, before the run: about 0.3 ms of CPU.  Handing it to a
     thread of its own instead kept the run from waiting, but cost more CPU than it
-    saved on a busy machine (bench/README.md).
+    saved on a busy machine (bench/README.md).  A process asks for a successor only
+    while its runs are short (:meth:`wanted`, :data:`SHORT_RUN_S`).
     """
 
     def __init__(
@@ -54,6 +63,15 @@ class Successors:
         self.window = window
         self.publish = publish
         self.report = report
+        self._last_run_s = 0.0  # a process's first start asks for one
+
+    def wanted(self) -> SuccessorWindow | None:
+        """The window to judge a successor by, when this start should claim one."""
+        return self.window if self._last_run_s < SHORT_RUN_S else None
+
+    def ran(self, duration_s: float) -> None:
+        """How long this process's last run took (from its start to its end)."""
+        self._last_run_s = duration_s
 
     def send(self, scan_id: str) -> bool:
         """Publish ``scan_id``'s message; False when it was released instead (for the

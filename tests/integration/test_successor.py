@@ -223,3 +223,37 @@ def test_a_run_sends_its_successor_before_the_runner_and_skips_the_start_signal(
         is Outcome.COMPLETED
     )
     assert order == ["signal", "run next"]
+
+
+def test_a_process_whose_runs_are_long_asks_for_no_successor(pg: tuple[str, Store]) -> None:
+    """A run of SHORT_RUN_S or more left the bridge time to refill after its start
+    signal: the next start of that process claims nothing, a short run's does."""
+    import time
+
+    from scanqueue.runners.api import RunnerFunc
+    from scanqueue.worker.execute import ExecutionSettings, execute_scan
+    from scanqueue.worker.successor import SHORT_RUN_S
+
+    url, store = pg
+    _queued(url, [("long", 0), ("short", 0), ("then", 0), ("last", 0)])
+    _dispatch(url, "long")
+    successors = Successors(store, DEFAULT, lambda ids: None)
+    settings = ExecutionSettings(heartbeat_every_s=0.5, lease_s=5, cancel_grace_s=0.5)
+
+    def run(scan_id: str, seconds: float) -> None:
+        execute_scan(
+            scan_id,
+            store=store,
+            runner=RunnerFunc(lambda job, ctx: time.sleep(seconds)),
+            settings=settings,
+            successors=successors,
+        )
+
+    assert successors.wanted() == DEFAULT  # nothing known yet: ask
+    run("long", SHORT_RUN_S * 2)  # claims "short" at its start, then runs long
+    assert _dispatched(url) == {"short"} and successors.wanted() is None
+    run("short", 0)  # its start claims nothing: the bridge refills after long runs
+    assert _dispatched(url) == set() and successors.wanted() == DEFAULT
+    _dispatch(url, "then")
+    run("then", 0)
+    assert _dispatched(url) == {"last"}
