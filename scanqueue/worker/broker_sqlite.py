@@ -1,7 +1,7 @@
 """kombu's SQLAlchemy transport, made usable as the embedded SQLite broker.
 
 Registered for the ``sqla+`` / ``sqlalchemy+`` URL prefixes by :func:`register`.
-Three fixes over the stock transport:
+Four fixes over the stock transport:
 
 * it passes every transport option to ``create_engine``: ``polling_interval``
   is accepted here (the stock one raises ``TypeError`` and polls every second,
@@ -12,7 +12,10 @@ Three fixes over the stock transport:
   write lock (97 ms per poll, ten polls a second, after 200,000 scans): here a
   message is deleted when it is taken;
 * it commits once per published message: kombu's ``Producer.batch()``
-  publishes a batch in one commit here.
+  publishes a batch in one commit here;
+* two processes that declare a new queue at once (a worker and a standalone
+  bridge started together) both insert its row, and the stock transport let the
+  loser die on the UNIQUE violation: here it reads the winner's row.
 
 And one addition: the consumer's wait between polls ends early when a poll may
 find something — when this process frees a prefetch slot (an ack or reject) or
@@ -38,7 +41,7 @@ from kombu.transport import sqlalchemy as kombu_sqlalchemy
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from scanqueue.db.sqlite_commits import CommitWatch
 
@@ -84,6 +87,19 @@ class Channel(kombu_sqlalchemy.Channel):
 
         return engine
 
+    def _get_or_create(self, queue: str) -> Any:
+        """The queue's row, made if missing; another process may make it at the same
+        moment: the stock transport then raised the UNIQUE violation (it rolls back
+        only on OperationalError) and the worker died on it."""
+        try:
+            return super()._get_or_create(queue)  # type: ignore[no-untyped-call]
+        except IntegrityError:
+            self.session.rollback()
+            found = self.session.query(self.queue_cls).filter(self.queue_cls.name == queue).first()
+            if found is None:
+                raise
+            return found
+
     def _get(self, queue: str, timeout: float | None = None) -> Any:
         """Take the oldest visible message of ``queue`` and delete it, in one transaction.
 
@@ -92,7 +108,7 @@ class Channel(kombu_sqlalchemy.Channel):
         broker as a new one), so they are deleted instead, and those an earlier
         version left behind are deleted at this channel's first poll of the queue.
         """
-        obj = self._get_or_create(queue)  # type: ignore[no-untyped-call]
+        obj = self._get_or_create(queue)
         message = self.message_cls
         if self.session.bind.name == "sqlite":
             self.session.execute(text("BEGIN IMMEDIATE TRANSACTION"))
@@ -167,7 +183,7 @@ class PublishBatch:
         channel = self.channel
         try:
             # Queue rows first, while nothing is pending: reads do not take the lock.
-            queues = {name: channel._get_or_create(name) for name, _ in self.rows}  # type: ignore[no-untyped-call]
+            queues = {name: channel._get_or_create(name) for name, _ in self.rows}
             channel.session.add_all(
                 [channel.message_cls(body, queues[name]) for name, body in self.rows]
             )

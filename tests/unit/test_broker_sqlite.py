@@ -161,3 +161,49 @@ def test_messages_an_earlier_version_left_taken_are_deleted_at_the_first_poll(
             conn.drain_events(timeout=10)
         assert got == [3]
         assert _messages(path) == []
+
+
+_DECLARE_AT_ONCE = """
+import sys, time
+from kombu import Connection, Exchange, Queue
+from scanqueue.worker.broker_sqlite import register
+register()
+url, start_at, count = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+with Connection(url) as conn:
+    channel = conn.default_channel
+    for i in range(count):
+        # Every process declares queue i in the same few milliseconds.
+        time.sleep(max(0.0, start_at + i * 0.05 - time.time()))
+        Queue(f"q{i}", Exchange(f"q{i}", type="direct"), routing_key=f"q{i}")(channel).declare()
+"""
+
+
+def test_processes_that_declare_a_new_queue_at_once_all_go_on(tmp_path: Path) -> None:
+    # A worker and a standalone bridge started together both found no queue row and
+    # inserted one; the loser died on the UNIQUE constraint (kombu rolls back only
+    # on OperationalError).
+    register()
+    url = f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+    with Connection(url) as conn:  # the tables, made once
+        Queue("setup", Exchange("setup", type="direct"), routing_key="setup")(
+            conn.default_channel
+        ).declare()
+    start_at = time.time() + 2.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _DECLARE_AT_ONCE, url, str(start_at), "20"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            errors.append(err.strip().splitlines()[-1])
+    assert errors == []
+    rows = (
+        sqlite3.connect(tmp_path / "broker.db").execute("SELECT name FROM kombu_queue").fetchall()
+    )
+    assert sorted(r[0] for r in rows) == sorted(["setup", *(f"q{i}" for i in range(20))])
