@@ -29,6 +29,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from scanqueue.config import Settings
+from scanqueue.db.engine import describe_db_error
 from scanqueue.db.rows import SuccessorWindow
 from scanqueue.db.store import Store
 from scanqueue.errors import ScanqueueError
@@ -83,7 +84,7 @@ class Successors:
                 "cannot send the message of scan %s (claimed by a start): %s; released for"
                 " the bridge's next claim",
                 scan_id,
-                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                describe_db_error(exc),
             )
             try:
                 self.store.release_dispatch([scan_id])
