@@ -287,6 +287,8 @@ def run_all(url: str, n: int) -> dict[str, Any]:
         k: (round(v / 100, 3) if k != "reps" else v)
         for k, v in timed(lambda: publish(claimed[:100]), max(1, len(claimed) // 100)).items()
     }
+    # A successor's message: one id per call (scanqueue/worker/successor.py).
+    res["publish, one message per call (a successor's)"] = timed(lambda: publish(["x"]), n)
     with app.producer_or_acquire() as producer:
         res["app.send_task, one message"] = timed(
             lambda: app.send_task(

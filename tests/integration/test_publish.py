@@ -148,3 +148,41 @@ def test_a_publish_signal_receiver_gets_celerys_own_message(redis_url: str, tmp_
     assert make_publisher(app).plain()
     client.delete(QUEUE)
     app.close()
+
+
+def test_rabbitmq_gets_single_messages_on_a_queue_declared_once_per_channel(
+    rabbitmq_url: str, tmp_path: Path
+) -> None:
+    """A successor's message goes alone; the queue is declared before the first
+    message on a channel (RabbitMQ drops a message for a queue that does not exist),
+    and again on a new channel after the connection was lost."""
+    from kombu import Connection
+
+    queue = f"scanqueue-publish-{tmp_path.name[-12:]}"
+    app = _app(rabbitmq_url, tmp_path)
+    app.conf.task_default_queue = queue
+    publish = make_publisher(app, queue)
+    try:
+        publish(["one"])
+        publish(["two"])
+        # The next publish runs on a new channel (as after a broker blip).
+        with app.producer_or_acquire() as producer:
+            old_channel = producer.channel
+            producer.connection.collect()
+        with Connection(rabbitmq_url) as conn:
+            conn.default_channel.queue_delete(queue)
+        publish(["three"])
+        with Connection(rabbitmq_url) as conn:
+            got = []
+            for _ in range(5):
+                message = conn.default_channel.basic_get(queue, no_ack=True)
+                if message is None:
+                    break
+                args, _, _ = json.loads(message.body)
+                got.append(args[0])
+            assert got == ["three"]  # declared again on the new channel, so not dropped
+            with app.producer_or_acquire() as producer:
+                assert producer.channel is not old_channel
+            conn.default_channel.queue_delete(queue)
+    finally:
+        app.close()
