@@ -43,7 +43,7 @@ import re
 from scanqueue.db.schema import SQLITE_NOW_SQL
 
 # The per-connection name of the prepared PostgreSQL statement (see ClaimsMixin).
-PG_STATEMENT_NAME = "scanqueue_claim_v1"
+PG_STATEMENT_NAME = "scanqueue_claim_v2"  # v2: claimed rows carry the key they were seen with
 PARAMS = ("key_limit", "limit", "window", "cap", "m")
 # Steps 2 and 3 of the module docstring: the most keys read one by one before the
 # claim order is walked instead, and the most rows that walk reads.
@@ -64,6 +64,51 @@ PG_PLANNER_SETTINGS = (
     ("enable_bitmapscan", "off"),
     ("enable_sort", "off"),
 )
+
+
+def _pg_string_array(column: str) -> str:
+    """SQL: ``column`` (jsonb) parses as the Runner API parses it: no value, JSON
+    null, or an array of strings only."""
+    return (
+        f"({column} IS NULL OR jsonb_typeof({column}) = 'null'"
+        f" OR (jsonb_typeof({column}) = 'array' AND NOT EXISTS ("
+        f"SELECT 1 FROM jsonb_array_elements({column}) x WHERE jsonb_typeof(x) <> 'string')))"
+    )
+
+
+def _pg_joined(column: str) -> str:
+    """SQL: the sorted strings of ``column`` joined by ``,`` (code point order, as
+    Python's ``sorted``: the "C" collation compares UTF-8 bytes)."""
+    return (
+        "(SELECT coalesce(string_agg(e, ',' ORDER BY e COLLATE \"C\"), '')"
+        f" FROM jsonb_array_elements_text(CASE WHEN jsonb_typeof({column}) = 'array'"
+        f" THEN {column} ELSE '[]'::jsonb END) e)"
+    )
+
+
+def pg_sql_keyable(scan_key: str, providers: str, frameworks: str) -> str:
+    """SQL: the row's key can be derived in SQL exactly as
+    ``scanqueue.db.keys.effective_key`` derives it from the Runner API's parsing (the
+    rest: a malformed column, or a scan_key with whitespace or a non-ASCII character
+    at either end, whose stripping is Python's)."""
+    return (
+        f"({scan_key} IS NULL OR {scan_key} = '' OR {scan_key} ~ '^[!-~](.*[!-~])?$')"
+        f" AND {_pg_string_array(providers)} AND {_pg_string_array(frameworks)}"
+    )
+
+
+def pg_key(scan_key: str, providers: str, frameworks: str) -> str:
+    """SQL: the effective key of a row :func:`pg_sql_keyable` accepts."""
+    return (
+        f"CASE WHEN {scan_key} IS NULL OR {scan_key} = ''"
+        f" THEN {_pg_joined(providers)} || '|' || {_pg_joined(frameworks)} ELSE {scan_key} END"
+    )
+
+
+# An unseen row the claim may take while no pause or limit exists (the claim marks it
+# seen, with its key, and returns it for its scan.queued); others wait for the intake.
+_PG_UNSEEN_OK = pg_sql_keyable("scan_key", "providers_scanned", "frameworks_scanned")
+_PG_KEY_OF_S = pg_key("s.scan_key", "s.providers_scanned", "s.frameworks_scanned")
 
 
 def fast_rows(cap: int) -> int:
@@ -114,7 +159,7 @@ raw AS MATERIALIZED (
     SELECT id, effective_key, priority, created_at FROM scans{by_claim}
     WHERE status = 'queued' AND dispatched_at IS NULL
       AND (run_after IS NULL OR run_after <= {now})
-      AND (effective_key IS NOT NULL OR NOT (SELECT policed FROM state))
+      AND (effective_key IS NOT NULL OR (NOT (SELECT policed FROM state) AND {unseen_ok}))
     ORDER BY priority DESC, created_at, id
     LIMIT :m),
 ranked_raw AS MATERIALIZED (
@@ -243,7 +288,11 @@ pairs AS MATERIALIZED (
 _TAIL_PG = (
     """
 mine AS MATERIALIZED (
-    SELECT s.id, s.priority, s.created_at, s.status, s.dispatched_at FROM scans s
+    SELECT s.id, s.priority, s.created_at, s.status, s.dispatched_at,
+        CASE WHEN s.seen_at IS NULL THEN coalesce(s.effective_key, """
+    + _PG_KEY_OF_S
+    + """) END AS new_key
+    FROM scans s
     WHERE s.id = ANY (ARRAY(SELECT id FROM picked))
     FOR UPDATE OF s SKIP LOCKED),
 ranked AS MATERIALIZED (
@@ -260,18 +309,21 @@ lowest AS MATERIALIZED (
     + _PAIRS
     + """,
 claimed AS (
-    UPDATE scans s SET dispatched_at = clock_timestamp(), dispatch_count = s.dispatch_count + 1
-    WHERE s.id = ANY (ARRAY(
+    UPDATE scans s SET dispatched_at = clock_timestamp(), dispatch_count = s.dispatch_count + 1,
+        seen_at = coalesce(s.seen_at, clock_timestamp()),
+        effective_key = coalesce(s.effective_key, m.new_key)
+    FROM mine m
+    WHERE s.id = m.id AND s.id = ANY (ARRAY(
         SELECT id FROM ranked WHERE nth <= (SELECT take FROM sizes)
         UNION ALL SELECT claim_id FROM pairs))
-    RETURNING s.id, s.created_at, s.priority),
+    RETURNING s.id, s.created_at, s.priority, m.new_key),
 released AS (
     UPDATE scans s SET dispatched_at = NULL
     WHERE s.id = ANY (ARRAY(SELECT release_id FROM pairs))
     RETURNING s.id)
-SELECT 'claimed' AS what, id, created_at, priority, NULL::bigint AS n FROM claimed
-UNION ALL SELECT 'released', id, NULL, NULL, NULL FROM released
-UNION ALL SELECT 'in_flight', NULL, NULL, NULL, in_flight FROM state
+SELECT 'claimed' AS what, id, created_at, priority, NULL::bigint AS n, new_key AS key FROM claimed
+UNION ALL SELECT 'released', id, NULL, NULL, NULL, NULL FROM released
+UNION ALL SELECT 'in_flight', NULL, NULL, NULL, in_flight, NULL FROM state
 """
 )
 
@@ -304,6 +356,7 @@ _DIALECT = {
         "by_running": "",
         "by_claim": "",
         "by_key": "",
+        "unseen_ok": _PG_UNSEEN_OK,
     },
     "sqlite": {
         "now": SQLITE_NOW_SQL,
@@ -313,6 +366,8 @@ _DIALECT = {
         "by_running": " INDEXED BY scans_running_heartbeat_idx",
         "by_claim": " INDEXED BY scans_claim_order_idx",
         "by_key": " INDEXED BY scans_key_claim_order_idx",
+        # The claim's caller takes in the unseen rows it picks (Python keys them).
+        "unseen_ok": "1",
     },
 }
 

@@ -261,8 +261,12 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
                 if not claimable:
                     return [], max(0, window - in_flight)
                 claimed, freed, in_flight = self._claim_with_policies(
-                    conn, limit, window, key_limit
+                    conn, limit, window, key_limit, derive=derive, intake=intake
                 )
+        if intake is not None:
+            # Rows the claim took before any intake saw them (a burst of more unseen
+            # rows than one intake takes): marked seen by the claim itself, with their key.
+            intake.extend(Intake(r.id, r.key) for r in claimed if getattr(r, "key", None))
         if released is not None:
             released.extend(freed)
         return _oldest_first(claimed), max(0, window - in_flight - len(claimed) + len(freed))
@@ -299,9 +303,20 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         }
 
     def _claim_with_policies(
-        self, conn: Connection, limit: int, window: int, key_limit: int
+        self,
+        conn: Connection,
+        limit: int,
+        window: int,
+        key_limit: int,
+        *,
+        derive: DeriveKey | None = None,
+        intake: list[Intake] | None = None,
     ) -> tuple[list[Row[Any]], list[str], int]:
-        """Within the serialized transaction: (claimed rows, released ids, in flight before)."""
+        """Within the serialized transaction: (claimed rows, released ids, in flight before).
+
+        A row picked before any intake saw it is taken in first (SQLite, with
+        ``derive``; PostgreSQL's statement does it itself): keyed and marked seen,
+        appended to ``intake``, or failed (malformed) and not claimed."""
         params = self._claim_params(limit, window, key_limit)
         if self.dialect == "postgresql":
             rows = self._run_prepared_claim(conn, params)
@@ -324,6 +339,12 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         in_flight = next(int(r.n) for r in picks if r.what == "in_flight")
         to_claim = [r.id for r in picks if r.what == "claimed"]
         to_release = [r.id for r in picks if r.what == "released"]
+        if derive is not None and to_claim:
+            taken = self.take_in(conn, derive, ids=to_claim)
+            failed = {t.scan_id for t in taken if t.error is not None}
+            to_claim = [i for i in to_claim if i not in failed]
+            if intake is not None:
+                intake.extend(taken)
         claimed = list(conn.execute(self._claim_ids_stmt, {"ids": to_claim})) if to_claim else []
         freed = (
             [r.id for r in conn.execute(self._release_ids_stmt, {"ids": to_release})]

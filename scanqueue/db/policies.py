@@ -15,12 +15,13 @@ The claim that enforces all this lives in :mod:`scanqueue.db.claims`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, delete, func, select, text, update
+from sqlalchemy import Connection, bindparam, case, delete, func, select, text, true, update
 
+from scanqueue.db.claim_sql import pg_key, pg_sql_keyable
 from scanqueue.db.direct_sql import DirectStatement, PreparedForm
 from scanqueue.db.engine import StoreBase
 from scanqueue.db.schema import (
@@ -38,26 +39,6 @@ from scanqueue.errors import NotFoundError
 INTAKE_BATCH = 500  # unseen rows taken in at once (the rest on the next pass)
 
 
-def _pg_string_array(column: str) -> str:
-    """SQL: ``column`` (jsonb) parses as the Runner API parses it: no value, JSON
-    null, or an array of strings only."""
-    return (
-        f"({column} IS NULL OR jsonb_typeof({column}) = 'null'"
-        f" OR (jsonb_typeof({column}) = 'array' AND NOT EXISTS ("
-        f"SELECT 1 FROM jsonb_array_elements({column}) x WHERE jsonb_typeof(x) <> 'string')))"
-    )
-
-
-def _pg_joined(column: str) -> str:
-    """SQL: the sorted strings of ``column`` joined by ``,`` (code point order, as
-    Python's ``sorted``: the "C" collation compares UTF-8 bytes)."""
-    return (
-        "(SELECT coalesce(string_agg(e, ',' ORDER BY e COLLATE \"C\"), '')"
-        f" FROM jsonb_array_elements_text(CASE WHEN jsonb_typeof({column}) = 'array'"
-        f" THEN {column} ELSE '[]'::jsonb END) e)"
-    )
-
-
 # PostgreSQL's intake in one statement (the bridge's held connection, prepared): the
 # unseen rows whose key SQL derives exactly as scanqueue.db.keys.effective_key does
 # from the Runner API's parsing are keyed and marked seen ('taken', with the key);
@@ -72,11 +53,9 @@ WITH cand AS MATERIALIZED (
     WHERE status = 'queued' AND seen_at IS NULL
     ORDER BY created_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED),
 keyed AS MATERIALIZED (
-    SELECT id, CASE WHEN scan_key IS NULL OR scan_key = ''
-        THEN {_pg_joined("p")} || '|' || {_pg_joined("f")} ELSE scan_key END AS key
+    SELECT id, {pg_key("scan_key", "p", "f")} AS key
     FROM cand
-    WHERE (scan_key IS NULL OR scan_key = '' OR scan_key ~ '^[!-~](.*[!-~])?$')
-      AND {_pg_string_array("p")} AND {_pg_string_array("f")}),
+    WHERE {pg_sql_keyable("scan_key", "p", "f")}),
 marked AS (
     UPDATE scans SET effective_key = keyed.key, seen_at = clock_timestamp()
     FROM keyed WHERE scans.id = keyed.id AND scans.seen_at IS NULL
@@ -227,13 +206,24 @@ class PoliciesMixin(StoreBase):
         return taken, len(taken) < len(rows)
 
     def take_in(
-        self, conn: Connection, derive: DeriveKey, limit: int = INTAKE_BATCH
+        self,
+        conn: Connection,
+        derive: DeriveKey,
+        limit: int = INTAKE_BATCH,
+        *,
+        ids: Sequence[str] | None = None,
     ) -> list[Intake]:
-        """Within the caller's (serialized) transaction: key and mark unseen queued rows.
+        """Within the caller's (serialized) transaction: key and mark unseen queued rows
+        (with ``ids``, only those of them that are unseen).
 
         One SELECT of up to ``limit`` rows, then one batched UPDATE for the keyed
         rows and one for the malformed ones (failed at once with the reason).
         """
+        only = ""
+        params: dict[str, Any] = {"limit": limit if ids is None else len(ids)}
+        if ids is not None:
+            only = " AND id IN :ids"
+            params["ids"] = list(ids)
         if self.dialect == "sqlite":
             # Named, or SQLite sorts every queued row (see the claim in db/claims.py).
             # Also the run_after SQLite's date functions cannot read (the column is
@@ -243,9 +233,11 @@ class PoliciesMixin(StoreBase):
                 " CASE WHEN run_after IS NOT NULL"
                 f" AND strftime('{SQLITE_TIME_FORMAT}', run_after) IS NULL"
                 " THEN run_after END AS bad_run_after FROM scans"
-                " INDEXED BY scans_unseen_idx WHERE status = 'queued' AND seen_at IS NULL"
+                f" INDEXED BY scans_unseen_idx WHERE status = 'queued' AND seen_at IS NULL{only}"
                 " ORDER BY created_at, id LIMIT :limit"
             )
+            if ids is not None:
+                unseen = unseen.bindparams(bindparam("ids", expanding=True))
         else:
             unseen = (
                 select(
@@ -255,13 +247,16 @@ class PoliciesMixin(StoreBase):
                     scans.c.frameworks_scanned,
                 )
                 .where(scans.c.status == STATUS_QUEUED, scans.c.seen_at.is_(None))
+                .where(
+                    scans.c.id.in_(bindparam("ids", expanding=True)) if ids is not None else true()
+                )
                 .order_by(scans.c.created_at, scans.c.id)
                 .limit(bindparam("limit"))
                 # A row another session holds locked (a host application's open
                 # transaction) waits for a later pass instead of stalling every claim.
                 .with_for_update(skip_locked=True)
             )
-        rows = conn.execute(unseen, {"limit": limit}).all()
+        rows = conn.execute(unseen, params).all()
         taken: list[Intake] = []
         for row in rows:
             bad_run_after = getattr(row, "bad_run_after", None)
