@@ -163,15 +163,21 @@ def test_a_blocked_hot_key_does_not_starve_the_others(store: Store) -> None:
     assert got == ["hot00000", other]
 
 
-def test_intake_keys_plain_sql_rows_and_fails_malformed_ones(store: Store, db_url: str) -> None:
-    insert_rows(db_url, ["plain1"])
+def insert_malformed(store: Store, scan_id: str, priority: int = 0) -> None:
+    """A queued row another program wrote with a providers_scanned the Runner API rejects."""
     with store.engine.begin() as conn:
         conn.execute(
             text(
-                "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned)"
-                " VALUES ('bad1', 'queued', '{\"not\": \"a list\"}', '[]')"
-            )
+                "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned, priority)"
+                " VALUES (:id, 'queued', '{\"not\": \"a list\"}', '[]', :p)"
+            ),
+            {"id": scan_id, "p": priority},
         )
+
+
+def test_intake_keys_plain_sql_rows_and_fails_malformed_ones(store: Store, db_url: str) -> None:
+    insert_rows(db_url, ["plain1"])
+    insert_malformed(store, "bad1")
     taken: list[Intake] = []
     ids, _ = store.claim_within_window(10, 10, derive=derive_key, intake=taken)
     assert ids == ["plain1"]
@@ -208,13 +214,7 @@ def test_a_malformed_row_out_of_a_large_unseen_burst_is_failed_not_claimed(
     store: Store, db_url: str
 ) -> None:
     insert_rows(db_url, [f"old-{i:04d}" for i in range(600)])
-    with store.engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned, priority)"
-                " VALUES ('bad-urgent', 'queued', '{\"not\": \"a list\"}', '[]', 10)"
-            )
-        )
+    insert_malformed(store, "bad-urgent", priority=10)
     claimed: list[str] = []
     taken: list[Intake] = []
     for _ in range(3):  # the intake reaches it on a later pass at the latest
