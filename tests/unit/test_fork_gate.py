@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,6 +15,7 @@ from scanqueue.db.fork_gate import GATE
 from scanqueue.db.store import Store
 
 CHILD_BUSY_TIMEOUT_S = 3.0
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _database(path: Path) -> None:
@@ -25,6 +29,7 @@ def _write_in_a_forked_child(path: Path) -> int:
     pid = os.fork()
     if pid == 0:  # the child: no pytest, no cleanup, just the write
         code = 1
+        signal.alarm(30)  # whatever happens, the child ends and the parent's wait with it
         try:
             db = sqlite3.connect(path, timeout=CHILD_BUSY_TIMEOUT_S, isolation_level=None)
             db.execute("BEGIN IMMEDIATE")
@@ -56,6 +61,26 @@ def _hold_a_write_transaction(
 
 
 def _fork_during_a_transaction(path: Path, *, gated: bool) -> tuple[int, float]:
+    """In a fresh interpreter: a test process holds the threads of earlier tests, and a
+    child forked while one of them is inside a library's lock can hang on it."""
+    script = (
+        "import sys; from pathlib import Path;"
+        " from tests.unit.test_fork_gate import _fork_here;"
+        " print(*_fork_here(Path(sys.argv[1]), gated=sys.argv[2] == '1'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path), "1" if gated else "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    code, took = done.stdout.split()
+    return int(code), float(took)
+
+
+def _fork_here(path: Path, *, gated: bool) -> tuple[int, float]:
     begin = threading.Event()
     holder = threading.Thread(target=_hold_a_write_transaction, args=(begin, 0.5, gated, path))
     holder.start()
@@ -64,6 +89,7 @@ def _fork_during_a_transaction(path: Path, *, gated: bool) -> tuple[int, float]:
     code = _write_in_a_forked_child(path)
     took = time.monotonic() - began
     holder.join(10)
+    assert GATE.holders == 0
     return code, took
 
 
@@ -82,7 +108,6 @@ def test_the_gate_holds_the_fork_until_the_transaction_ends(tmp_path: Path) -> N
     code, took = _fork_during_a_transaction(path, gated=True)
     assert code == 0
     assert 0.2 < took < 5.0  # the fork waited for the commit, not for the gate's limit
-    assert GATE.holders == 0
 
 
 def test_the_stores_sqlite_transactions_hold_the_gate(tmp_path: Path) -> None:
