@@ -55,9 +55,12 @@ def _hold_a_write_transaction(
         time.sleep(hold_s)
         db.execute("COMMIT")
     finally:
+        # Closed inside the hold, as the store's connections are used: a fork while
+        # this thread is in sqlite3_close (SQLite's global VFS mutex held) leaves the
+        # child waiting on that mutex for good in its own first open.
+        db.close()
         if gated:
             GATE.leave()
-        db.close()
 
 
 def _fork_during_a_transaction(path: Path, *, gated: bool) -> tuple[int, float]:
