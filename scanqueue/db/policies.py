@@ -233,7 +233,9 @@ class PoliciesMixin(StoreBase):
                 " CASE WHEN run_after IS NOT NULL"
                 f" AND strftime('{SQLITE_TIME_FORMAT}', run_after) IS NULL"
                 " THEN run_after END AS bad_run_after FROM scans"
-                f" INDEXED BY scans_unseen_idx WHERE status = 'queued' AND seen_at IS NULL{only}"
+                # Given ids: looked up by key (the unseen index may hold a whole burst).
+                f"{'' if ids is not None else ' INDEXED BY scans_unseen_idx'}"
+                f" WHERE status = 'queued' AND seen_at IS NULL{only}"
                 " ORDER BY created_at, id LIMIT :limit"
             )
             if ids is not None:
