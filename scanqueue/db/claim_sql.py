@@ -33,7 +33,8 @@ Parameters: ``:key_limit`` (the default per-key limit, 0 = none), ``:limit`` (th
 batch), ``:window``, ``:cap`` (most rows one claim takes or swaps: min(batch,
 window)) and ``:m`` (rows step 1 reads).  Result rows: ``('claimed', id,
 created_at, priority)``, ``('released', id)`` and one ``('in_flight', n)``, the
-count before the claim.
+count before the claim (PostgreSQL's also says whether a pause or limit applied:
+``policed``; while none does, unseen rows are claimable and the claim takes them in).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ import re
 from scanqueue.db.schema import SQLITE_NOW_SQL
 
 # The per-connection name of the prepared PostgreSQL statement (see ClaimsMixin).
-PG_STATEMENT_NAME = "scanqueue_claim_v2"  # v2: claimed rows carry the key they were seen with
+# v2: claimed rows carry the key they were seen with; v3: the in-flight row says
+# whether any pause or limit applied (``policed``).
+PG_STATEMENT_NAME = "scanqueue_claim_v3"
 PARAMS = ("key_limit", "limit", "window", "cap", "m")
 # Steps 2 and 3 of the module docstring: the most keys read one by one before the
 # claim order is walked instead, and the most rows that walk reads.
@@ -321,9 +324,10 @@ released AS (
     UPDATE scans s SET dispatched_at = NULL
     WHERE s.id = ANY (ARRAY(SELECT release_id FROM pairs))
     RETURNING s.id)
-SELECT 'claimed' AS what, id, created_at, priority, NULL::bigint AS n, new_key AS key FROM claimed
-UNION ALL SELECT 'released', id, NULL, NULL, NULL, NULL FROM released
-UNION ALL SELECT 'in_flight', NULL, NULL, NULL, in_flight, NULL FROM state
+SELECT 'claimed' AS what, id, created_at, priority, NULL::bigint AS n, new_key AS key,
+    NULL::boolean AS policed FROM claimed
+UNION ALL SELECT 'released', id, NULL, NULL, NULL, NULL, NULL FROM released
+UNION ALL SELECT 'in_flight', NULL, NULL, NULL, in_flight, NULL, policed FROM state
 """
 )
 

@@ -138,6 +138,8 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
             if self._direct is not None
             else {}
         )
+        # Whether the last PostgreSQL claim found a pause or limit (None: none ran yet).
+        self._claim_policed: bool | None = None
         if self.dialect == "postgresql":
             self._pg_prepare = pg_prepare_sql()
             self._pg_execute = pg_execute_sql()
@@ -271,6 +273,26 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
             released.extend(freed)
         return _oldest_first(claimed), max(0, window - in_flight - len(claimed) + len(freed))
 
+    def claims_unseen(self) -> bool:
+        """Whether a claim would take in the unseen rows it picks, with no intake
+        first: PostgreSQL on a held connection, while the last claim found no pause
+        or limit (the claim statement keys such rows itself, as the intake would).
+        A caller that claims so runs :meth:`take_in_rest` afterwards."""
+        return bool(self._direct_looks) and self._claim_policed is False
+
+    def take_in_rest(self, derive: DeriveKey) -> list[Intake]:
+        """The intake a claim left (rows beyond what it claimed, malformed ones):
+        :meth:`PoliciesMixin.take_in_direct`, then :meth:`PoliciesMixin.take_in` in
+        the serialized transaction for the rows SQL cannot key."""
+        taken: list[Intake] = []
+        left = True
+        if self._direct_looks:
+            taken, left = self.take_in_direct()
+        if left:
+            with self._serialized_tx() as conn:
+                taken.extend(self.take_in(conn, derive))
+        return taken
+
     def _look(self, *, unseen: bool) -> Mapping[str, Any]:
         """The window's state, without the lock (see :func:`look_sql`)."""
         if self._direct_looks:
@@ -287,7 +309,8 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         rows = self._run_direct_rows(
             self._direct_claim, self._claim_params(limit, window, key_limit)
         )
-        in_flight = next(int(r["n"]) for r in rows if r["what"] == "in_flight")
+        counted = next(r for r in rows if r["what"] == "in_flight")
+        in_flight, self._claim_policed = int(counted["n"]), bool(counted["policed"])
         claimed = [SimpleNamespace(**r) for r in rows if r["what"] == "claimed"]
         return claimed, [r["id"] for r in rows if r["what"] == "released"], in_flight
 
@@ -320,7 +343,8 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         params = self._claim_params(limit, window, key_limit)
         if self.dialect == "postgresql":
             rows = self._run_prepared_claim(conn, params)
-            in_flight = next(int(r.n) for r in rows if r.what == "in_flight")
+            counted = next(r for r in rows if r.what == "in_flight")
+            in_flight, self._claim_policed = int(counted.n), bool(counted.policed)
             claimed = [r for r in rows if r.what == "claimed"]
             return claimed, [r.id for r in rows if r.what == "released"], in_flight
         try:

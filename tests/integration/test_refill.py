@@ -7,12 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 
+from scanqueue.config import normalize_database_url
 from scanqueue.db.store import Store, store_for
 from scanqueue.dispatch.bridge import refill_room
 from scanqueue.dispatch.intake import derive_key
-from tests.conftest import insert_rows
+from tests.conftest import insert_rows, upgrade
 
 WINDOW = 4
 
@@ -160,3 +161,84 @@ def test_intake_events_follow_the_publish_and_survive_its_failure(migrated: str)
         bridge.dispatch_once()
     assert order == ["taken second"]
     assert store.get("second").status == "queued"  # released for the next claim
+
+
+def _seen(url: str, ids: list[str]) -> dict[str, bool]:
+    store = store_for(normalize_database_url(url))
+    with store.engine.begin() as conn:
+        rows = conn.execute(
+            text("SELECT id, seen_at IS NOT NULL AS seen FROM scans WHERE id IN :ids").bindparams(
+                bindparam("ids", expanding=True)
+            ),
+            {"ids": ids},
+        ).all()
+    return {r.id: bool(r.seen) for r in rows}
+
+
+def test_notified_without_policies_postgresql_claims_first_and_takes_in_the_rest_after(
+    pg_url: str,
+) -> None:
+    """PostgreSQL, no pause or limit: on a NOTIFY the claim goes first (it takes in
+    the rows it claims); the rest (beyond the window, malformed) are taken in after
+    the publish, and every row gets its scan.queued."""
+    from scanqueue.dispatch.bridge import Bridge
+    from tests.integration.test_policies import insert_malformed
+
+    upgrade(pg_url)
+    store = store_for(normalize_database_url(pg_url))
+    seen_at_publish: dict[str, bool] = {}
+    published: list[str] = []
+    taken: list[str] = []
+    failed: list[str] = []
+
+    def publish(ids: list[str]) -> None:
+        seen_at_publish.update(_seen(pg_url, [f"n{i}" for i in range(6)] + ["bad"]))
+        published.extend(ids)
+
+    def on_intake(rows: Any) -> None:
+        taken.extend(r.scan_id for r in rows if r.error is None)
+        failed.extend(r.scan_id for r in rows if r.error is not None)
+
+    bridge = Bridge(store, publish, 100, lambda: WINDOW, derive=derive_key, on_intake=on_intake)
+    assert bridge.dispatch_once() == 0  # the first claim: no policies found
+    assert store.claims_unseen()
+    insert_rows(pg_url, [f"n{i}" for i in range(6)])
+    insert_malformed(store, "bad")
+    assert bridge.room_signalled(0, notified=True)
+    looks = _count_looks(store)
+    assert bridge.dispatch_once() == WINDOW
+    assert looks == []
+    assert published == [f"n{i}" for i in range(WINDOW)]
+    # At the publish: the claimed rows seen (by the claim), the rest not yet.
+    assert seen_at_publish == {
+        **{f"n{i}": True for i in range(WINDOW)},
+        "n4": False,
+        "n5": False,
+        "bad": False,
+    }
+    assert sorted(taken) == [f"n{i}" for i in range(6)]
+    assert failed == ["bad"] and store.get("bad").status == "failed"
+    assert all(_seen(pg_url, [f"n{i}" for i in range(6)]).values())
+    assert store.get("n5").key == "aws|soc2" and store.get("n0").key == "aws|soc2"
+
+
+def test_a_limit_set_since_the_last_claim_is_obeyed_and_the_rows_claimed_at_once(
+    pg_url: str,
+) -> None:
+    """Claim-first is chosen from the last claim's view. A limit set since then: the
+    claim passes over the unseen rows (unkeyed rows are not claimable under
+    policies), the intake after the publish takes them in, and the same drain claims
+    them within the limit."""
+    from scanqueue.dispatch.bridge import Bridge
+
+    upgrade(pg_url)
+    store = store_for(normalize_database_url(pg_url))
+    published: list[str] = []
+    bridge = Bridge(store, published.extend, 100, lambda: WINDOW, derive=derive_key)
+    assert bridge.drain() == 0 and store.claims_unseen()
+    store.set_limit("aws|soc2", 2)
+    insert_rows(pg_url, ["a", "b", "c"])
+    assert bridge.room_signalled(0, notified=True)
+    assert bridge.drain() == 2
+    assert published == ["a", "b"] and not store.claims_unseen()
+    assert store.get("c").status == "queued" and store.get("c").key == "aws|soc2"
