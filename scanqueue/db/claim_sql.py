@@ -33,8 +33,9 @@ Parameters: ``:key_limit`` (the default per-key limit, 0 = none), ``:limit`` (th
 batch), ``:window``, ``:cap`` (most rows one claim takes or swaps: min(batch,
 window)) and ``:m`` (rows step 1 reads).  Result rows: ``('claimed', id,
 created_at, priority)``, ``('released', id)`` and one ``('in_flight', n)``, the
-count before the claim (PostgreSQL's also says whether a pause or limit applied:
-``policed``; while none does, unseen rows are claimable and the claim takes them in).
+count before the claim (PostgreSQL's also says whether a pause or limit applied,
+``policed``: while none does, unseen rows are claimable and the claim takes them in;
+and whether unseen rows are left beyond those it claimed, ``unseen_left``).
 """
 
 from __future__ import annotations
@@ -325,9 +326,12 @@ released AS (
     WHERE s.id = ANY (ARRAY(SELECT release_id FROM pairs))
     RETURNING s.id)
 SELECT 'claimed' AS what, id, created_at, priority, NULL::bigint AS n, new_key AS key,
-    NULL::boolean AS policed FROM claimed
-UNION ALL SELECT 'released', id, NULL, NULL, NULL, NULL, NULL FROM released
-UNION ALL SELECT 'in_flight', NULL, NULL, NULL, in_flight, NULL, policed FROM state
+    NULL::boolean AS policed, NULL::boolean AS unseen_left FROM claimed
+UNION ALL SELECT 'released', id, NULL, NULL, NULL, NULL, NULL, NULL FROM released
+UNION ALL SELECT 'in_flight', NULL, NULL, NULL, in_flight, NULL, policed,
+    EXISTS (SELECT 1 FROM scans u WHERE u.status = 'queued' AND u.seen_at IS NULL
+            AND u.id NOT IN (SELECT id FROM claimed))
+    FROM state
 """
 )
 

@@ -138,8 +138,10 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
             if self._direct is not None
             else {}
         )
-        # Whether the last PostgreSQL claim found a pause or limit (None: none ran yet).
+        # Whether the last PostgreSQL claim found a pause or limit (None: none ran yet),
+        # and whether it left unseen rows (beyond those it claimed and took in).
         self._claim_policed: bool | None = None
+        self._claim_left_unseen = True
         if self.dialect == "postgresql":
             self._pg_prepare = pg_prepare_sql()
             self._pg_execute = pg_execute_sql()
@@ -283,9 +285,12 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
     def take_in_rest(self, derive: DeriveKey) -> list[Intake]:
         """The intake a claim left (rows beyond what it claimed, malformed ones):
         :meth:`PoliciesMixin.take_in_direct`, then :meth:`PoliciesMixin.take_in` in
-        the serialized transaction for the rows SQL cannot key."""
+        the serialized transaction for the rows SQL cannot key.  Nothing, and no
+        round trip, when the last claim (PostgreSQL) left no unseen row."""
         taken: list[Intake] = []
         left = True
+        if self._direct_looks and not self._claim_left_unseen:
+            return taken
         if self._direct_looks:
             taken, left = self.take_in_direct()
         if left:
@@ -311,6 +316,7 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         )
         counted = next(r for r in rows if r["what"] == "in_flight")
         in_flight, self._claim_policed = int(counted["n"]), bool(counted["policed"])
+        self._claim_left_unseen = bool(counted["unseen_left"])
         claimed = [SimpleNamespace(**r) for r in rows if r["what"] == "claimed"]
         return claimed, [r["id"] for r in rows if r["what"] == "released"], in_flight
 
@@ -345,6 +351,7 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
             rows = self._run_prepared_claim(conn, params)
             counted = next(r for r in rows if r.what == "in_flight")
             in_flight, self._claim_policed = int(counted.n), bool(counted.policed)
+            self._claim_left_unseen = bool(counted.unseen_left)
             claimed = [r for r in rows if r.what == "claimed"]
             return claimed, [r.id for r in rows if r.what == "released"], in_flight
         try:

@@ -242,3 +242,39 @@ def test_a_limit_set_since_the_last_claim_is_obeyed_and_the_rows_claimed_at_once
     assert bridge.drain() == 2
     assert published == ["a", "b"] and not store.claims_unseen()
     assert store.get("c").status == "queued" and store.get("c").key == "aws|soc2"
+
+
+def test_a_claim_that_took_in_every_unseen_row_saves_the_intake_round_trip(pg_url: str) -> None:
+    """One row inserted and claimed (the usual pickup): the claim says no unseen row is
+    left, so no intake statement follows the publish."""
+    from scanqueue.dispatch.bridge import Bridge
+
+    upgrade(pg_url)
+    store = store_for(normalize_database_url(pg_url))
+    intakes: list[int] = []
+    take_in_direct = store.take_in_direct
+
+    def counted(limit: int = 500) -> Any:
+        intakes.append(limit)
+        return take_in_direct(limit)
+
+    store.take_in_direct = counted  # type: ignore[method-assign]
+    taken: list[str] = []
+    bridge = Bridge(
+        store,
+        lambda ids: None,
+        100,
+        lambda: WINDOW,
+        derive=derive_key,
+        on_intake=lambda rows: taken.extend(r.scan_id for r in rows),
+    )
+    assert bridge.dispatch_once() == 0
+    insert_rows(pg_url, ["only"])
+    assert bridge.room_signalled(0, notified=True)
+    assert bridge.dispatch_once() == 1
+    assert taken == ["only"] and intakes == []
+    insert_rows(pg_url, ["later"])
+    store.set_limit("other", 1)  # policies now: the claim leaves "later" unseen
+    assert bridge.room_signalled(0, notified=True)
+    assert bridge.drain() == 1
+    assert taken == ["only", "later"] and len(intakes) == 1
