@@ -12,8 +12,9 @@ their bookkeeping into the state change the same way).  The statement
 :class:`~scanqueue.db.rows.SuccessorWindow`) claims only what needs none of the
 claim's judgement — the next row already taken in, the window not over its size —
 and leaves everything else to the bridges.  Under pauses or per-key limits it takes
-the next row only when its key is not paused and has room, judged after the
-bridges' dispatch lock, as their claims judge it.
+the next row only when its key is not paused and has room, judged under the
+bridges' dispatch lock as their claims judge it (a start that finds the lock taken
+claims none rather than wait).
 
 This module owns the pool process's side: whether this worker asks for successors
 (:func:`successors_for`: PostgreSQL, an embedded bridge, whose settings the pool

@@ -77,19 +77,32 @@ def env_for(db_url: str, tmp_path: Path, request: pytest.FixtureRequest, **extra
     return base_env(db_url, tmp_path, **{**RUNNER, **extra})
 
 
+@pytest.mark.parametrize(
+    ("run_s", "per_key"),
+    # Short runs: on PostgreSQL each start also claims its successor, judged under
+    # the limits (docs/reference.md#lifecycle).
+    [("0.3", 4), ("0.005", 25)],
+    ids=["runs-300ms", "runs-5ms"],
+)
 def test_per_key_limits_hold_across_many_keys(
-    db_url: str, tmp_path: Path, procs: list[Proc], request: pytest.FixtureRequest
+    db_url: str,
+    tmp_path: Path,
+    procs: list[Proc],
+    request: pytest.FixtureRequest,
+    run_s: str,
+    per_key: int,
 ) -> None:
     upgrade(db_url)
     env = env_for(
         db_url,
         tmp_path,
         request,
-        SCANQUEUE_TEST_RUN_SECONDS="0.3",
+        SCANQUEUE_TEST_RUN_SECONDS=run_s,
         SCANQUEUE_MAX_RUNNING_PER_KEY="1",
     )
     assert run_cli(env, "limits", "set", "acct-2", "2").returncode == 0
-    rows = [(f"{k}-{i}", k) for i in range(4) for k in ("acct-0", "acct-1", "acct-2", "acct-3")]
+    keys = ("acct-0", "acct-1", "acct-2", "acct-3")
+    rows = [(f"{k}-{i}", k) for i in range(per_key) for k in keys]
     insert_keyed(db_url, rows)
     start_worker(procs, env, tmp_path, "--autoscale=6,6")
     wait_for(lambda: all_finished(db_url, len(rows)), 90, interval=0.2, what="all finished")
