@@ -182,11 +182,16 @@ class StoreBase:
         )
 
     def dispose(self, close: bool = True) -> None:
-        """Drop both connection pools (``close=False`` after a fork: the parent owns them)."""
-        if self._direct is not None:
-            self._direct.dispose(close=close)
-        self.engine.dispose(close=close)
-        self._autocommit_engine.engine.dispose(close=close)
+        """Drop both connection pools (``close=False`` after a fork: the parent owns them).
+
+        SQLite: inside the fork gate, like every other use of a connection; a fork
+        during ``sqlite3_close`` would leave the child waiting for ever on SQLite's
+        process-wide VFS mutex (:mod:`scanqueue.db.fork_gate`)."""
+        with self._fork_gate():
+            if self._direct is not None:
+                self._direct.dispose(close=close)
+            self.engine.dispose(close=close)
+            self._autocommit_engine.engine.dispose(close=close)
 
     @property
     def masked_url(self) -> str:

@@ -85,22 +85,38 @@ class CommitWatch:
     def _version(self) -> int | None:
         if self.path is None:
             return None
-        try:
-            with FORK_GATE.held():
+        with FORK_GATE.held():
+            try:
                 return self._read_version(self.path)
-        except sqlite3.Error:
-            self._conn = None
-            return None
+            except sqlite3.Error:
+                self._close()
+                return None
 
     def _read_version(self, path: str) -> int | None:
         if self._conn is None or self._pid != os.getpid():
-            # A forked child never uses its parent's connection.
+            if self._conn is not None:
+                # A forked child never uses, nor closes, its parent's connection.
+                _inherited.append(self._conn)
             self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._pid = os.getpid()
         row = self._conn.execute("PRAGMA data_version").fetchone()
         return int(row[0]) if row else None
 
     def close(self) -> None:
+        with FORK_GATE.held():
+            self._close()
+
+    def _close(self) -> None:
+        """Inside the fork gate: ``sqlite3_close`` takes SQLite's process-wide VFS
+        mutex, which a fork in the middle of it would leave held in the child for
+        good (its first open of any file would then wait for ever)."""
         if self._conn is not None and self._pid == os.getpid():
             self._conn.close()
+        elif self._conn is not None:
+            _inherited.append(self._conn)
         self._conn = None
+
+
+# Connections a forked child inherited: kept referenced, so that no garbage collection
+# closes them (closing is the parent's business).
+_inherited: list[sqlite3.Connection] = []

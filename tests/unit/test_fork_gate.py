@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from scanqueue.db.fork_gate import GATE
 from scanqueue.db.store import Store
@@ -147,4 +148,54 @@ def test_a_thread_that_forks_inside_its_own_hold_leaves_the_gate_in_the_child() 
         _, status = os.waitpid(pid, 0)
         assert GATE.holders == 1
     assert os.waitstatus_to_exitcode(status) == 0
+    assert GATE.holders == 0
+
+
+class _Recorded:
+    """A stand-in SQLite connection that records whether the gate was held when closed."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.closed_with: list[int] = []
+
+    def execute(self, _sql: str) -> Any:
+        if self.fail:
+            raise sqlite3.OperationalError("disk I/O error")
+        raise AssertionError("not reached")
+
+    def close(self) -> None:
+        self.closed_with.append(GATE.holders)
+
+
+def test_sqlite_connections_are_closed_inside_the_gate(tmp_path: Path) -> None:
+    """sqlite3_close takes SQLite's process-wide VFS mutex: a fork in the middle of it
+    left the child waiting on that mutex in its first open.  So every close of
+    scanqueue's own SQLite connections happens inside the gate: the commit watch's
+    (on close, and when a look fails) and the store's pools when disposed."""
+    from sqlalchemy import event
+
+    from scanqueue.db.migrate import upgrade
+    from scanqueue.db.sqlite_commits import CommitWatch
+
+    path = tmp_path / "scans.db"
+    watch = CommitWatch.of_url(f"sqlite:///{path}")
+    for fail in (False, True):
+        conn = _Recorded(fail)
+        watch._conn, watch._pid = conn, os.getpid()  # type: ignore[assignment]
+        if fail:
+            assert watch._version() is None  # a failed look drops the connection
+        else:
+            watch.close()
+        assert conn.closed_with == [1] and watch._conn is None
+    assert GATE.holders == 0
+
+    store = Store(f"sqlite:///{path}")
+    upgrade(store)
+    closed_with: list[int] = []
+    for engine in (store.engine, store._autocommit_engine.engine):
+        event.listen(engine, "close", lambda *_: closed_with.append(GATE.holders))
+    with store._tx(single=True) as conn:
+        conn.exec_driver_sql("SELECT 1")
+    store.dispose()
+    assert closed_with and set(closed_with) == {1}
     assert GATE.holders == 0
