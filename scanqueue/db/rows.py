@@ -172,15 +172,12 @@ class SuccessorWindow:
 
     ``fixed`` is ``SCANQUEUE_DISPATCH_WINDOW`` (0: ``per_slot`` times the slots of the
     workers whose heartbeat is under ``stale_after_s`` old, at least ``minimum``).
-    ``key_limit`` is the default per-key limit (``SCANQUEUE_MAX_RUNNING_PER_KEY``; 0:
-    none), which the successor's key must be under.
     """
 
     fixed: int
     minimum: int
     per_slot: int
     stale_after_s: float
-    key_limit: int = 0
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ from sqlalchemy import (
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
-from scanqueue.db.claims import DISPATCH_LOCK_KEY
 from scanqueue.db.direct_sql import DirectStatement, PreparedForm
 from scanqueue.db.engine import StoreBase
 from scanqueue.db.rows import PUBLIC_COLUMNS, ReapedScan, ScanRow, StartedRun, SuccessorWindow
@@ -147,9 +146,6 @@ class RunsMixin(StoreBase):
                 self._start_swap_stmt, self._autocommit_engine
             )
             self._direct_start_successor = _start_with_successor(self._direct_start)
-            self._direct_start_judged = _start_with_judged_successor(
-                self._direct_start, DISPATCH_LOCK_KEY
-            )
             self._direct_heartbeat = DirectStatement(self._heartbeat_stmt, self._autocommit_engine)
             self._direct_finish = DirectStatement(self._finish_stmt, self._autocommit_engine)
             # A run's other statements too, so that each has the client-side deadline
@@ -159,9 +155,6 @@ class RunsMixin(StoreBase):
                 self._hand_back_run_stmt, self._autocommit_engine
             )
             self._direct_retry = DirectStatement(self._retry_stmt, self._autocommit_engine)
-        # Whether the last start that asked for a successor found a pause or limit:
-        # the next one then asks in the judged form (see start_run).
-        self._successor_policed = False
 
     def _build_start_statements(self) -> None:
         """The start, built once: a message is a start token (docs/reference.md#lifecycle).
@@ -320,16 +313,7 @@ class RunsMixin(StoreBase):
                 per_slot=successor.per_slot,
                 stale_s=successor.stale_after_s,
             )
-            # Under a pause or limit (a default one, or as the last start found) the
-            # successor is judged as a claim would judge it, after the dispatch lock;
-            # else the plain form, which takes no lock.
-            direct = "_direct_start_successor"
-            if successor.key_limit > 0 or self._successor_policed:
-                values["key_limit"] = successor.key_limit
-                direct = "_direct_start_judged"
-            row = self._returning_row(self._start_stmt, direct, values)
-            if row is not None:
-                self._successor_policed = bool(row["successor_policed"])
+            row = self._returning_row(self._start_stmt, "_direct_start_successor", values)
         else:
             row = self._returning_row(self._start_stmt, "_direct_start", values)
         if row is None:
@@ -540,21 +524,23 @@ class RunsMixin(StoreBase):
 # the window and the successor puts one in, so the count never moves and needs no
 # lock: the bridges' claims, serialized, see the same count before and after.  The
 # row is taken with SKIP LOCKED, so two starts never pick the same one; whichever
-# rows a start passes over, the bridge claims as before.  ``policed`` tells the
-# caller that a pause or limit kept the successor back (the judged form below
-# would claim one).
+# rows a start passes over, the bridge claims as before.
 _SUCCESSOR_SQL = """
 WITH started AS ({start}),
-policed AS MATERIALIZED (
-    SELECT EXISTS (SELECT 1 FROM scanqueue_pauses)
-        OR EXISTS (SELECT 1 FROM scanqueue_limits) AS yes),
 top AS MATERIALIZED (
     SELECT s.id, s.seen_at FROM scans s
     WHERE s.status = 'queued' AND s.dispatched_at IS NULL
       AND (s.run_after IS NULL OR s.run_after <= clock_timestamp())
       AND EXISTS (SELECT 1 FROM started)
-      AND NOT (SELECT yes FROM policed)
-      AND {within_window}
+      AND NOT EXISTS (SELECT 1 FROM scanqueue_pauses)
+      AND NOT EXISTS (SELECT 1 FROM scanqueue_limits)
+      AND (SELECT count(*) FROM scans f WHERE f.status = 'queued'
+                                          AND f.dispatched_at IS NOT NULL)
+          <= CASE WHEN %(window)s::integer > 0 THEN %(window)s::integer
+                ELSE greatest(%(min_window)s::integer,
+                %(per_slot)s::integer * (SELECT coalesce(sum(w.slots), 0) FROM scanqueue_workers w
+                  WHERE w.heartbeat_at >= clock_timestamp()
+                                          - make_interval(secs => %(stale_s)s::float8))) END
     ORDER BY s.priority DESC, s.created_at, s.id
     LIMIT 1
     FOR UPDATE OF s SKIP LOCKED),
@@ -562,90 +548,12 @@ successor AS (
     UPDATE scans s SET dispatched_at = clock_timestamp(), dispatch_count = s.dispatch_count + 1
     FROM top WHERE s.id = top.id AND top.seen_at IS NOT NULL
     RETURNING s.id)
-SELECT started.*, (SELECT id FROM successor) AS successor_id,
-    (SELECT yes FROM policed) AS successor_policed FROM started
+SELECT started.*, (SELECT id FROM successor) AS successor_id FROM started
 """
-
-# The same under pauses and per-key limits (a default limit, rows of
-# scanqueue_limits): the successor is the head of the claim order only when its key
-# is not paused and has room (its running plus dispatched-not-started scans under
-# its limit), judged as the bridge's claim judges it.  Two starts of one key (or a
-# start and a bridge's claim) could each see the key's last place free, so this
-# form judges only under the bridges' dispatch lock, tried by a statement of its
-# own in the same implicit transaction (one query string), so that the start's
-# snapshot sees every claim committed before it.  Tried, not waited for: a start
-# that finds the lock taken (a bridge is claiming, or another start judging) claims
-# no successor and goes on (waiting held pool processes behind the bridges' slower
-# policed claims: 0.68-0.76 of the plain run's throughput instead of 0.87-0.92).
-# The try's answer reaches the statement through a transaction-local setting.
-_SUCCESSOR_LOCK_SETTING = "scanqueue.successor_lock"
-_JUDGED_SUCCESSOR_SQL = (
-    """
-WITH started AS ({start}),
-top AS MATERIALIZED (
-    SELECT s.id, s.seen_at, s.effective_key FROM scans s
-    WHERE s.status = 'queued' AND s.dispatched_at IS NULL
-      AND (s.run_after IS NULL OR s.run_after <= clock_timestamp())
-      AND EXISTS (SELECT 1 FROM started)
-      AND NOT EXISTS (SELECT 1 FROM scanqueue_pauses WHERE key = '*')
-      AND {within_window}
-    ORDER BY s.priority DESC, s.created_at, s.id
-    LIMIT 1
-    FOR UPDATE OF s SKIP LOCKED),
-active AS MATERIALIZED (
-    SELECT effective_key FROM scans WHERE status = 'running'
-    UNION ALL
-    SELECT effective_key FROM scans WHERE status = 'queued' AND dispatched_at IS NOT NULL),
-judged AS MATERIALIZED (
-    SELECT t.id, coalesce(
-            (SELECT l.max_running FROM scanqueue_limits l WHERE l.key = t.effective_key),
-            %(key_limit)s::integer) AS max_running
-    FROM top t
-    WHERE t.seen_at IS NOT NULL AND t.effective_key IS NOT NULL
-      AND current_setting('"""
-    + _SUCCESSOR_LOCK_SETTING
-    + """', true) = 'true'
-      AND NOT EXISTS (SELECT 1 FROM scanqueue_pauses p WHERE p.key = t.effective_key)),
-successor AS (
-    UPDATE scans s SET dispatched_at = clock_timestamp(), dispatch_count = s.dispatch_count + 1
-    FROM judged j WHERE s.id = j.id
-      AND (j.max_running <= 0 OR j.max_running > (
-          SELECT count(*) FROM active a WHERE a.effective_key = s.effective_key))
-    RETURNING s.id)
-SELECT started.*, (SELECT id FROM successor) AS successor_id,
-    (EXISTS (SELECT 1 FROM scanqueue_pauses) OR EXISTS (SELECT 1 FROM scanqueue_limits))
-        AS successor_policed FROM started
-"""
-)
-
-# The window's in-flight count, read before this start, within the window's size.
-_WITHIN_WINDOW = """(SELECT count(*) FROM scans f WHERE f.status = 'queued'
-                                          AND f.dispatched_at IS NOT NULL)
-          <= CASE WHEN %(window)s::integer > 0 THEN %(window)s::integer
-                ELSE greatest(%(min_window)s::integer,
-                %(per_slot)s::integer * (SELECT coalesce(sum(w.slots), 0) FROM scanqueue_workers w
-                  WHERE w.heartbeat_at >= clock_timestamp()
-                                          - make_interval(secs => %(stale_s)s::float8))) END"""
 
 
 def _start_with_successor(start: DirectStatement) -> DirectStatement:
-    sql = _SUCCESSOR_SQL.format(start=start.sql, within_window=_WITHIN_WINDOW)
+    sql = _SUCCESSOR_SQL.format(start=start.sql)
     made = DirectStatement.from_sql(sql, PreparedForm.of(sql, start.defaults))
-    made.defaults = dict(start.defaults)
-    return made
-
-
-def _start_with_judged_successor(start: DirectStatement, lock_key: int) -> DirectStatement:
-    """:data:`_JUDGED_SUCCESSOR_SQL` after a try of the dispatch lock, as one query string."""
-    sql = _JUDGED_SUCCESSOR_SQL.format(start=start.sql, within_window=_WITHIN_WINDOW)
-    lock = (
-        f"SELECT set_config('{_SUCCESSOR_LOCK_SETTING}',"
-        f" pg_try_advisory_xact_lock({int(lock_key)})::text, true); "
-    )
-    form = PreparedForm.of(sql, start.defaults)
-    made = DirectStatement.from_sql(
-        lock + sql,
-        PreparedForm(form.name, form.prepare_sql, lock + form.execute_sql, form.inlined),
-    )
     made.defaults = dict(start.defaults)
     return made

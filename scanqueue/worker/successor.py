@@ -10,15 +10,12 @@ enters it, in one statement, with no bridge round in between (River and Oban fol
 their bookkeeping into the state change the same way).  The statement
 (:meth:`scanqueue.db.runs.RunsMixin.start_run` with a
 :class:`~scanqueue.db.rows.SuccessorWindow`) claims only what needs none of the
-claim's judgement — the next row already taken in, the window not over its size —
-and leaves everything else to the bridges.  Under pauses or per-key limits it takes
-the next row only when its key is not paused and has room, judged under the
-bridges' dispatch lock as their claims judge it (a start that finds the lock taken
-claims none rather than wait).
+claim's judgement — no pause, no per-key limit, the next row already taken in, the
+window not over its size — and leaves everything else to the bridges.
 
 This module owns the pool process's side: whether this worker asks for successors
 (:func:`successors_for`: PostgreSQL, an embedded bridge, whose settings the pool
-processes share) and sending the message
+processes share, and no default per-key limit) and sending the message
 (:meth:`Successors.send`), while its runs are short enough for a bridge's refill to
 lag behind them (:data:`SHORT_RUN_S`).  A message that cannot be sent is released for the
 bridge's next claim, which the start signal then wakes; if even the release fails,
@@ -109,6 +106,8 @@ def successors_for(settings: Settings, store: Store) -> Successors | None:
 
     if not settings.is_postgres or installed_start_signal() is None:
         return None
+    if settings.max_running_per_key > 0:
+        return None  # every claim judges the default limit: the bridge's
     from scanqueue.dispatch.bridge import MIN_WINDOW, WINDOW_PER_SLOT, WORKER_STALE_AFTER_S
     from scanqueue.dispatch.publish import make_publisher
     from scanqueue.observe.metrics import report_dispatched
@@ -119,6 +118,5 @@ def successors_for(settings: Settings, store: Store) -> Successors | None:
         minimum=MIN_WINDOW,
         per_slot=WINDOW_PER_SLOT,
         stale_after_s=WORKER_STALE_AFTER_S,
-        key_limit=settings.max_running_per_key,
     )
     return Successors(store, window, make_publisher(app), report_dispatched)

@@ -79,8 +79,8 @@ def env_for(db_url: str, tmp_path: Path, request: pytest.FixtureRequest, **extra
 
 @pytest.mark.parametrize(
     ("run_s", "per_key"),
-    # Short runs: on PostgreSQL each start also claims its successor, judged under
-    # the limits (docs/reference.md#lifecycle).
+    # Short runs: the window turns over hundreds of times a second, and every claim
+    # judges the limits against scans that start and end meanwhile.
     [("0.3", 4), ("0.005", 25)],
     ids=["runs-300ms", "runs-5ms"],
 )

@@ -1,5 +1,5 @@
 """A start that claims its successor (PostgreSQL): the scan a bridge's claim would take
-next, judged under pauses and per-key limits as a claim would (scanqueue/worker/successor.py)."""
+next, only when that claim needs none of its judgement (scanqueue/worker/successor.py)."""
 
 from __future__ import annotations
 
@@ -86,6 +86,26 @@ def test_a_row_not_taken_in_yet_is_left_to_the_bridge(pg: tuple[str, Store]) -> 
     _queued(url, [("own", 0), ("seen", 0)])
     _queued(url, [("unseen", 9)], seen=False)
     _dispatch(url, "own")
+    started = store.start_run("own", "w", successor=DEFAULT)
+    assert started is not None and started.successor_id is None
+    assert _dispatched(url) == set()
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "INSERT INTO scanqueue_pauses (key) VALUES ('*')",
+        "INSERT INTO scanqueue_pauses (key) VALUES ('gcp|iso')",
+        "INSERT INTO scanqueue_limits (key, max_running) VALUES ('aws|soc2', 5)",
+    ],
+)
+def test_pauses_and_limits_leave_every_claim_to_the_bridge(
+    pg: tuple[str, Store], policy: str
+) -> None:
+    url, store = pg
+    _queued(url, [("own", 0), ("next", 0)])
+    _dispatch(url, "own")
+    sql(url, policy)
     started = store.start_run("own", "w", successor=DEFAULT)
     assert started is not None and started.successor_id is None
     assert _dispatched(url) == set()
@@ -237,124 +257,3 @@ def test_a_process_whose_runs_are_long_asks_for_no_successor(pg: tuple[str, Stor
     _dispatch(url, "then")
     run("then", 0)
     assert _dispatched(url) == {"last"}
-
-
-def _keyed(url: str, rows: Sequence[tuple[str, str]], *, dispatched: bool = False) -> None:
-    """Queued rows (id, key), taken in, oldest first; dispatched when asked."""
-    for scan_id, key in rows:
-        sql(
-            url,
-            "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned, created_at,"
-            " seen_at, effective_key, dispatched_at, dispatch_count) VALUES (:id, 'queued',"
-            " '[\"aws\"]', '[\"soc2\"]', clock_timestamp(), now(), :key,"
-            " CASE WHEN :d THEN clock_timestamp() END, CASE WHEN :d THEN 1 ELSE 0 END)",
-            {"id": scan_id, "key": key, "d": dispatched},
-        )
-
-
-LIMITED = SuccessorWindow(fixed=0, minimum=4, per_slot=2, stale_after_s=20.0, key_limit=2)
-
-
-@pytest.mark.parametrize(
-    ("policy", "claimed"),
-    [
-        ("INSERT INTO scanqueue_pauses (key) VALUES ('*')", False),
-        ("INSERT INTO scanqueue_pauses (key) VALUES ('aws|soc2')", False),
-        ("INSERT INTO scanqueue_pauses (key) VALUES ('gcp|iso')", True),
-        ("INSERT INTO scanqueue_limits (key, max_running) VALUES ('aws|soc2', 5)", True),
-        # The started scan holds the key's one place.
-        ("INSERT INTO scanqueue_limits (key, max_running) VALUES ('aws|soc2', 1)", False),
-        ("INSERT INTO scanqueue_limits (key, max_running) VALUES ('aws|soc2', 0)", True),
-    ],
-)
-def test_under_pauses_and_limits_a_start_judges_its_successor_as_a_claim_would(
-    pg: tuple[str, Store], policy: str, claimed: bool
-) -> None:
-    """A pause or limit found by a start: that start claims no successor (its plain
-    form does not judge), and the next start judges the successor's key, after the
-    dispatch lock: a paused key, or one at its limit, is left to the bridge."""
-    url, store = pg
-    _queued(url, [("own", 0), ("own2", 0), ("next", 0)])
-    _dispatch(url, "own", "own2")
-    sql(url, policy)
-    started = store.start_run("own", "w", successor=DEFAULT)
-    assert started is not None and started.successor_id is None
-    started = store.start_run("own2", "w", successor=DEFAULT)
-    assert started is not None
-    assert started.successor_id == ("next" if claimed else None)
-    assert _dispatched(url) == ({"next"} if claimed else set())
-
-
-def test_a_default_key_limit_is_judged_from_the_first_start(pg: tuple[str, Store]) -> None:
-    url, store = pg
-    _keyed(url, [("own", "a")], dispatched=True)
-    _keyed(url, [("a1", "a"), ("a2", "a"), ("b1", "b")])
-    started = store.start_run("own", "w", successor=LIMITED)
-    assert started is not None and started.successor_id == "a1"  # a: 1 running, room 1
-    started = store.start_run("a1", "w", successor=LIMITED)
-    assert started is not None and started.successor_id is None  # a at 2: bridge's turn
-    assert _dispatched(url) == set()
-
-
-def test_concurrent_starts_never_put_a_key_over_its_limit(pg: tuple[str, Store]) -> None:
-    """Rounds of six starts at once, each wanting the head of the claim order (one
-    key, limit 3): the dispatch lock orders them (a start that finds it taken claims
-    no successor), and never more than three of that key go out."""
-    url, store = pg
-    _keyed(url, [(f"hot{i:02d}", "hot") for i in range(10)])
-    sql(url, "INSERT INTO scanqueue_limits (key, max_running) VALUES ('hot', 3)")
-    window = SuccessorWindow(fixed=10, minimum=4, per_slot=2, stale_after_s=20.0, key_limit=0)
-    # The limit is known from an earlier start (the judged form from the first).
-    store._successor_policed = True
-    got: list[Any] = []
-    lock = threading.Lock()
-    for r in range(3):
-        owns = [f"own{r}-{i}" for i in range(6)]
-        _keyed(url, [(i, f"k{r}-{n}") for n, i in enumerate(owns)], dispatched=True)
-        barrier = threading.Barrier(len(owns))
-
-        def start(scan_id: str, barrier: threading.Barrier = barrier) -> None:
-            barrier.wait(10)
-            run = store.start_run(scan_id, "w", successor=window)
-            with lock:
-                got.append(run)
-
-        threads = [threading.Thread(target=start, args=(i,)) for i in owns]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        hot = {i for i in _dispatched(url) if i.startswith("hot")}
-        assert 1 <= len(hot) <= 3, hot
-    assert len(got) == 18 and all(r is not None for r in got)
-    successors = [r.successor_id for r in got if r.successor_id is not None]
-    assert len(successors) == len(set(successors)) <= 3
-    assert _dispatched(url) == set(successors)
-
-
-def test_a_start_does_not_wait_for_a_bridge_that_is_claiming(pg: tuple[str, Store]) -> None:
-    """While a bridge's claim holds the dispatch lock, a judged start goes on without a
-    successor (the claim is dispatching anyway) instead of waiting for the lock."""
-    import time
-
-    import psycopg2
-
-    from scanqueue.db.claims import DISPATCH_LOCK_KEY
-
-    url, store = pg
-    _keyed(url, [("own", "a"), ("own2", "a")], dispatched=True)
-    _keyed(url, [("next", "b")])
-    holder = psycopg2.connect(url.replace("postgresql+psycopg2", "postgresql"))
-    try:
-        cur = holder.cursor()
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (DISPATCH_LOCK_KEY,))
-        clock = time.monotonic()
-        started = store.start_run("own", "w", successor=LIMITED)
-        assert time.monotonic() - clock < 2.0
-        assert started is not None and started.scan_id == "own"
-        assert started.successor_id is None
-    finally:
-        holder.rollback()
-        holder.close()
-    started = store.start_run("own2", "w", successor=LIMITED)
-    assert started is not None and started.successor_id == "next"
