@@ -216,15 +216,17 @@ class Bridge:
         # "Full" until a claim can take something: the loop then waits for starts.
         self.window_full = room < refill_room(window)
         try:
-            return self._publish_claimed(ids)
+            sent = self._publish_claimed(ids)
         finally:
             # After the publish: the intake's events (queued for the event sender's
             # thread, which the first one wakes) are not on the pickup's path.  A run's
             # scan.started comes milliseconds later, so scan.queued still goes first.
             if taken and self.on_intake is not None:
                 self.on_intake(taken)
-            if intake_after:
-                self._take_in_rest()
+        if intake_after:
+            # Not after a failed publish: the next pass's look finds the rows unseen.
+            self._take_in_rest()
+        return sent
 
     def _take_in_rest(self) -> None:
         """After a claim-first publish: take in what the claim left.  Had a pause or
