@@ -283,16 +283,13 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         return bool(self._direct_looks) and self._claim_policed is False
 
     def take_in_rest(self, derive: DeriveKey) -> list[Intake]:
-        """The intake a claim left (rows beyond what it claimed, malformed ones):
-        :meth:`PoliciesMixin.take_in_direct`, then :meth:`PoliciesMixin.take_in` in
-        the serialized transaction for the rows SQL cannot key.  Nothing, and no
-        round trip, when the last claim (PostgreSQL) left no unseen row."""
-        taken: list[Intake] = []
-        left = True
-        if self._direct_looks and not self._claim_left_unseen:
-            return taken
-        if self._direct_looks:
-            taken, left = self.take_in_direct()
+        """After a claim :meth:`claims_unseen` chose, the intake it left (rows beyond
+        what it claimed, malformed ones): :meth:`PoliciesMixin.take_in_direct`, then
+        :meth:`PoliciesMixin.take_in` in the serialized transaction for the rows SQL
+        cannot key.  Nothing, and no round trip, when the claim left no unseen row."""
+        if not self._claim_left_unseen:
+            return []
+        taken, left = self.take_in_direct()
         if left:
             with self._serialized_tx() as conn:
                 taken.extend(self.take_in(conn, derive))
