@@ -48,6 +48,7 @@ from scanqueue.db.schema import SQLITE_NOW_SQL
 # v2: claimed rows carry the key they were seen with; v3: the in-flight row says
 # whether any pause or limit applied (``policed``).
 PG_STATEMENT_NAME = "scanqueue_claim_v3"
+PG_PLAIN_STATEMENT_NAME = "scanqueue_claim_plain_v1"
 PARAMS = ("key_limit", "limit", "window", "cap", "m")
 # Steps 2 and 3 of the module docstring: the most keys read one by one before the
 # claim order is walked instead, and the most rows that walk reads.
@@ -335,6 +336,44 @@ UNION ALL SELECT 'in_flight', NULL, NULL, NULL, in_flight, NULL, policed,
 """
 )
 
+# The claim while no pause or limit exists (PostgreSQL): the window's count, the swap's
+# two ends and the head of the claim order, with none of the key-room machinery
+# above.  It judges under the same lock: should a pause or limit exist after all,
+# it claims nothing and says ``policed``, and the caller runs the whole statement.
+_PLAIN_HEAD_PG = (
+    """
+WITH
+state AS MATERIALIZED (
+    SELECT s.*, (SELECT count(*) FROM scans f
+                 WHERE f.status = 'queued' AND f.dispatched_at IS NOT NULL
+                   AND f.priority < s.top) AS lower
+    FROM (SELECT
+        (:key_limit > 0 OR EXISTS (SELECT 1 FROM scanqueue_pauses)
+            OR EXISTS (SELECT 1 FROM scanqueue_limits)) AS policed,
+        (SELECT count(*) FROM scans
+         WHERE status = 'queued' AND dispatched_at IS NOT NULL) AS in_flight,
+        (SELECT priority FROM scans
+         WHERE status = 'queued' AND dispatched_at IS NULL
+           AND (run_after IS NULL OR run_after <= clock_timestamp())
+         ORDER BY priority DESC, created_at, id LIMIT 1) AS top) s),
+sizes AS MATERIALIZED (
+    SELECT take, CASE WHEN policed THEN 0 ELSE least(:cap, take + lower) END AS cap
+    FROM (SELECT policed, lower,
+            CASE WHEN policed THEN 0
+                 ELSE greatest(0, least(:limit, :window - in_flight)) END AS take
+          FROM state) t),
+picked AS MATERIALIZED (
+    SELECT id, priority, created_at FROM scans
+    WHERE status = 'queued' AND dispatched_at IS NULL
+      AND (run_after IS NULL OR run_after <= clock_timestamp())
+      AND (effective_key IS NOT NULL OR ("""
+    + _PG_UNSEEN_OK
+    + """))
+    ORDER BY priority DESC, created_at, id
+    LIMIT (SELECT cap FROM sizes)),
+"""
+)
+
 _TAIL_SQLITE = (
     """
 ranked AS MATERIALIZED (
@@ -418,12 +457,26 @@ def policy_claim_sql(dialect: str, *, key_index: bool = True) -> str:
     return common + _SLOW_SQLITE.format(**fmt) + _PICKED + _TAIL_SQLITE
 
 
-def pg_prepare_sql() -> str:
+def plain_claim_sql() -> str:
+    """PostgreSQL's claim for while no pause or limit exists (``_PLAIN_HEAD_PG``):
+    the same parameters and result rows as :func:`policy_claim_sql`, and when a
+    pause or limit does exist, no row claimed and ``policed`` true."""
+    return _PLAIN_HEAD_PG + _TAIL_PG
+
+
+def _statement(plain: bool) -> tuple[str, str]:
+    """(prepared name, SQL) of the whole or the plain PostgreSQL claim."""
+    if plain:
+        return PG_PLAIN_STATEMENT_NAME, plain_claim_sql()
+    return PG_STATEMENT_NAME, policy_claim_sql("postgresql")
+
+
+def pg_prepare_sql(*, plain: bool = False) -> str:
     """``PREPARE`` for the PostgreSQL claim, its parameters numbered in :data:`PARAMS` order."""
-    sql = policy_claim_sql("postgresql")
-    for i, name in enumerate(PARAMS, start=1):
-        sql = re.sub(rf"(?<!:):{name}\b", f"${i}::int", sql)
-    return f"PREPARE {PG_STATEMENT_NAME} ({', '.join('int' for _ in PARAMS)}) AS {sql}"
+    name, sql = _statement(plain)
+    for i, param in enumerate(PARAMS, start=1):
+        sql = re.sub(rf"(?<!:):{param}\b", f"${i}::int", sql)
+    return f"PREPARE {name} ({', '.join('int' for _ in PARAMS)}) AS {sql}"
 
 
 def pg_settings_sql() -> str:
@@ -432,23 +485,25 @@ def pg_settings_sql() -> str:
     return ", ".join(calls)
 
 
-def pg_execute_sql() -> str:
+def pg_execute_sql(*, plain: bool = False) -> str:
     """``EXECUTE`` of the prepared claim, with the driver's named placeholders."""
-    return f"EXECUTE {PG_STATEMENT_NAME} ({', '.join(f'%({name})s' for name in PARAMS)})"
+    name = _statement(plain)[0]
+    return f"EXECUTE {name} ({', '.join(f'%({param})s' for param in PARAMS)})"
 
 
-def pg_one_trip_sql(lock_key: int, *, prepared: bool) -> str:
+def pg_one_trip_sql(lock_key: int, *, prepared: bool, plain: bool = False) -> str:
     """The PostgreSQL claim as one round trip: the lock (with the planner settings)
     and the claim, sent as one query string, which the server runs as one implicit
     transaction: the lock is held until the claim's update commits.  ``prepared``:
     ``EXECUTE`` of :func:`pg_prepare_sql`; else the statement itself (planned on
-    every call), with the driver's ``%(name)s`` placeholders."""
+    every call), with the driver's ``%(name)s`` placeholders.  ``plain``: the
+    claim for while no pause or limit exists (:func:`plain_claim_sql`)."""
     lock = f"SELECT pg_advisory_xact_lock({int(lock_key)}), {pg_settings_sql()}"
     if prepared:
-        return f"{lock}; {pg_execute_sql()}"
-    sql = policy_claim_sql("postgresql").replace("%", "%%")
-    for name in PARAMS:
-        sql = re.sub(rf"(?<!:):{name}\b", f"%({name})s::int", sql)
+        return f"{lock}; {pg_execute_sql(plain=plain)}"
+    sql = _statement(plain)[1].replace("%", "%%")
+    for param in PARAMS:
+        sql = re.sub(rf"(?<!:):{param}\b", f"%({param})s::int", sql)
     return f"{lock}; {sql}"
 
 

@@ -48,6 +48,7 @@ from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement, TextClause
 
 from scanqueue.db.claim_sql import (
+    PG_PLAIN_STATEMENT_NAME,
     PG_STATEMENT_NAME,
     fast_rows,
     look_sql,
@@ -145,15 +146,21 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         if self.dialect == "postgresql":
             self._pg_prepare = pg_prepare_sql()
             self._pg_execute = pg_execute_sql()
-            # Lock and claim in one round trip, on the bridge's held connection.
-            self._direct_claim = DirectStatement.from_sql(
-                pg_one_trip_sql(DISPATCH_LOCK_KEY, prepared=False),
-                PreparedForm(
-                    PG_STATEMENT_NAME,
-                    self._pg_prepare,
-                    pg_one_trip_sql(DISPATCH_LOCK_KEY, prepared=True),
-                ),
-            )
+            # Lock and claim in one round trip, on the bridge's held connection: the
+            # whole statement, or (while the last claim found no pause or limit) the
+            # plain one, which leaves out the key-room machinery (a third of the claim's
+            # round trip) and claims nothing should a pause or limit exist after all.
+            self._direct_claims = {
+                plain: DirectStatement.from_sql(
+                    pg_one_trip_sql(DISPATCH_LOCK_KEY, prepared=False, plain=plain),
+                    PreparedForm(
+                        PG_PLAIN_STATEMENT_NAME if plain else PG_STATEMENT_NAME,
+                        pg_prepare_sql(plain=plain),
+                        pg_one_trip_sql(DISPATCH_LOCK_KEY, prepared=True, plain=plain),
+                    ),
+                )
+                for plain in (False, True)
+            }
         else:
             # By id alone: BEGIN IMMEDIATE has kept every other writer out since the
             # plan's SELECT saw these rows, and with a status term SQLite would rather
@@ -307,12 +314,17 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
     def _claim_one_trip(
         self, limit: int, window: int, key_limit: int
     ) -> tuple[list[Any], list[str], int]:
-        """PostgreSQL, nothing to take in: lock and claim in one round trip."""
-        rows = self._run_direct_rows(
-            self._direct_claim, self._claim_params(limit, window, key_limit)
-        )
+        """PostgreSQL, nothing to take in: lock and claim in one round trip (two when
+        the plain claim finds that a pause or limit has appeared)."""
+        params = self._claim_params(limit, window, key_limit)
+        plain = key_limit == 0 and self._claim_policed is False
+        rows = self._run_direct_rows(self._direct_claims[plain], params)
         counted = next(r for r in rows if r["what"] == "in_flight")
         in_flight, self._claim_policed = int(counted["n"]), bool(counted["policed"])
+        if plain and self._claim_policed:
+            rows = self._run_direct_rows(self._direct_claims[False], params)
+            counted = next(r for r in rows if r["what"] == "in_flight")
+            in_flight, self._claim_policed = int(counted["n"]), bool(counted["policed"])
         self._claim_left_unseen = bool(counted["unseen_left"])
         claimed = [SimpleNamespace(**r) for r in rows if r["what"] == "claimed"]
         return claimed, [r["id"] for r in rows if r["what"] == "released"], in_flight

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from scanqueue.config import normalize_database_url
-from scanqueue.db.claim_sql import PG_STATEMENT_NAME
+from scanqueue.db.claim_sql import PG_PLAIN_STATEMENT_NAME
 from scanqueue.db.engine import make_engine
 from scanqueue.db.store import Store, store_for
 from scanqueue.errors import UnavailableError
@@ -269,6 +269,6 @@ def test_the_one_trip_claim_survives_a_session_that_lost_its_statement(url: str)
         third, room = store.claim_within_window(2, 100, look=False)  # prepared again
         claimed = first + second + third
         assert len(claimed) == len(set(claimed)) == 6 and room == 94
-        assert PG_STATEMENT_NAME in _prepared_names(store)
+        assert PG_PLAIN_STATEMENT_NAME in _prepared_names(store)  # no pause or limit: plain
     finally:
         store.dispose()

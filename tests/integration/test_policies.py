@@ -20,6 +20,7 @@ from sqlalchemy import event, text
 
 from scanqueue.config import normalize_database_url
 from scanqueue.db.claim_sql import (
+    PG_PLAIN_STATEMENT_NAME,
     PG_PLANNER_SETTINGS,
     PG_STATEMENT_NAME,
     fast_rows,
@@ -313,7 +314,7 @@ def test_a_notified_insert_is_taken_in_and_claimed_in_two_round_trips(pg_url: st
         assert through_sqlalchemy == []
         assert len(sent) == 2, sent
         assert sent[0].startswith("EXECUTE ") and sent[1].split("; ")[1].startswith(
-            f"EXECUTE {PG_STATEMENT_NAME}"
+            f"EXECUTE {PG_PLAIN_STATEMENT_NAME}"  # the last claim found no pause or limit
         )
         assert ids == ["new1", "new2"]
         assert [(t.scan_id, t.key) for t in taken] == [("new1", "aws|soc2"), ("new2", "aws|soc2")]
@@ -475,6 +476,62 @@ def test_the_policy_claim_is_one_round_trip_on_postgresql(pg_url: str) -> None:
         store.dispose()
 
 
+def test_the_plain_claim_gives_way_to_a_pause_or_limit_set_since(pg_url: str) -> None:
+    """PostgreSQL: while the last claim found no pause or limit, the claim is the plain
+    statement; one set since makes it claim nothing, and the whole statement then runs
+    in the same call and obeys it (and stays until the policies are gone)."""
+    upgrade(pg_url)
+    store = Store(normalize_database_url(pg_url))
+    try:
+        add(store, key="warm")
+        claim(store)  # no policy: the next claim may be plain
+        hot = [add(store, key="hot") for _ in range(3)]
+        cold = add(store, key="cold")
+        store.pause("cold")
+        store.set_limit("hot", 1)
+        with statements_sent(store) as (_, sent):
+            got = store.claim_within_window(10, 10, look=False)[0]
+        claims = [s.split("; ")[1] for s in sent]
+        assert [c.split(" ")[1] for c in claims] == [PG_PLAIN_STATEMENT_NAME, PG_STATEMENT_NAME]
+        assert got == [hot[0]]  # cold paused, hot at its limit
+        with statements_sent(store) as (_, sent):
+            assert store.claim_within_window(10, 10, look=False)[0] == []
+        assert [s.split("; ")[1].split(" ")[1] for s in sent] == [PG_STATEMENT_NAME]
+        store.resume("cold")
+        store.clear_limit("hot")
+        assert sorted(store.claim_within_window(10, 10, look=False)[0]) == sorted([*hot[1:], cold])
+        with statements_sent(store) as (_, sent):
+            store.claim_within_window(10, 10, look=False)
+        assert [s.split("; ")[1].split(" ")[1] for s in sent] == [PG_PLAIN_STATEMENT_NAME]
+    finally:
+        store.dispose()
+
+
+def test_the_plain_claim_reads_only_what_it_claims(pg_url: str) -> None:
+    """PostgreSQL, no pause or limit, 10**5 queued rows: the plain claim reads the head
+    of the claim order and the window, not the backlog (its plan made on an empty table,
+    as on a new database)."""
+    upgrade(pg_url)
+    store = Store(normalize_database_url(pg_url))
+    try:
+        claim(store)
+        claim(store)  # plain, prepared on the empty table
+        with store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned,"
+                    " priority, effective_key, seen_at) SELECT 's' || i, 'queued', '[]', '[]',"
+                    " (i % 4) * 10, 'k' || (i % 20), now() FROM generate_series(0, 99999) i"
+                )
+            )
+        assert len(claim(store, n=4, window=8)) == 4
+        values = {"key_limit": 0, "limit": 4, "window": 8, "cap": 4, "m": fast_rows(4)}
+        examined = _pg_rows_examined(store, values, PG_PLAIN_STATEMENT_NAME)
+        assert examined < 40, examined
+    finally:
+        store.dispose()
+
+
 @pytest.fixture
 def every_key_full(store: Store) -> Iterator[Store]:
     """10**5 queued scans over 20 keys, each key with one scan dispatched: at limit 1,
@@ -605,20 +662,20 @@ def test_a_deep_key_ahead_of_many_keys_is_walked_past(store: Store) -> None:
     assert got == ["h1", *others]
 
 
-def _pg_rows_examined(store: Store, values: dict[str, int]) -> int:
+def _pg_rows_examined(store: Store, values: dict[str, int], name: str = PG_STATEMENT_NAME) -> int:
     """Rows of ``scans`` the prepared claim reads (returned or filtered out), per EXPLAIN,
     with the plan the store's connection made when it first claimed (this thread's held
     connection, where the claim runs)."""
     assert store._direct is not None
     cur = store._direct._connection().cursor()
     try:
-        cur.execute("SELECT 1 FROM pg_prepared_statements WHERE name = %s", (PG_STATEMENT_NAME,))
+        cur.execute("SELECT 1 FROM pg_prepared_statements WHERE name = %s", (name,))
         assert cur.fetchone() is not None
         cur.execute("BEGIN")
-        for name, value in PG_PLANNER_SETTINGS:
-            cur.execute("SELECT set_config(%s, %s, true)", (name, value))
+        for setting, value in PG_PLANNER_SETTINGS:
+            cur.execute("SELECT set_config(%s, %s, true)", (setting, value))
         args = ", ".join(str(values[k]) for k in ("key_limit", "limit", "window", "cap", "m"))
-        cur.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {PG_STATEMENT_NAME} ({args})")
+        cur.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {name} ({args})")
         plan = cur.fetchone()[0]
     finally:
         cur.execute("ROLLBACK")
