@@ -34,8 +34,13 @@ batch), ``:window``, ``:cap`` (most rows one claim takes or swaps: min(batch,
 window)) and ``:m`` (rows step 1 reads).  Result rows: ``('claimed', id,
 created_at, priority)``, ``('released', id)`` and one ``('in_flight', n)``, the
 count before the claim (PostgreSQL's also says whether a pause or limit applied,
-``policed``: while none does, unseen rows are claimable and the claim takes them in;
-and whether unseen rows are left beyond those it claimed, ``unseen_left``).
+``policed``, and whether unseen rows are left beyond those it claimed,
+``unseen_left``).  PostgreSQL's claim takes in the unseen rows it claims: it keys
+them in SQL as the intake would, and judges them by that key.
+
+PostgreSQL also has a plain claim (:func:`plain_claim_sql`) for while no pause or
+limit exists: the same result without the key-room machinery, and nothing claimed
+(``policed`` true) should one exist after all.
 """
 
 from __future__ import annotations
@@ -110,10 +115,16 @@ def pg_key(scan_key: str, providers: str, frameworks: str) -> str:
     )
 
 
-# An unseen row the claim may take while no pause or limit exists (the claim marks it
-# seen, with its key, and returns it for its scan.queued); others wait for the intake.
+# An unseen row PostgreSQL's claim may take (it marks it seen, with its key, and
+# returns it for its scan.queued): one SQL can key; others wait for the intake.  The
+# claim order's first rows carry that key (_PG_RAW_KEY), so the pauses and limits judge
+# them as they judge rows taken in; the deeper searches under policies (few keys, the
+# walk, every key) read keyed rows only.
 _PG_UNSEEN_OK = pg_sql_keyable("scan_key", "providers_scanned", "frameworks_scanned")
 _PG_KEY_OF_S = pg_key("s.scan_key", "s.providers_scanned", "s.frameworks_scanned")
+_PG_RAW_KEY = (
+    "coalesce(effective_key, " + pg_key("scan_key", "providers_scanned", "frameworks_scanned") + ")"
+)
 
 
 def fast_rows(cap: int) -> int:
@@ -161,10 +172,10 @@ sizes AS MATERIALIZED (
                  ELSE {greatest}(0, {least}(:limit, :window - in_flight)) END AS take
           FROM state) t),
 raw AS MATERIALIZED (
-    SELECT id, effective_key, priority, created_at FROM scans{by_claim}
+    SELECT id, {raw_key} AS effective_key, priority, created_at FROM scans{by_claim}
     WHERE status = 'queued' AND dispatched_at IS NULL
       AND (run_after IS NULL OR run_after <= {now})
-      AND (effective_key IS NOT NULL OR (NOT (SELECT policed FROM state) AND {unseen_ok}))
+      AND (effective_key IS NOT NULL OR {unseen_ok})
     ORDER BY priority DESC, created_at, id
     LIMIT :m),
 ranked_raw AS MATERIALIZED (
@@ -403,7 +414,8 @@ _DIALECT = {
         "by_running": "",
         "by_claim": "",
         "by_key": "",
-        "unseen_ok": _PG_UNSEEN_OK,
+        "unseen_ok": f"({_PG_UNSEEN_OK})",
+        "raw_key": _PG_RAW_KEY,
     },
     "sqlite": {
         "now": SQLITE_NOW_SQL,
@@ -413,8 +425,10 @@ _DIALECT = {
         "by_running": " INDEXED BY scans_running_heartbeat_idx",
         "by_claim": " INDEXED BY scans_claim_order_idx",
         "by_key": " INDEXED BY scans_key_claim_order_idx",
-        # The claim's caller takes in the unseen rows it picks (Python keys them).
-        "unseen_ok": "1",
+        # The claim's caller takes in the unseen rows it picks (Python keys them), so
+        # only while no pause or limit needs their key.
+        "unseen_ok": "NOT (SELECT policed FROM state)",
+        "raw_key": "effective_key",
     },
 }
 

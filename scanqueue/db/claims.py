@@ -284,10 +284,15 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
 
     def claims_unseen(self) -> bool:
         """Whether a claim would take in the unseen rows it picks, with no intake
-        first: PostgreSQL on a held connection, while the last claim found no pause
-        or limit (the claim statement keys such rows itself, as the intake would).
-        A caller that claims so runs :meth:`take_in_rest` afterwards."""
-        return bool(self._direct_looks) and self._claim_policed is False
+        first: PostgreSQL on a held connection (the claim statement keys such rows
+        itself, as the intake would, and judges them by that key).  A caller that
+        claims so runs :meth:`take_in_rest` afterwards."""
+        return bool(self._direct_looks)
+
+    def last_claim_policed(self) -> bool:
+        """Whether the last claim found a pause or limit (and so may have passed over
+        unseen rows a deeper search of the backlog would have found once keyed)."""
+        return bool(self._claim_policed)
 
     def take_in_rest(self, derive: DeriveKey) -> list[Intake]:
         """After a claim :meth:`claims_unseen` chose, the intake it left (rows beyond

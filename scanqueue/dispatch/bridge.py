@@ -182,10 +182,10 @@ class Bridge:
         """Take in unseen rows, claim up to one batch (within the window and the
         policies) and publish it; returns how many were published.
 
-        Told of inserted rows while the last claim found no pause or limit
-        (PostgreSQL), the bridge claims first: the claim takes in the unseen rows it
-        picks, and the intake of the rest follows the publish, off the pickup's path
-        (one round trip less between a row's NOTIFY and its message)."""
+        Told of inserted rows (PostgreSQL), the bridge claims first: the claim takes
+        in the unseen rows it picks, and the intake of the rest follows the publish,
+        off the pickup's path (one round trip less between a row's NOTIFY and its
+        message)."""
         taken: list[Intake] = []
         released: list[str] = []
         window = self.window()
@@ -229,15 +229,16 @@ class Bridge:
         return sent
 
     def _take_in_rest(self) -> None:
-        """After a claim-first publish: take in what the claim left.  Had a pause or
-        limit appeared since the claim before, this claim passed over the unseen
-        rows; once taken in they are claimable, so the bridge claims again at once
-        rather than at its next wake-up."""
+        """After a claim-first publish: take in what the claim left.  Under a pause
+        or limit the claim's deeper searches (past full keys at the head of the
+        order) read keyed rows only; once taken in, the rows it passed over may be
+        claimable, so the bridge claims again at once rather than at its next
+        wake-up."""
         assert self.derive is not None
         rest = self.store.take_in_rest(self.derive)
         if rest and self.on_intake is not None:
             self.on_intake(rest)
-        if rest and not self.store.claims_unseen() and not self.window_full:
+        if rest and self.store.last_claim_policed() and not self.window_full:
             self._room_signalled = True  # room is known: the next claim skips its look
             self._again = True
 

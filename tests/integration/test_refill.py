@@ -225,10 +225,9 @@ def test_notified_without_policies_postgresql_claims_first_and_takes_in_the_rest
 def test_a_limit_set_since_the_last_claim_is_obeyed_and_the_rows_claimed_at_once(
     pg_url: str,
 ) -> None:
-    """Claim-first is chosen from the last claim's view. A limit set since then: the
-    claim passes over the unseen rows (unkeyed rows are not claimable under
-    policies), the intake after the publish takes them in, and the same drain claims
-    them within the limit."""
+    """A limit set since the last claim: the claim keys the unseen rows and judges
+    them by that key (two of three within the limit); the intake after the publish
+    takes in the third, and the same drain claims again and finds its key full."""
     from scanqueue.dispatch.bridge import Bridge
 
     upgrade(pg_url)
@@ -240,8 +239,9 @@ def test_a_limit_set_since_the_last_claim_is_obeyed_and_the_rows_claimed_at_once
     insert_rows(pg_url, ["a", "b", "c"])
     assert bridge.room_signalled(0, notified=True)
     assert bridge.drain() == 2
-    assert published == ["a", "b"] and not store.claims_unseen()
+    assert published == ["a", "b"] and store.last_claim_policed()
     assert store.get("c").status == "queued" and store.get("c").key == "aws|soc2"
+    assert store.get("a").key == "aws|soc2"
 
 
 def test_a_claim_that_took_in_every_unseen_row_saves_the_intake_round_trip(pg_url: str) -> None:
@@ -274,7 +274,89 @@ def test_a_claim_that_took_in_every_unseen_row_saves_the_intake_round_trip(pg_ur
     assert bridge.dispatch_once() == 1
     assert taken == ["only"] and intakes == []
     insert_rows(pg_url, ["later"])
-    store.set_limit("other", 1)  # policies now: the claim leaves "later" unseen
+    store.set_limit("other", 1)  # under policies too, the claim takes "later" in
     assert bridge.room_signalled(0, notified=True)
     assert bridge.drain() == 1
-    assert taken == ["only", "later"] and len(intakes) == 1
+    assert taken == ["only", "later"] and intakes == []
+
+
+def _insert_keyed(url: str, rows: list[tuple[str, str, int]]) -> None:
+    """Queued rows with a scan_key and a priority, as another program writes them."""
+    store = store_for(normalize_database_url(url))
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned,"
+                " scan_key, priority) VALUES (:id, 'queued', '[\"aws\"]', '[\"soc2\"]', :k, :p)"
+            ),
+            [{"id": i, "k": k, "p": p} for i, k, p in rows],
+        )
+
+
+def test_under_a_pause_and_a_limit_the_claim_keys_new_rows_and_judges_them_by_key(
+    pg_url: str,
+) -> None:
+    """PostgreSQL, policies set: on a NOTIFY the claim still goes first.  It keys the
+    unseen rows as the intake would and judges them by that key: the paused key's row
+    and the limited key's second row stay queued (taken in after the publish), the
+    others go, and a malformed row is failed after the publish."""
+    from scanqueue.dispatch.bridge import Bridge
+    from tests.integration.test_policies import insert_malformed
+
+    upgrade(pg_url)
+    store = store_for(normalize_database_url(pg_url))
+    ids = ["p1", "l1", "l2", "f1", "bad"]
+    seen_at_publish: dict[str, bool] = {}
+    published: list[str] = []
+
+    def publish(claimed: list[str]) -> None:
+        seen_at_publish.update(_seen(pg_url, ids))
+        published.extend(claimed)
+
+    taken: list[str] = []
+    bridge = Bridge(
+        store,
+        publish,
+        100,
+        lambda: WINDOW,
+        derive=derive_key,
+        on_intake=lambda rows: taken.extend(r.scan_id for r in rows),
+    )
+    store.pause("paused")
+    store.set_limit("limited", 1)
+    assert bridge.dispatch_once() == 0 and store.last_claim_policed()
+    _insert_keyed(pg_url, [("p1", "paused", 0), ("l1", "limited", 0), ("l2", "limited", 0)])
+    _insert_keyed(pg_url, [("f1", "free", 0)])
+    insert_malformed(store, "bad")
+    assert bridge.room_signalled(0, notified=True)
+    looks = _count_looks(store)
+    assert bridge.dispatch_once() == 2
+    assert looks == []  # no look, no intake before the claim
+    assert published == ["l1", "f1"]
+    assert seen_at_publish == {"p1": False, "l1": True, "l2": False, "f1": True, "bad": False}
+    assert sorted(taken) == sorted(ids)
+    assert [store.get(i).key for i in ("p1", "l2")] == ["paused", "limited"]
+    assert store.get("p1").status == store.get("l2").status == "queued"
+    assert store.get("bad").status == "failed"
+
+
+def test_a_new_row_behind_a_full_keys_backlog_is_claimed_in_the_same_drain(
+    pg_url: str,
+) -> None:
+    """Under a limit, the claim's search past the full keys at the head of the order
+    reads keyed rows only: a new row behind 200 rows of a full key is passed over by
+    the claim, taken in after it, and claimed by the same drain."""
+    from scanqueue.dispatch.bridge import Bridge
+
+    upgrade(pg_url)
+    store = store_for(normalize_database_url(pg_url))
+    published: list[str] = []
+    bridge = Bridge(store, published.extend, 100, lambda: WINDOW, derive=derive_key)
+    store.set_limit("hot", 1)
+    _insert_keyed(pg_url, [(f"hot{i:03d}", "hot", 10) for i in range(200)])
+    assert bridge.drain() == 1 and published == ["hot000"]
+    assert bridge.drain() == 0  # every hot row taken in; the key is full
+    _insert_keyed(pg_url, [("cold", "cold", 0)])
+    assert bridge.room_signalled(0, notified=True)
+    assert bridge.drain() == 1
+    assert published == ["hot000", "cold"]
