@@ -508,11 +508,22 @@ def pg_execute_sql(*, plain: bool = False) -> str:
 def pg_one_trip_sql(lock_key: int, *, prepared: bool, plain: bool = False) -> str:
     """The PostgreSQL claim as one round trip: the lock (with the planner settings)
     and the claim, sent as one query string, which the server runs as one implicit
-    transaction: the lock is held until the claim's update commits.  ``prepared``:
+    transaction: the lock is held until the claim's update commits.
+
+    That commit does not wait for its WAL flush (``synchronous_commit`` off, for this
+    transaction only): the claim's publish follows it at once.  A claim lost in a
+    server crash loses nothing: the run's start, a durable compare-and-set, takes
+    only a dispatched scan, and flushing it flushes the claim before it; a scan
+    whose claim was lost is queued and undispatched again and claimed anew, and of
+    its two messages the start lets one run it.  (A row the lost claim took in may
+    send a second ``scan.queued``.)  ``prepared``:
     ``EXECUTE`` of :func:`pg_prepare_sql`; else the statement itself (planned on
     every call), with the driver's ``%(name)s`` placeholders.  ``plain``: the
     claim for while no pause or limit exists (:func:`plain_claim_sql`)."""
-    lock = f"SELECT pg_advisory_xact_lock({int(lock_key)}), {pg_settings_sql()}"
+    lock = (
+        f"SELECT pg_advisory_xact_lock({int(lock_key)}), {pg_settings_sql()},"
+        f" set_config('synchronous_commit', 'off', true)"
+    )
     if prepared:
         return f"{lock}; {pg_execute_sql(plain=plain)}"
     sql = _statement(plain)[1].replace("%", "%%")

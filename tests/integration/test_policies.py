@@ -507,6 +507,29 @@ def test_the_plain_claim_gives_way_to_a_pause_or_limit_set_since(pg_url: str) ->
         store.dispose()
 
 
+def test_the_one_trip_claim_commits_without_waiting_for_its_flush(pg_url: str) -> None:
+    """PostgreSQL: the claim's own transaction commits with synchronous_commit off
+    (the start's durable compare-and-set stands behind it); the held connection's
+    later statements (the intake, the starts of an embedded worker's successors) keep
+    the server's setting."""
+    upgrade(pg_url)
+    store = Store(normalize_database_url(pg_url))
+    try:
+        add(store)
+        with statements_sent(store) as (_, sent):
+            assert len(store.claim_within_window(10, 10, look=False)[0]) == 1
+        assert "set_config('synchronous_commit', 'off', true)" in sent[0].split("; ")[0]
+        assert store._direct is not None
+        cur = store._direct._connection().cursor()
+        try:
+            cur.execute("SHOW synchronous_commit")
+            assert cur.fetchone()[0] == "on"
+        finally:
+            cur.close()
+    finally:
+        store.dispose()
+
+
 def test_the_plain_claim_reads_only_what_it_claims(pg_url: str) -> None:
     """PostgreSQL, no pause or limit, 10**5 queued rows: the plain claim reads the head
     of the claim order and the window, not the backlog (its plan made on an empty table,
