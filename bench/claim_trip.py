@@ -28,9 +28,15 @@ FLUSHED = ", set_config('synchronous_commit', 'off', true)"
 
 
 def arms() -> dict[str, str]:
-    whole = claim_sql.pg_one_trip_sql(DISPATCH_LOCK_KEY, prepared=True).replace(FLUSHED, "")
+    whole = claim_sql.pg_one_trip_sql(DISPATCH_LOCK_KEY, prepared=True)
     plain = claim_sql.pg_one_trip_sql(DISPATCH_LOCK_KEY, prepared=True, plain=True)
-    return {"whole": whole, "plain": plain.replace(FLUSHED, ""), "plain_unflushed": plain}
+    if FLUSHED not in whole or FLUSHED not in plain:
+        raise SystemExit("claim_trip: the claim's commit setting is not where it was")
+    return {
+        "whole": whole.replace(FLUSHED, ""),
+        "plain": plain.replace(FLUSHED, ""),
+        "plain_unflushed": plain,
+    }
 
 
 def run(n: int) -> dict[str, Any]:

@@ -325,11 +325,10 @@ class ClaimsMixin(PoliciesMixin, StoreBase):
         plain = key_limit == 0 and self._claim_policed is False
         rows = self._run_direct_rows(self._direct_claims[plain], params)
         counted = next(r for r in rows if r["what"] == "in_flight")
-        in_flight, self._claim_policed = int(counted["n"]), bool(counted["policed"])
-        if plain and self._claim_policed:
+        if plain and counted["policed"]:
             rows = self._run_direct_rows(self._direct_claims[False], params)
             counted = next(r for r in rows if r["what"] == "in_flight")
-            in_flight, self._claim_policed = int(counted["n"]), bool(counted["policed"])
+        in_flight, self._claim_policed = int(counted["n"]), bool(counted["policed"])
         self._claim_left_unseen = bool(counted["unseen_left"])
         claimed = [SimpleNamespace(**r) for r in rows if r["what"] == "claimed"]
         return claimed, [r["id"] for r in rows if r["what"] == "released"], in_flight
