@@ -23,13 +23,16 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
+import redis
 from celery import signals
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
+from kombu.entity import maybe_delivery_mode
 from kombu.utils.uuid import uuid
 
 from scanqueue.config import TASK_NAME
 from scanqueue.dispatch.bridge import PublishError
+from scanqueue.dispatch.redis_push import RedisPush
 
 # What the protocol-2 body carries after the arguments (no workflow).
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -61,6 +64,9 @@ class TaskPublisher:
         self.retry = bool(conf.task_publish_retry)
         self.retry_policy = dict(conf.task_publish_retry_policy or {})
         self._declared_on: Any = None  # the channel the queue was last declared on
+        # The short way to a Redis broker, set up after kombu's first publish there.
+        self._push: RedisPush | None = None
+        self._push_checked_on: Any = None  # the channel it was last set up from
         self._plain_settings = not (
             conf.task_send_sent_event
             or conf.task_routes
@@ -76,14 +82,48 @@ class TaskPublisher:
             signals.before_task_publish.receivers or signals.after_task_publish.receivers
         )
 
+    @property
+    def pushes_directly(self) -> bool:
+        """Whether the next plain batch takes the short way to a Redis broker."""
+        return self._push is not None
+
     def __call__(self, scan_ids: Sequence[str]) -> None:
         """Publish one message per id, in order; PublishError says how many went."""
+        plain = self.plain()
+        if plain and self._push is not None:
+            try:
+                self._push_batch(self._push, scan_ids)
+                return
+            except redis.RedisError:
+                # kombu's publish below retries as configured and re-declares the
+                # queue; once it succeeds the short way is set up again.
+                self._push.close()
+                self._push = None
+                self._push_checked_on = None
+        self._publish_with_kombu(scan_ids, plain)
+
+    def _push_batch(self, push: RedisPush, scan_ids: Sequence[str]) -> None:
+        reply_to = self.app.thread_oid
+        envelopes = []
+        for scan_id in scan_ids:
+            task_id = uuid()
+            envelopes.append(
+                push.envelope(
+                    self._body(scan_id).encode(),
+                    self._headers(scan_id, task_id),
+                    task_id=task_id,
+                    reply_to=reply_to,
+                )
+            )
+        push.push(envelopes)
+
+    def _publish_with_kombu(self, scan_ids: Sequence[str], plain: bool) -> None:
         app = self.app
         sent = 0
         batched = False
-        plain = self.plain()
         try:
             with app.producer_or_acquire() as producer:
+                channel = producer.channel
                 # One round trip (Redis pipeline) or one commit (SQLite broker) for the
                 # whole claim instead of one per message; other transports send at once,
                 # and so does a single message (a batch of one cost it about 0.1 ms of CPU).
@@ -96,7 +136,6 @@ class TaskPublisher:
                         # The queue is declared before the first message on a channel
                         # (kombu caches it per connection too, but its check costs a
                         # message about 0.03 ms).
-                        channel = producer.channel
                         declare = channel is not self._declared_on
                         for scan_id in scan_ids:
                             self._publish(producer, scan_id, reply_to, declare=declare)
@@ -110,16 +149,27 @@ class TaskPublisher:
                                 TASK_NAME, args=(scan_id,), producer=producer, queue=self.queue_name
                             )
                             sent += 1
+                if plain and channel is not self._push_checked_on:
+                    # The queue is declared on this broker now: later batches may take
+                    # the short way, where the channel allows it.
+                    self._push_checked_on = channel
+                    self._push = RedisPush.for_channel(
+                        channel,
+                        exchange=self.exchange,
+                        routing_key=self.routing_key,
+                        delivery_mode=maybe_delivery_mode(self.delivery_mode),  # type: ignore[no-untyped-call]
+                    )
         except Exception as exc:
             # A batch that failed may have been partly written: count none as sent, so
             # all are dispatched again (a duplicate message is harmless; a lost one is not).
             raise PublishError(0 if batched else sent, exc) from exc
 
-    def _publish(self, producer: Any, scan_id: str, reply_to: str, *, declare: bool) -> None:
-        task_id = uuid()
-        args = (scan_id,)
-        argsrepr = saferepr(args, self.argsrepr_maxsize, maxlevels=self.repr_maxlevels)
-        headers = {
+    def _body(self, scan_id: str) -> str:
+        return json.dumps([[scan_id], {}, _EMBED])
+
+    def _headers(self, scan_id: str, task_id: str) -> dict[str, Any]:
+        argsrepr = saferepr((scan_id,), self.argsrepr_maxsize, maxlevels=self.repr_maxlevels)
+        return {
             "lang": "py",
             "task": TASK_NAME,
             "id": task_id,
@@ -140,13 +190,16 @@ class TaskPublisher:
             "stamped_headers": None,
             "stamps": {},
         }
+
+    def _publish(self, producer: Any, scan_id: str, reply_to: str, *, declare: bool) -> None:
+        task_id = uuid()
         producer.publish(
-            json.dumps([list(args), {}, _EMBED]),
+            self._body(scan_id),
             exchange=self.exchange,
             routing_key=self.routing_key,
             content_type="application/json",
             content_encoding="utf-8",
-            headers=headers,
+            headers=self._headers(scan_id, task_id),
             delivery_mode=self.delivery_mode,
             declare=self.declare if declare else None,
             retry=self.retry,

@@ -42,15 +42,67 @@ def _ids(messages: list[dict[str, Any]]) -> list[str]:
 
 def test_redis_gets_the_whole_batch_in_order(redis_url: str, tmp_path: Path) -> None:
     app = _app(redis_url, tmp_path)
-    ids = [f"scan-{i:03d}" for i in range(150)]
     client = redis.Redis.from_url(redis_url)
+    client.delete(QUEUE)
+    publish = make_publisher(app)
+    # The first batch goes through kombu (declaring the queue), in one pipeline.
+    first = [f"first-{i:03d}" for i in range(50)]
     before = _command_calls(client)
-    make_publisher(app)(ids)
+    publish(first)
+    assert _command_calls(client).get("lpush", 0) - before.get("lpush", 0) == len(first)
+    # Later ones take the short way: the whole batch in one LPUSH.
+    assert publish.pushes_directly
+    ids = [f"scan-{i:03d}" for i in range(150)]
+    before = _command_calls(client)
+    publish(ids)
+    assert _command_calls(client).get("lpush", 0) - before.get("lpush", 0) == 1
     raw = client.lrange(QUEUE, 0, -1)
     # LPUSH puts the newest first; consumers pop from the other end.
-    assert _ids([json.loads(m) for m in reversed(raw)]) == ids
-    calls = _command_calls(client)
-    assert calls.get("lpush", 0) - before.get("lpush", 0) == len(ids)
+    assert _ids([json.loads(m) for m in reversed(raw)]) == first + ids
+    client.delete(QUEUE)
+    app.close()
+
+
+def test_a_lost_redis_connection_falls_back_to_kombu_and_loses_nothing(tmp_path: Path) -> None:
+    """The short way's connection dies with the server: that batch goes through kombu's
+    publish (which reconnects), and the next ones take the short way again."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        app = _app(server.url, tmp_path)
+        app.conf.broker_connection_max_retries = 5
+        publish = make_publisher(app)
+        publish(["a"])
+        publish(["b"])
+        assert publish.pushes_directly
+        server.stop()
+        server.start()  # same port, empty: every held connection is dead
+        publish(["c", "d"])
+        publish(["e"])
+        assert publish.pushes_directly
+        client = redis.Redis.from_url(server.url)
+        assert _ids([json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]) == [
+            "c",
+            "d",
+            "e",
+        ]
+        app.close()
+    finally:
+        server.stop()
+
+
+def test_a_global_key_prefix_keeps_kombus_publish(redis_url: str, tmp_path: Path) -> None:
+    """Where kombu's write would differ (here, its key prefix), the short way is not taken."""
+    app = _app(redis_url, tmp_path)
+    app.conf.broker_transport_options = {"global_keyprefix": "pfx-test:"}
+    client = redis.Redis.from_url(redis_url)
+    publish = make_publisher(app)
+    publish(["x"])
+    publish(["y"])
+    assert not publish.pushes_directly
+    key = f"pfx-test:{QUEUE}"
+    assert _ids([json.loads(m) for m in reversed(client.lrange(key, 0, -1))]) == ["x", "y"]
+    client.delete(key)
     app.close()
 
 
@@ -104,18 +156,23 @@ def test_the_message_is_the_one_send_task_writes(redis_url: str, tmp_path: Path)
     client = redis.Redis.from_url(redis_url)
     publisher = make_publisher(app)
     assert publisher.plain()
+    compared: list[bool] = []
     # Another program's row may have any id: quotes, backslashes, non-ASCII, long ones
     # (Celery's argsrepr is not repr() for those, and truncates).
     for scan_id in ("scan-1", "it's", 'back\\slash "q"', "sc\u00e9n\u2028x", "k" * 3000):
         client.delete(QUEUE)
         app.send_task(TASK_NAME, args=(scan_id,), queue=QUEUE)
+        direct = publisher.pushes_directly  # the first goes through kombu, the rest not
         publisher([scan_id])
+        assert publisher.pushes_directly
         by_celery, ours = [json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]
         assert ours["headers"]["id"] != by_celery["headers"]["id"]
         assert ours["headers"]["root_id"] == ours["properties"]["correlation_id"]
         assert ours["headers"]["root_id"] == ours["headers"]["id"]
         assert _without_ids(ours) == _without_ids(by_celery), scan_id
         assert _ids([ours]) == [scan_id]
+        compared.append(direct)
+    assert compared == [False, True, True, True, True]
     client.delete(QUEUE)
     app.close()
 
