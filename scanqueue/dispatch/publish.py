@@ -7,7 +7,10 @@ object): under a backlog that was a quarter of the worker's main process, where
 the embedded bridge publishes, and it held the GIL the consumer needs.  Every
 message is the same but for the scan id and the task id, so the rest is worked
 out once and a message costs a uuid, a small JSON body and kombu's publish
-(about 0.1 ms).  The headers are Celery's task protocol 2, as ``send_task``
+(about 0.1 ms).  On a Redis broker, once kombu's first publish has declared the
+queue, a batch skips kombu's layers too: one ``LPUSH`` of kombu's own envelope
+(:mod:`scanqueue.dispatch.redis_push`; half the CPU again), with kombu's publish
+as the fallback when that connection fails.  The headers are Celery's task protocol 2, as ``send_task``
 writes them (``tests/integration/test_publish.py`` compares the two on a real
 broker).  Whenever something could make ``send_task``'s message differ — a
 receiver of ``before_task_publish`` or ``after_task_publish`` (tracing
@@ -19,6 +22,7 @@ through ``send_task`` instead.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -33,6 +37,8 @@ from kombu.utils.uuid import uuid
 from scanqueue.config import TASK_NAME
 from scanqueue.dispatch.bridge import PublishError
 from scanqueue.dispatch.redis_push import RedisPush
+
+log = logging.getLogger(__name__)
 
 # What the protocol-2 body carries after the arguments (no workflow).
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -90,14 +96,15 @@ class TaskPublisher:
     def __call__(self, scan_ids: Sequence[str]) -> None:
         """Publish one message per id, in order; PublishError says how many went."""
         plain = self.plain()
-        if plain and self._push is not None:
+        push = self._push  # read once: the maintenance thread publishes too
+        if plain and push is not None:
             try:
-                self._push_batch(self._push, scan_ids)
+                self._push_batch(push, scan_ids)
                 return
             except redis.RedisError:
                 # kombu's publish below retries as configured and re-declares the
                 # queue; once it succeeds the short way is set up again.
-                self._push.close()
+                push.close()
                 self._push = None
                 self._push_checked_on = None
         self._publish_with_kombu(scan_ids, plain)
@@ -149,20 +156,27 @@ class TaskPublisher:
                                 TASK_NAME, args=(scan_id,), producer=producer, queue=self.queue_name
                             )
                             sent += 1
-                if plain and channel is not self._push_checked_on:
-                    # The queue is declared on this broker now: later batches may take
-                    # the short way, where the channel allows it.
-                    self._push_checked_on = channel
-                    self._push = RedisPush.for_channel(
-                        channel,
-                        exchange=self.exchange,
-                        routing_key=self.routing_key,
-                        delivery_mode=maybe_delivery_mode(self.delivery_mode),  # type: ignore[no-untyped-call]
-                    )
         except Exception as exc:
             # A batch that failed may have been partly written: count none as sent, so
             # all are dispatched again (a duplicate message is harmless; a lost one is not).
             raise PublishError(0 if batched else sent, exc) from exc
+        if plain and channel is not self._push_checked_on:
+            # The queue is declared on this broker now: later batches may take the
+            # short way, where the channel allows it.
+            self._push_checked_on = channel
+            self._push = self._short_way(channel)
+
+    def _short_way(self, channel: Any) -> RedisPush | None:
+        try:
+            return RedisPush.for_channel(
+                channel,
+                exchange=self.exchange,
+                routing_key=self.routing_key,
+                delivery_mode=maybe_delivery_mode(self.delivery_mode),  # type: ignore[no-untyped-call]
+            )
+        except Exception as exc:  # kombu's internals moved: its publish stays
+            log.warning("publishing through kombu only (%s: %s)", type(exc).__name__, exc)
+            return None
 
     def _body(self, scan_id: str) -> str:
         return json.dumps([[scan_id], {}, _EMBED])
