@@ -1,18 +1,18 @@
 """The bridge's publishing: one ``run_scan(scan_id)`` message per claimed id, a batch
 at a time, in claim order.
 
-Owns the message.  Celery's ``send_task`` spent about 0.3 ms of CPU per message
-here (routing, options, the repr of the arguments, the retry wrapper, a result
-object): under a backlog that was a quarter of the worker's main process, where
-the embedded bridge publishes, and it held the GIL the consumer needs.  Every
-message is the same but for the scan id and the task id, so the rest is worked
-out once and a message costs a uuid, a small JSON body and kombu's publish
-(about 0.1 ms).  On a Redis broker, once kombu's first publish has declared the
-queue, a batch skips kombu's layers too: one ``LPUSH`` of kombu's own envelope
-(:mod:`scanqueue.dispatch.redis_push`; half the CPU again), with kombu's publish
-as the fallback when that connection fails.  The headers are Celery's task protocol 2, as ``send_task``
-writes them (``tests/integration/test_publish.py`` compares the two on a real
-broker).  Whenever something could make ``send_task``'s message differ — a
+Owns the message. Celery's ``send_task`` spent about 0.3 ms of CPU per message here
+(routing, options, the repr of the arguments, the retry wrapper, a result object):
+under a backlog that was a quarter of the worker's main process, where the embedded
+bridge publishes, and it held the GIL the consumer needs. Every message is the same
+but for the scan id and the task id, so the rest is worked out once and a message
+costs a uuid, a small JSON body and kombu's publish (about 0.1 ms). On a Redis
+broker, once kombu's first publish has declared the queue, a batch skips kombu's
+layers too: one ``LPUSH`` of kombu's own envelope
+(:mod:`scanqueue.dispatch.redis_push`; half the CPU again), with kombu's publish as
+the fallback when that connection fails. The headers are Celery's task protocol 2,
+as ``send_task`` writes them (``tests/integration/test_publish.py`` compares the two
+on a real broker). Whenever something could make ``send_task``'s message differ — a
 receiver of ``before_task_publish`` or ``after_task_publish`` (tracing
 instrumentations add headers there), ``task_send_sent_event``, task routes,
 compression, another serializer or protocol, a default priority — the batch goes
@@ -101,9 +101,14 @@ class TaskPublisher:
             try:
                 self._push_batch(push, scan_ids)
                 return
-            except redis.RedisError:
+            except redis.RedisError as exc:
                 # kombu's publish below retries as configured and re-declares the
                 # queue; once it succeeds the short way is set up again.
+                log.warning(
+                    "publishing through kombu: the broker connection failed (%s: %s)",
+                    type(exc).__name__,
+                    exc,
+                )
                 push.close()
                 self._push = None
                 self._push_checked_on = None

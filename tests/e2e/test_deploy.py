@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from base64 import b64encode
+from base64 import b64decode, b64encode
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -720,6 +720,42 @@ def test_rediss_with_a_self_signed_certificate_and_ssl_cert_reqs_none(
     client.close()
     types = [json.loads(fields[b"e"])["type"] for _id, fields in entries]
     assert types.count("scan.completed") == 2, types
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(60)
+def test_the_publishers_short_way_to_redis_works_over_tls(
+    tmp_path: Path, tls_redis_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bridge's one-LPUSH publish uses kombu's connection settings, TLS included:
+    after kombu's first publish, batches go the short way (no fallback to kombu)."""
+    import redis
+    from celery import Celery
+
+    from scanqueue.config import Settings
+    from scanqueue.dispatch.publish import make_publisher
+    from scanqueue.worker.app import QUEUE, celery_defaults
+
+    url = f"rediss://127.0.0.1:{tls_redis_port}/0?ssl_cert_reqs=none"
+    settings = Settings.from_env(
+        {"DATABASE_URL": f"sqlite:///{tmp_path / 'scans.db'}", "CELERY_BROKER_URL": url}
+    )
+    app = Celery("tls-publish")
+    app.conf.update(celery_defaults(settings))
+    publish = make_publisher(app)
+    with caplog.at_level("WARNING", logger="scanqueue.dispatch.publish"):
+        publish(["first"])
+        assert publish.pushes_directly
+        publish(["second", "third"])
+        publish(["fourth"])
+    assert publish.pushes_directly
+    assert "publishing through kombu" not in caplog.text
+    client = redis.Redis(host="127.0.0.1", port=tls_redis_port, ssl=True, ssl_cert_reqs="none")
+    raw: Any = client.lrange(QUEUE, 0, -1)
+    ids = [json.loads(b64decode(json.loads(m)["body"]))[0][0] for m in reversed(raw)]
+    assert ids == ["first", "second", "third", "fourth"]
+    client.close()
+    app.close()
 
 
 @pytest.mark.slow
