@@ -101,17 +101,21 @@ class TaskPublisher:
             try:
                 self._push_batch(push, scan_ids)
                 return
-            except redis.RedisError as exc:
+            except Exception as exc:
                 # kombu's publish below retries as configured and re-declares the
-                # queue; once it succeeds the short way is set up again.
+                # queue.  After a failed connection the short way is set up again once
+                # kombu succeeds; after anything else, not on this channel.
+                lost = isinstance(exc, redis.RedisError)
                 log.warning(
-                    "publishing through kombu: the broker connection failed (%s: %s)",
+                    "publishing through kombu: %s (%s: %s)",
+                    "the broker connection failed" if lost else "the short way failed",
                     type(exc).__name__,
                     exc,
                 )
                 push.close()
                 self._push = None
-                self._push_checked_on = None
+                if lost:
+                    self._push_checked_on = None
         self._publish_with_kombu(scan_ids, plain)
 
     def _push_batch(self, push: RedisPush, scan_ids: Sequence[str]) -> None:

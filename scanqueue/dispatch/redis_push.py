@@ -11,9 +11,10 @@ built from the channel's own connection parameters (TLS, password, timeouts,
 health checks).
 
 Only for what kombu's channel would do the same way: kombu's own Redis channel
-class (not Sentinel or a subclass), no global key prefix, no queue expiry; every
-other case keeps kombu's publish.  ``tests/integration/test_publish.py`` compares
-the message with ``send_task``'s on a real broker.
+class (not Sentinel or a subclass), a body encoding (base64, kombu's default), no
+global key prefix, no queue expiry; every other case keeps kombu's publish.
+``tests/integration/test_publish.py`` compares the message with ``send_task``'s on a
+real broker.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ class RedisPush:
         routing_key: str,
         priority: int,
         delivery_mode: int,
-        encode_body: Callable[[bytes], Any],
-        body_encoding: str | None,
+        encode_body: Callable[[bytes], str],
+        body_encoding: str,
     ) -> None:
         self._pool = pool
         self._client = redis.Redis(connection_pool=pool)
@@ -69,9 +70,9 @@ class RedisPush:
         level = kombu_channel._get_message_priority({"properties": {"priority": priority}})
         key = kombu_channel._q_for_pri(routing_key, level)
         body_encoding = kombu_channel.body_encoding
-        codec = None
-        if body_encoding and body_encoding.lower() != "utf-8":
-            codec = kombu_channel.codecs.get(body_encoding)
+        if not body_encoding or body_encoding.lower() == "utf-8":
+            return None  # kombu then stores the body bytes in its own JSON form
+        codec = kombu_channel.codecs.get(body_encoding)
         return cls(
             redis.ConnectionPool(**kombu_channel._connparams()),
             key=key,
@@ -79,7 +80,7 @@ class RedisPush:
             routing_key=routing_key,
             priority=priority,
             delivery_mode=delivery_mode,
-            encode_body=codec.encode if codec is not None else (lambda body: body),
+            encode_body=codec.encode,
             body_encoding=body_encoding,
         )
 

@@ -15,6 +15,7 @@ from celery import Celery
 from scanqueue.config import TASK_NAME, Settings
 from scanqueue.dispatch.bridge import PublishError
 from scanqueue.dispatch.publish import make_publisher
+from scanqueue.dispatch.redis_push import RedisPush
 from scanqueue.worker.app import QUEUE, celery_defaults
 from tests.support import RedisServer
 
@@ -102,17 +103,57 @@ def test_a_lost_redis_connection_falls_back_to_kombu_and_loses_nothing(
         server.stop()
 
 
-def test_a_global_key_prefix_keeps_kombus_publish(redis_url: str, tmp_path: Path) -> None:
-    """Where kombu's write would differ (here, its key prefix), the short way is not taken."""
+def test_a_short_way_that_breaks_otherwise_hands_over_to_kombu_for_good(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a lost connection (here an envelope that cannot be written): that batch and
+    the later ones go through kombu, so nothing is held back by a broken short way."""
     app = _app(redis_url, tmp_path)
-    app.conf.broker_transport_options = {"global_keyprefix": "pfx-test:"}
+    client = redis.Redis.from_url(redis_url)
+    client.delete(QUEUE)
+    publish = make_publisher(app)
+    publish(["a"])
+    assert publish.pushes_directly
+
+    def broken(*_: Any, **__: Any) -> str:
+        raise TypeError("cannot write this envelope")
+
+    monkeypatch.setattr(RedisPush, "envelope", broken)
+    publish(["b", "c"])
+    publish(["d"])
+    assert not publish.pushes_directly
+    assert _ids([json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]) == [
+        "a",
+        "b",
+        "c",
+        "d",
+    ]
+    client.delete(QUEUE)
+    app.close()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"global_keyprefix": "pfx-test:"}, {"body_encoding": "utf-8"}],
+    ids=["global_keyprefix", "body_encoding"],
+)
+def test_where_kombus_write_differs_its_publish_stays(
+    redis_url: str, tmp_path: Path, options: dict[str, str]
+) -> None:
+    """A key prefix, or a body stored without an encoding (kombu then writes the
+    bytes in its own JSON form): the short way is not taken."""
+    app = _app(redis_url, tmp_path)
+    app.conf.broker_transport_options = options
     client = redis.Redis.from_url(redis_url)
     publish = make_publisher(app)
     publish(["x"])
     publish(["y"])
     assert not publish.pushes_directly
-    key = f"pfx-test:{QUEUE}"
-    assert _ids([json.loads(m) for m in reversed(client.lrange(key, 0, -1))]) == ["x", "y"]
+    key = options.get("global_keyprefix", "") + QUEUE
+    raw = [json.loads(m) for m in reversed(client.lrange(key, 0, -1))]
+    assert [m["properties"]["body_encoding"] for m in raw] == [
+        options.get("body_encoding", "base64")
+    ] * 2
     client.delete(key)
     app.close()
 
