@@ -76,9 +76,14 @@ def test_a_lost_redis_connection_falls_back_to_kombu_and_loses_nothing(
     try:
         app = _app(server.url, tmp_path)
         publish = make_publisher(app)
+        watcher = redis.Redis.from_url(server.url)
         publish(["a"])
+        held_by_kombu = len(watcher.client_list())
         publish(["b"])
         assert publish.pushes_directly
+        # The short way uses kombu's own connection: no more clients than before.
+        assert len(watcher.client_list()) == held_by_kombu
+        watcher.close()
         server.stop()
         with (
             caplog.at_level("WARNING", logger="scanqueue.dispatch.publish"),
