@@ -24,7 +24,7 @@ const state = {
   nextOffset: null,
   scans: new Map(),       // id -> scan shown in the list
   scan: null,             // the scan of the scan view
-  worker: null,           // the worker that ran it
+  worker: undefined,      // the worker that ran it (null: none; undefined: not read yet)
   timelineIds: new Set(),
   findingsOffset: 0,
   stream: null,

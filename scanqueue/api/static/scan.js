@@ -47,9 +47,10 @@ function renderFacts(scan, worker) {
   }
   if (scan.baseline_id) pairs.push(["baseline", scanLink(scan.baseline_id, true)]);
   const w = worker || state.worker;
+  // undefined: the page's read of the events (which names the worker) is not in yet.
   pairs.push(["worker", el("span", {id: "scan-worker", text: w ?
     [w.hostname || w.id, w.pid ? "pid " + w.pid : null, w.heartbeat_at ? "heartbeat " + ago(w.heartbeat_at) : null]
-      .filter(Boolean).join(" · ") : "—"})]);
+      .filter(Boolean).join(" · ") : state.worker === undefined ? "…" : "—"})]);
   facts.replaceChildren(...pairs.flatMap(([k, v]) => [el("dt", {text: k}), el("dd", {}, v)]));
   const actions = $("scan-actions");
   actions.replaceChildren();
@@ -68,13 +69,17 @@ async function loadTimeline(id) {
   try {
     const t = await api("/scans/" + encodeURIComponent(id) + "/events");
     if (state.scanId !== id) return;
-    state.worker = t.worker;
+    state.worker = t.worker || null;
     if (state.scan) renderFacts(state.scan, t.worker);
     for (const e of t.events) addTimeline(e);
     $("timeline-note").textContent = t.events.length ? "" :
       "No retained events for this scan (the event log keeps the most recent ones).";
   } catch (e) {
     if (e.status === 401) return;
+    if (state.scanId === id && state.worker === undefined) {
+      state.worker = null;  // not known: shown as none rather than as still loading
+      if (state.scan) renderFacts(state.scan);
+    }
     $("timeline-note").replaceChildren(unavailable("The event timeline", e));
   }
 }
@@ -162,7 +167,7 @@ $("findings-more").addEventListener("click", () => loadFindings(state.scanId, fa
 
 function enter() {
   state.scan = null;
-  state.worker = null;
+  state.worker = undefined;
   state.timelineIds = new Set();
   $("timeline").replaceChildren();
   $("findings").replaceChildren();
