@@ -112,7 +112,6 @@ class TaskPublisher:
                     type(exc).__name__,
                     exc,
                 )
-                push.close()
                 self._push = None
                 if lost:
                     self._push_checked_on = None

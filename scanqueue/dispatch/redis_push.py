@@ -30,24 +30,22 @@ from kombu.utils.uuid import uuid
 
 class RedisPush:
     """Envelopes for one queue, pushed through kombu's channel's redis-py pool (held:
-    should kombu drop that pool after a failure, this one still reconnects)."""
+    should kombu drop that pool after a failure, this one still reconnects; a failed
+    connection is dropped by redis-py itself)."""
 
     def __init__(
         self,
         pool: redis.ConnectionPool,
         *,
         key: str,
-        exchange: str,
         routing_key: str,
         priority: int,
         delivery_mode: int,
         encode_body: Callable[[bytes], str],
         body_encoding: str,
     ) -> None:
-        self._pool = pool
         self._client = redis.Redis(connection_pool=pool)
         self.key = key
-        self._exchange = exchange
         self._routing_key = routing_key
         self._priority = priority
         self._delivery_mode = delivery_mode
@@ -77,7 +75,6 @@ class RedisPush:
         return cls(
             kombu_channel.pool,
             key=key,
-            exchange=exchange,
             routing_key=routing_key,
             priority=priority,
             delivery_mode=delivery_mode,
@@ -97,7 +94,7 @@ class RedisPush:
                     "correlation_id": task_id,
                     "reply_to": reply_to,
                     "delivery_mode": self._delivery_mode,
-                    "delivery_info": {"exchange": self._exchange, "routing_key": self._routing_key},
+                    "delivery_info": {"exchange": "", "routing_key": self._routing_key},
                     "priority": self._priority,
                     "body_encoding": self._body_encoding,
                     "delivery_tag": uuid(),
@@ -110,6 +107,3 @@ class RedisPush:
         # LPUSH adds its values one after another at the head; workers pop the tail,
         # so the first envelope is taken first, as with one LPUSH per message.
         self._client.lpush(self.key, *envelopes)
-
-    def close(self) -> None:
-        self._pool.disconnect()
