@@ -25,7 +25,7 @@ from sqlalchemy import delete, insert, select, text
 
 from scanqueue.config import Settings, mask_url
 from scanqueue.db.schema import events as events_table
-from scanqueue.observe.events import Event, EventSink, event_fields
+from scanqueue.observe.events import Event, EventSink, encode_event, event_fields
 
 if TYPE_CHECKING:
     import redis
@@ -62,21 +62,22 @@ class RedisEventSink:
         return f"Redis stream {self.key} on {mask_url(self._url)}"
 
     def emit(self, event_type: str, scan_id: str, payload: Mapping[str, Any]) -> str:
-        return self._xadd(event_fields(event_type, scan_id, payload))
+        return self._xadd(encode_event(event_type, scan_id, payload))
 
     def write_batch(self, items: Sequence[Mapping[str, Any]]) -> list[str]:
-        if len(items) <= 1:
+        return self.write_encoded([json.dumps(fields, default=str) for fields in items])
+
+    def write_encoded(self, bodies: Sequence[str]) -> list[str]:
+        if len(bodies) <= 1:
             # The usual case when events trickle in; a pipeline costs more for one.
-            return [self._xadd(fields) for fields in items]
+            return [self._xadd(body) for body in bodies]
         # One round trip; no MULTI, since each XADD stands on its own.
         pipe = self.client.pipeline(transaction=False)
-        for fields in items:
-            body = json.dumps(fields, default=str)
+        for body in bodies:
             pipe.xadd(self.key, {"e": body}, maxlen=self.maxlen, approximate=True)
         return [_text(new_id) for new_id in pipe.execute()]
 
-    def _xadd(self, fields: Mapping[str, Any]) -> str:
-        body = json.dumps(fields, default=str)
+    def _xadd(self, body: str) -> str:
         new_id: Any = self.client.xadd(self.key, {"e": body}, maxlen=self.maxlen, approximate=True)
         return _text(new_id)
 
@@ -175,6 +176,9 @@ class TableEventSink:
             if newest > self.maxlen and any(i % self.prune_every == 0 for i in new_ids):
                 conn.execute(delete(events_table).where(events_table.c.id <= newest - self.maxlen))
         return [str(i) for i in new_ids]
+
+    def write_encoded(self, bodies: Sequence[str]) -> list[str]:
+        return self.write_batch([json.loads(body) for body in bodies])
 
     def read_after(self, last_id: str | None, limit: int) -> list[Event]:
         after = 0 if last_id is None else self.sort_key(last_id)[0]

@@ -89,6 +89,10 @@ class EventSink(Protocol):
         """
         ...
 
+    def write_encoded(self, bodies: Sequence[str]) -> list[str]:
+        """:meth:`write_batch` of events already encoded (:func:`encode_event`)."""
+        ...
+
     def read_after(self, last_id: str | None, limit: int) -> list[Event]:
         """Up to ``limit`` events after ``last_id`` (every retained one if None), oldest first."""
         ...
@@ -128,3 +132,10 @@ def event_fields(event_type: str, scan_id: str, payload: Mapping[str, Any]) -> d
     fields["scan_id"] = scan_id
     fields.setdefault("at", now_iso())
     return fields
+
+
+def encode_event(event_type: str, scan_id: str, payload: Mapping[str, Any]) -> str:
+    """:func:`event_fields` as the JSON text a sink stores (a value JSON cannot hold is
+    stored as its ``str``): fixed when the event happens, so a runner that changes a
+    list after reporting it does not change the event."""
+    return json.dumps(event_fields(event_type, scan_id, payload), default=str)

@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -379,12 +379,12 @@ class _Gated:
     def description(self) -> str:
         return self.sink.description
 
-    def write_batch(self, items: Sequence[Mapping[str, Any]]) -> list[str]:
+    def write_encoded(self, bodies: Sequence[str]) -> list[str]:
         self.entered.set()
         if os.getpid() == self._pid:
             assert self.opened.wait(30)
-        self.batches.append(len(items))
-        return self.sink.write_batch(items)
+        self.batches.append(len(bodies))
+        return self.sink.write_encoded(bodies)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sink, name)
@@ -454,6 +454,28 @@ def test_events_that_follow_closely_share_one_write(sink: EventSink) -> None:
     no_wait.emit("scan.completed", "close-2", {"attempt": 1})
     assert no_wait.flush(10)
     assert gated_now.batches == [1, 1]
+
+
+def test_a_sender_that_keeps_writing_waits_longer_and_writes_more_at_once(
+    sink: EventSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Wide margins, so a slow machine does not turn "busy" into "idle".
+    monkeypatch.setattr(event_sender, "BUSY_WITHIN_S", 5.0)
+    gated = _Gated(sink)
+    gated.opened.set()
+    emitter = BackgroundEmitter(gated, linger_s=0, busy_linger_s=0.3)  # type: ignore[arg-type]
+    emitter.emit("scan.started", "busy-1", {"attempt": 1})
+    assert emitter.flush(10)  # idle before it: written at once, on its own
+    emitter.emit("scan.completed", "busy-1", {"attempt": 1})
+    time.sleep(0.01)
+    emitter.emit("scan.started", "busy-2", {"attempt": 1})
+    assert emitter.flush(10)
+    assert gated.batches == [1, 2]
+    assert [(e.type, e.scan_id) for e in sink.read_after(None, 10)] == [
+        ("scan.started", "busy-1"),
+        ("scan.completed", "busy-1"),
+        ("scan.started", "busy-2"),
+    ]
 
 
 def test_the_time_is_when_the_event_happened_not_when_it_was_written(sink: EventSink) -> None:
