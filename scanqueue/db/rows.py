@@ -1,7 +1,7 @@
 """The shapes rows take once they leave the database: frozen records and their helpers.
 
 Owns :data:`PUBLIC_COLUMNS` (what users may see of a scan: never the token),
-:class:`ScanRow`, :class:`StartedRun`, :class:`ReapedScan`, and the small
+:class:`ScanRow`, :class:`StartedRun`, :class:`FinishedRun`, :class:`ReapedScan`, and the small
 conversions every reader of ``scans`` needs (:func:`iso`, :func:`decode_json`,
 :func:`new_scan_id`).  No statements run here.
 """
@@ -47,6 +47,43 @@ PUBLIC_COLUMNS = (
     scans.c.schedule_name,
     scans.c.scheduled_for,
 )
+
+
+# What a run's finish returns: what its observers report (events, metrics, lineage).
+FINISH_COLUMNS = (
+    scans.c.status,
+    scans.c.finished_at,
+    scans.c.error,
+    scans.c.findings_count,
+    scans.c.findings_new,
+    scans.c.findings_fixed,
+)
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A run's finish as written (:data:`FINISH_COLUMNS`).  Not the whole row: each
+    column a statement returns costs the pool process decoding, and a run's finish
+    is on every scan's path."""
+
+    status: str
+    finished_at: datetime | None
+    error: str | None
+    findings_count: int
+    # NULL until the diff is computed (docs/reference.md#findings-over-time).
+    findings_new: int | None = None
+    findings_fixed: int | None = None
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[Any, Any]) -> FinishedRun:
+        return cls(
+            status=m["status"],
+            finished_at=m["finished_at"],
+            error=m["error"],
+            findings_count=m["findings_count"] or 0,
+            findings_new=m["findings_new"],
+            findings_fixed=m["findings_fixed"],
+        )
 
 
 @dataclass(frozen=True)

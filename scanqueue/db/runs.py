@@ -40,7 +40,13 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from scanqueue.db.direct_sql import DirectStatement, PreparedForm
 from scanqueue.db.engine import StoreBase
-from scanqueue.db.rows import PUBLIC_COLUMNS, ReapedScan, ScanRow, StartedRun, SuccessorWindow
+from scanqueue.db.rows import (
+    FINISH_COLUMNS,
+    FinishedRun,
+    ReapedScan,
+    StartedRun,
+    SuccessorWindow,
+)
 from scanqueue.db.schema import (
     FINISHED_STATUSES,
     STATUS_FAILED,
@@ -133,7 +139,7 @@ class RunsMixin(StoreBase):
                     bindparam("findings_count", type_=Integer), scans.c.findings_count
                 ),
             )
-            .returning(*PUBLIC_COLUMNS)
+            .returning(*FINISH_COLUMNS)
         )
         self._status_stmt = select(scans.c.status, scans.c.attempts).where(
             scans.c.id == bindparam("scan_id")
@@ -384,7 +390,7 @@ class RunsMixin(StoreBase):
         error: str | None = None,
         findings_count: int | None = None,
         worker_id: str | None = None,
-    ) -> ScanRow | None:
+    ) -> FinishedRun | None:
         """CAS ``running(attempt) → status``; None if the run no longer owns the scan."""
         assert status in FINISHED_STATUSES, status
         params = {
@@ -396,7 +402,7 @@ class RunsMixin(StoreBase):
             "findings_count": findings_count,
         }
         found = self._returning_row(self._finish_stmt, "_direct_finish", params)
-        return None if found is None else ScanRow.from_mapping(found)
+        return None if found is None else FinishedRun.from_mapping(found)
 
     def retry_run(
         self,

@@ -32,7 +32,7 @@ from scanqueue.observe.event_sinks import event_sink_for
 from scanqueue.observe.events import EventSink, encode_event
 
 if TYPE_CHECKING:
-    from scanqueue.db.rows import ScanRow
+    from scanqueue.db.rows import FinishedRun
     from scanqueue.observe.observer import RunInfo
 
 log = logging.getLogger(__name__)
@@ -364,7 +364,7 @@ class EventObserver:
     def event(self, run: RunInfo, event_type: str, payload: dict[str, Any]) -> None:
         self.emitter.emit(event_type, run.scan_id, {**payload, "attempt": run.attempt})
 
-    def finished(self, run: RunInfo, row: ScanRow, duration_s: float) -> None:
+    def finished(self, run: RunInfo, row: FinishedRun, duration_s: float) -> None:
         payload: dict[str, Any] = {
             "attempt": run.attempt,
             "status": row.status,

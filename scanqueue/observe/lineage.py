@@ -43,7 +43,7 @@ from scanqueue.config import lineage_configured as config_lineage_configured
 from scanqueue.db.schema import STATUS_CANCELED, STATUS_COMPLETED
 
 if TYPE_CHECKING:
-    from scanqueue.db.rows import ScanRow
+    from scanqueue.db.rows import FinishedRun
     from scanqueue.observe.observer import RunInfo
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class LineageObserver:
     def event(self, run: RunInfo, event_type: str, payload: dict[str, Any]) -> None:
         pass
 
-    def finished(self, run: RunInfo, row: ScanRow, duration_s: float) -> None:
+    def finished(self, run: RunInfo, row: FinishedRun, duration_s: float) -> None:
         if row.status == STATUS_COMPLETED:
             self._submit(build_run_event(RunState.COMPLETE, run))
         elif row.status == STATUS_CANCELED:

@@ -42,7 +42,7 @@ from scanqueue.observe.metrics_multiprocess import aggregate_registry, multiproc
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    from scanqueue.db.rows import ScanRow
+    from scanqueue.db.rows import FinishedRun
     from scanqueue.db.store import Store
     from scanqueue.observe.observer import RunInfo
 
@@ -421,7 +421,7 @@ class MetricsObserver:
             with _writing():
                 self.metrics.timeouts.inc()
 
-    def finished(self, run: RunInfo, row: ScanRow, duration_s: float) -> None:
+    def finished(self, run: RunInfo, row: FinishedRun, duration_s: float) -> None:
         with _writing():
             self.metrics.finished.labels(_finished_label(row.status)).inc()
             self.metrics.duration.observe(duration_s)

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from scanqueue.db.rows import ScanRow, StartedRun
+    from scanqueue.db.rows import FinishedRun, StartedRun
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class ScanObserver(Protocol):
 
     def event(self, run: RunInfo, event_type: str, payload: dict[str, Any]) -> None: ...
 
-    def finished(self, run: RunInfo, row: ScanRow, duration_s: float) -> None: ...
+    def finished(self, run: RunInfo, row: FinishedRun, duration_s: float) -> None: ...
 
     def discarded(self, run: RunInfo, duration_s: float) -> None: ...
 
@@ -80,7 +80,7 @@ class NullObserver:
     def event(self, run: RunInfo, event_type: str, payload: dict[str, Any]) -> None:
         pass
 
-    def finished(self, run: RunInfo, row: ScanRow, duration_s: float) -> None:
+    def finished(self, run: RunInfo, row: FinishedRun, duration_s: float) -> None:
         pass
 
     def discarded(self, run: RunInfo, duration_s: float) -> None:
@@ -109,7 +109,7 @@ class SafeObservers:
     def event(self, run: RunInfo, event_type: str, payload: dict[str, Any]) -> None:
         self._each("event", run, event_type, payload)
 
-    def finished(self, run: RunInfo, row: ScanRow, duration_s: float) -> None:
+    def finished(self, run: RunInfo, row: FinishedRun, duration_s: float) -> None:
         self._each("finished", run, row, duration_s)
 
     def discarded(self, run: RunInfo, duration_s: float) -> None:

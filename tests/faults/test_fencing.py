@@ -20,7 +20,7 @@ import pytest
 
 from scanqueue import Job, ScanContext, ScanResult
 from scanqueue.config import Settings, normalize_database_url, self_fence_after_s
-from scanqueue.db.rows import ScanRow
+from scanqueue.db.rows import FinishedRun
 from scanqueue.db.store import Store
 from scanqueue.errors import ConfigError
 from scanqueue.observe.observer import RunInfo
@@ -83,7 +83,7 @@ class Recorder:
         if event_type == "scan.requeued":
             self.calls.append((event_type, payload.get("reason")))
 
-    def finished(self, run: RunInfo, row: ScanRow, duration_s: float) -> None:
+    def finished(self, run: RunInfo, row: FinishedRun, duration_s: float) -> None:
         self.calls.append(("finished", row.status))
 
     def discarded(self, run: RunInfo, duration_s: float) -> None:

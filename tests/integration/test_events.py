@@ -16,7 +16,7 @@ import pytest
 
 from scanqueue.config import Settings, normalize_database_url
 from scanqueue.db.redisconn import redis_client
-from scanqueue.db.rows import ScanRow
+from scanqueue.db.rows import FinishedRun
 from scanqueue.db.store import store_for
 from scanqueue.observe import event_sender
 from scanqueue.observe.event_sender import (
@@ -258,8 +258,8 @@ def test_sink_choice_and_per_process_cache(redis_url: str, tmp_path: Path) -> No
 # -- the observer ----------------------------------------------------------------------------
 
 
-def _row(status: str, error: str | None = None) -> ScanRow:
-    return ScanRow("s1", status, ["aws"], ["soc2"], None, None, None, None, error, 2, 1)
+def _row(status: str, error: str | None = None) -> FinishedRun:
+    return FinishedRun(status, None, error, 2)
 
 
 def test_observer_turns_a_run_into_events(sink: EventSink) -> None:

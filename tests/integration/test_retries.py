@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import text
 
 from scanqueue import Job, PermanentError, RetryLater, ScanContext, ScanResult
-from scanqueue.db.rows import ScanRow
+from scanqueue.db.rows import FinishedRun
 from scanqueue.db.store import Store
 from scanqueue.observe.metrics import MetricsObserver
 from scanqueue.observe.observer import RunInfo, SafeObservers
@@ -45,7 +45,7 @@ class Recorder:
     def event(self, run: RunInfo, event_type: str, payload: dict[str, Any]) -> None:
         self.events.append((event_type, {**payload, "attempt": run.attempt}))
 
-    def finished(self, run: RunInfo, row: ScanRow, duration_s: float) -> None:
+    def finished(self, run: RunInfo, row: FinishedRun, duration_s: float) -> None:
         self.ended.append(row.status)
 
     def discarded(self, run: RunInfo, duration_s: float) -> None:
