@@ -144,7 +144,22 @@ def main() -> None:
         }
         for label, rs in runs.items()
     }
-    print(json.dumps({"n": args.n, "rounds": args.rounds, "median_ms_a_scan": medians}, indent=2))
+    out: dict[str, object] = {"n": args.n, "rounds": args.rounds, "median_ms_a_scan": medians}
+    if len(trees) > 1:
+        # Each tree's figure over the first tree's, round by round: neighbouring runs
+        # share the machine's state, so these move less than the medians.
+        first = trees[0][0]
+        out["by_round_over_" + first] = {
+            label: {
+                key: [
+                    round(r.get(key, 0.0) / f[key], 3) if f.get(key) else None
+                    for r, f in zip(runs[label], runs[first], strict=True)
+                ]
+                for key in ("total", "pool/MainThread", "main/MainThread", "per_s")
+            }
+            for label, _ in trees[1:]
+        }
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -118,10 +118,15 @@ class TaskPublisher:
                     type(exc).__name__,
                     exc,
                 )
-                self._push = None
+                self._drop_push(push)
                 if lost:
                     self._push_checked_on = None
         self._publish_with_kombu(scan_ids, plain)
+
+    def _drop_push(self, push: RedisPush) -> None:
+        if self._push is push:
+            self._push = None
+        push.release()
 
     def _push_batch(self, push: RedisPush, scan_ids: Sequence[str]) -> None:
         reply_to = self.app.thread_oid
@@ -178,6 +183,8 @@ class TaskPublisher:
             # The queue is declared on this broker now: later batches may take the
             # short way, where the channel allows it.
             self._push_checked_on = channel
+            if self._push is not None:
+                self._drop_push(self._push)
             self._push = self._short_way(channel)
 
     def _short_way(self, channel: Any) -> RedisPush | None:

@@ -6,9 +6,13 @@ Python calls (the producer, the virtual channel, a new redis-py client object pe
 message); in a process that was idle (a pickup) that was about 1 ms of a message's
 wall time, and 0.15 ms of CPU back to back.  Here the envelope is written as
 kombu's Redis channel writes it, with the settings read off that channel once, and
-the whole batch goes out in one ``LPUSH`` (all of it or none) on the channel's own
-redis-py connection pool (its TLS, password, timeouts and health checks, and no
-connection more than kombu's publish holds).
+the whole batch goes out in one ``LPUSH`` (all of it or none) on a connection of the
+channel's own redis-py pool (its TLS, password, timeouts and health checks).  That
+connection is kept between batches: taking one from the pool and giving it back
+(redis-py's bookkeeping and its check for unread data, a system call) cost as much
+CPU as the command itself.  It is the one kombu's publish used before, so the
+process holds no connection more than kombu's publish did; a failed batch, or a
+fork, lets it go.
 
 Only for what kombu's channel would do the same way: kombu's own Redis channel
 class (not Sentinel or a subclass), a body encoding (base64, kombu's default), no
@@ -20,6 +24,8 @@ real broker.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,9 +35,8 @@ from kombu.utils.uuid import uuid
 
 
 class RedisPush:
-    """Envelopes for one queue, pushed through kombu's channel's redis-py pool (held:
-    should kombu drop that pool after a failure, this one still reconnects; a failed
-    connection is dropped by redis-py itself)."""
+    """Envelopes for one queue, pushed on a connection of kombu's channel's redis-py pool
+    (the pool held: should kombu drop it after a failure, this one still reconnects)."""
 
     def __init__(
         self,
@@ -44,7 +49,11 @@ class RedisPush:
         encode_body: Callable[[bytes], str],
         body_encoding: str,
     ) -> None:
-        self._client = redis.Redis(connection_pool=pool)
+        self._pool = pool
+        self._lock = threading.Lock()  # the bridge's threads publish too
+        self._held: Any = None  # a redis-py Connection, taken on the first push
+        self._held_by = 0  # the process that took it: a forked child takes its own
+        self._released = False
         self.key = key
         self._routing_key = routing_key
         self._priority = priority
@@ -104,6 +113,31 @@ class RedisPush:
 
     def push(self, envelopes: Sequence[str]) -> None:
         """Push a batch in order, in one command: the list gets all of it or none."""
-        # LPUSH adds its values one after another at the head; workers pop the tail,
-        # so the first envelope is taken first, as with one LPUSH per message.
-        self._client.lpush(self.key, *envelopes)
+        with self._lock:
+            conn = self._held if self._held_by == os.getpid() else None
+            if conn is None:
+                conn = self._pool.get_connection()
+                if not self._released:  # else a thread still had it after it was dropped
+                    self._held, self._held_by = conn, os.getpid()
+            try:
+                # LPUSH adds its values one after another at the head; workers pop the
+                # tail, so the first envelope is taken first, as with one LPUSH per message.
+                conn.send_command("LPUSH", self.key, *envelopes)
+                conn.read_response()
+            except BaseException:
+                # Whatever state the connection is in, it is not reused: the caller
+                # falls back to kombu's publish, which takes it from the pool anew.
+                self._held = None
+                conn.disconnect()
+                self._pool.release(conn)
+                raise
+            if self._held is not conn:
+                self._pool.release(conn)
+
+    def release(self) -> None:
+        """Give the kept connection back to the pool (when this push is dropped)."""
+        with self._lock:
+            self._released = True
+            conn, self._held = self._held, None
+            if conn is not None and self._held_by == os.getpid():
+                self._pool.release(conn)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -97,15 +98,66 @@ def test_a_lost_redis_connection_falls_back_to_kombu_and_loses_nothing(
         publish(["c", "d"])  # through kombu, which reconnects
         assert publish.pushes_directly
         publish(["e"])
+        publish(["f"])
         client = redis.Redis.from_url(server.url)
         assert _ids([json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]) == [
             "c",
             "d",
             "e",
+            "f",
         ]
+        # Still kombu's one connection, kept by the short way (the client list counts
+        # this client, as it counted the watcher before).
+        assert len(client.client_list()) == held_by_kombu
         app.close()
     finally:
         server.stop()
+
+
+def test_a_forked_process_pushes_on_a_connection_of_its_own(redis_url: str, tmp_path: Path) -> None:
+    """The short way keeps its connection between batches; a child forked from the
+    process takes its own, so neither reads the other's replies."""
+    app = _app(redis_url, tmp_path)
+    client = redis.Redis.from_url(redis_url)
+    client.delete(QUEUE)
+    publish = make_publisher(app)
+    publish(["parent-1"])
+    publish(["parent-2"])  # the short way, which keeps its connection
+    assert publish.pushes_directly
+    clients = len(client.client_list())
+    pushed_r, pushed_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        code = 1
+        try:
+            publish(["child-1"])
+            publish(["child-2"])
+            code = 0 if publish.pushes_directly else 2
+            os.write(pushed_w, b"x")
+            os.read(done_r, 1)  # alive, connection open, while the parent counts
+        finally:
+            os._exit(code)
+    try:
+        assert os.read(pushed_r, 1) == b"x"
+        assert len(client.client_list()) == clients + 1  # the child's own connection
+    finally:
+        os.write(done_w, b"x")
+        _, status = os.waitpid(pid, 0)
+        for fd in (pushed_r, pushed_w, done_r, done_w):
+            os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    publish(["parent-3"])
+    assert publish.pushes_directly
+    assert _ids([json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]) == [
+        "parent-1",
+        "parent-2",
+        "child-1",
+        "child-2",
+        "parent-3",
+    ]
+    client.delete(QUEUE)
+    app.close()
 
 
 def test_a_short_way_that_breaks_otherwise_hands_over_to_kombu_for_good(
