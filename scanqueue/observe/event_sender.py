@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -236,7 +237,7 @@ class BackgroundEmitter:
                 self._thread = thread
 
     def _send_forever(self, pending: queue.Queue[str]) -> None:
-        last_write = -BUSY_WITHIN_S
+        last_write = -math.inf  # nothing written yet: the first batch is not busy
         while True:
             batch = [pending.get()]
             busy = time.monotonic() - last_write < BUSY_WITHIN_S
