@@ -66,27 +66,32 @@ def thread_cpu(main_pid: int) -> dict[tuple[str, str], float]:
     return dict(out)
 
 
+def per_scan(
+    before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], n: int, per_s: float
+) -> dict[str, float]:
+    """CPU ms a scan of each (role, thread) between two readings, and their total."""
+    got = {
+        f"{role}/{name}": round((spent - before.get((role, name), 0.0)) * 1000 / n, 4)
+        for (role, name), spent in after.items()
+    }
+    got["total"] = round(sum(got.values()), 4)
+    got["per_s"] = per_s
+    return got
+
+
 def one_run(b: Bench, n: int, source: str) -> dict[str, float]:
     db = b.new_db("postgresql")
     try:
         extra = {"PYTHONPATH": source} if source else {}
         worker = start_scanqueue(b, db, "2,2", runner="bench.named_threads:noop", **extra)
         before = thread_cpu(worker.pid)
-        box: dict[str, dict[tuple[str, str], float]] = {}
         run = db_throughput(db, n, worker, timeout_s=n / 20.0)
-        box["after"] = thread_cpu(worker.pid)
+        after = thread_cpu(worker.pid)
         b.stop(worker)
     finally:
         b.drop_db(db)
     assert run["exactly_once"]["ok"], run["exactly_once"]
-    after = box["after"]
-    got = {
-        f"{role}/{name}": round((after[(role, name)] - before.get((role, name), 0.0)) * 1000 / n, 4)
-        for role, name in after
-    }
-    got["per_s"] = float(run["per_s"])
-    got["total"] = round(sum(v for k, v in got.items() if "/" in k), 4)
-    return got
+    return per_scan(before, after, n, float(run["per_s"]))
 
 
 def yardstick_run(b: Bench, n: int) -> dict[str, float]:
@@ -101,13 +106,7 @@ def yardstick_run(b: Bench, n: int) -> dict[str, float]:
         b.drop_db(db)
         b.stop(raw.proc)
     assert run["exactly_once"]["ok"], run["exactly_once"]
-    got = {
-        f"{role}/{name}": round((after[(role, name)] - before.get((role, name), 0.0)) * 1000 / n, 4)
-        for role, name in after
-    }
-    got["per_s"] = float(run["per_s"])
-    got["total"] = round(sum(v for k, v in got.items() if "/" in k), 4)
-    return got
+    return per_scan(before, after, n, float(run["per_s"]))
 
 
 def main() -> None:
