@@ -149,9 +149,12 @@ class TableEventSink:
         return self.write_batch([event_fields(event_type, scan_id, payload)])[0]
 
     def write_batch(self, items: Sequence[Mapping[str, Any]]) -> list[str]:
-        if not items:
+        return self.write_encoded([json.dumps(fields, default=str) for fields in items])
+
+    def write_encoded(self, bodies: Sequence[str]) -> list[str]:
+        if not bodies:
             return []
-        rows = [_table_row(fields) for fields in items]
+        rows = [_table_row(json.loads(body)) for body in bodies]
         with self.store._tx() as conn:
             if self.store.dialect == "postgresql":
                 # Ids come from a sequence at insert time but become visible at commit;
@@ -176,9 +179,6 @@ class TableEventSink:
             if newest > self.maxlen and any(i % self.prune_every == 0 for i in new_ids):
                 conn.execute(delete(events_table).where(events_table.c.id <= newest - self.maxlen))
         return [str(i) for i in new_ids]
-
-    def write_encoded(self, bodies: Sequence[str]) -> list[str]:
-        return self.write_batch([json.loads(body) for body in bodies])
 
     def read_after(self, last_id: str | None, limit: int) -> list[Event]:
         after = 0 if last_id is None else self.sort_key(last_id)[0]
@@ -236,15 +236,13 @@ class TableEventSink:
         return Event(event_id, data)
 
 
-def _table_row(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Stored fields as a ``scanqueue_events`` row (the caller's mapping is not changed)."""
-    payload = dict(fields)
-    at = datetime.fromisoformat(payload.pop("at"))
-    event_type = payload.pop("type")
-    scan_id = payload.pop("scan_id")
-    # Round-trip through JSON so any value the runner passed is storable.
-    stored = json.loads(json.dumps(payload, default=str))
-    return {"scan_id": scan_id, "type": event_type, "at": at, "payload": stored}
+def _table_row(fields: dict[str, Any]) -> dict[str, Any]:
+    """Decoded stored fields (:func:`encode_event`'s JSON, so every value is storable)
+    as a ``scanqueue_events`` row; takes ``fields`` apart."""
+    at = datetime.fromisoformat(fields.pop("at"))
+    event_type = fields.pop("type")
+    scan_id = fields.pop("scan_id")
+    return {"scan_id": scan_id, "type": event_type, "at": at, "payload": fields}
 
 
 # -- choosing and caching ----------------------------------------------------------------
