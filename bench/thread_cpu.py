@@ -23,6 +23,7 @@ import os
 import statistics
 from pathlib import Path
 
+from bench.harness import CpuSplit
 from bench.run import (
     Bench,
     RawCelery,
@@ -66,6 +67,32 @@ def thread_cpu(main_pid: int) -> dict[tuple[str, str], float]:
     return dict(out)
 
 
+def wakeups(main_pid: int) -> dict[str, int]:
+    """Context switches of the worker's threads so far, by role: voluntary ones (a
+    thread that waited and was woken) and involuntary ones (preempted)."""
+    out: collections.Counter[str] = collections.Counter()
+    for pid, role in [(main_pid, "main")] + [(c, "pool") for c in _children(main_pid)]:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    key, value = line.split(":")
+                    kind = "woken" if key.startswith("voluntary") else "preempted"
+                    out[f"switches/{role}/{kind}"] += int(value)
+    return dict(out)
+
+
+def switches_per_scan(before: dict[str, int], after: dict[str, int], n: int) -> dict[str, float]:
+    return {k: round((v - before.get(k, 0)) / n, 3) for k, v in after.items()}
+
+
 def per_scan(
     before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], n: int, per_s: float
 ) -> dict[str, float]:
@@ -84,14 +111,17 @@ def one_run(b: Bench, n: int, source: str) -> dict[str, float]:
     try:
         extra = {"PYTHONPATH": source} if source else {}
         worker = start_scanqueue(b, db, "2,2", runner="bench.named_threads:noop", **extra)
-        before = thread_cpu(worker.pid)
+        before, switched = thread_cpu(worker.pid), wakeups(worker.pid)
+        servers = CpuSplit(worker.pid)
         run = db_throughput(db, n, worker, timeout_s=n / 20.0)
         after = thread_cpu(worker.pid)
+        switches = switches_per_scan(switched, wakeups(worker.pid), n)
+        split = servers.ms_per_item(n)
         b.stop(worker)
     finally:
         b.drop_db(db)
     assert run["exactly_once"]["ok"], run["exactly_once"]
-    return per_scan(before, after, n, float(run["per_s"]))
+    return with_servers(per_scan(before, after, n, float(run["per_s"])), split) | switches
 
 
 def yardstick_run(b: Bench, n: int) -> dict[str, float]:
@@ -99,14 +129,25 @@ def yardstick_run(b: Bench, n: int) -> dict[str, float]:
     raw = RawCelery(b, "postgresql", "2,2")
     db = b.new_db("postgresql")
     try:
-        before = thread_cpu(raw.proc.pid)
+        before, switched = thread_cpu(raw.proc.pid), wakeups(raw.proc.pid)
+        servers = CpuSplit(raw.proc.pid)
         run = raw_two_writes(raw, db, n, n / 20.0)
         after = thread_cpu(raw.proc.pid)
+        switches = switches_per_scan(switched, wakeups(raw.proc.pid), n)
+        split = servers.ms_per_item(n)
     finally:
         b.drop_db(db)
         b.stop(raw.proc)
     assert run["exactly_once"]["ok"], run["exactly_once"]
-    return per_scan(before, after, n, float(run["per_s"]))
+    return with_servers(per_scan(before, after, n, float(run["per_s"])), split) | switches
+
+
+def with_servers(got: dict[str, float], split: dict[str, float]) -> dict[str, float]:
+    """A run's thread figures with the servers' CPU ms a scan beside them (``sys/``:
+    every PostgreSQL and Redis process, and the whole machine's busy time)."""
+    for key in ("postgres", "redis", "machine", "other"):
+        got[f"sys/{key}"] = split.get(key, 0.0)
+    return got
 
 
 def main() -> None:
@@ -154,7 +195,14 @@ def main() -> None:
                     round(r.get(key, 0.0) / f[key], 3) if f.get(key) else None
                     for r, f in zip(runs[label], runs[first], strict=True)
                 ]
-                for key in ("total", "pool/MainThread", "main/MainThread", "per_s")
+                for key in (
+                    "total",
+                    "pool/MainThread",
+                    "main/MainThread",
+                    "sys/postgres",
+                    "sys/machine",
+                    "per_s",
+                )
             }
             for label, _ in trees[1:]
         }

@@ -2,7 +2,7 @@
 
 A run that won ``queued → running`` (:func:`scanqueue.worker.execute.execute_scan`)
 registers here for its duration (:class:`LeaseKeeper`), which costs a lock, not a
-thread.  One watchdog thread per process (:class:`LeaseThread`, started on first
+thread, and does not wake the watchdog unless the run is due before it looks again.  One watchdog thread per process (:class:`LeaseThread`, started on first
 use and again in each forked pool process) keeps every registered run's lease:
 
     registered ── every heartbeat_every_s ──▶ heartbeat (in a caller thread)
@@ -257,6 +257,7 @@ class LeaseThread:
     """
 
     IDLE_WAIT_S = 60.0  # a bound on every wait, so a missed wake-up costs at most this
+    MIN_IDLE_WAIT_S = 0.05
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -267,6 +268,13 @@ class LeaseThread:
         # When the waiting thread will look next; -inf while it is busy (it rereads
         # the runs before it waits again).  A registration due later need not wake it.
         self._wake_at = -math.inf
+        # How long the thread waits with no run registered: once a run has been seen,
+        # its heartbeat interval.  A run registered while the thread idles is then due
+        # no sooner than the thread looks again, so short runs (a no-op scan lasts a
+        # millisecond, long before the thread looks) register and go without waking
+        # it; waking it on every start cost each run two thread switches and a hand-off
+        # of the GIL in the pool process's critical path.
+        self._idle_wait_s = self.IDLE_WAIT_S
         self._closed = False
         self._thread: threading.Thread | None = None
         self._callers = _Callers(self._beat_done)
@@ -284,6 +292,10 @@ class LeaseThread:
             if self._closed:
                 raise RuntimeError("the lease thread is closed")
             self._runs.add(run)
+            # Never below MIN_IDLE_WAIT_S: a run due sooner than that still wakes it.
+            self._idle_wait_s = max(
+                self.MIN_IDLE_WAIT_S, min(self._idle_wait_s, run.settings.heartbeat_every_s)
+            )
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._loop, name=f"scanqueue-lease-{self.pid}", daemon=True
@@ -320,7 +332,7 @@ class LeaseThread:
                 now = time.monotonic()
                 wake = min((run.wake_at() for run in self._runs), default=math.inf)
                 if wake > now:
-                    self._wake_at = min(wake, now + self.IDLE_WAIT_S)
+                    self._wake_at = min(wake, now + self._idle_wait_s)
                     self._cond.wait(self._wake_at - now)
                     self._wake_at = -math.inf
 

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -239,6 +240,49 @@ def test_sequential_runs_share_one_lease_thread(
     assert starts == []
     assert {t.ident for t in threading.enumerate()} == before
     assert lease_thread().thread is keeper_thread and keeper_thread.is_alive()
+
+
+def _times_woken(thread: threading.Thread) -> int:
+    """How often the kernel woke ``thread`` from a wait (its voluntary switches)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    line = next(x for x in status.splitlines() if x.startswith("voluntary_ctxt_switches"))
+    return int(line.split(":")[1])
+
+
+def test_short_runs_come_and_go_without_waking_the_lease_thread(store: Store) -> None:
+    insert_raw(store, "idle-warm")
+    assert run(store, "idle-warm", lambda job, ctx: None) is Outcome.COMPLETED
+    thread = lease_thread().thread
+    assert thread is not None
+    time.sleep(0.05)  # into its idle wait, which ends one heartbeat interval on
+    woken = _times_woken(thread)
+    t0 = time.monotonic()
+    for k in range(40):
+        insert_raw(store, f"short{k}")
+        assert run(store, f"short{k}", lambda job, ctx: None) is Outcome.COMPLETED
+    looks = (time.monotonic() - t0) / FAST.heartbeat_every_s + 2  # its own, on the clock
+    # Waking it at each start cost at least one switch a run (40 here).
+    assert _times_woken(thread) - woken <= 2 * looks + 4, (woken, looks)
+
+
+def test_a_run_registered_while_the_lease_thread_idles_gets_its_heartbeat_on_time(
+    store: Store,
+) -> None:
+    insert_raw(store, "idle-first")
+    assert run(store, "idle-first", lambda job, ctx: None) is Outcome.COMPLETED
+    rec = RecordingStore(store)
+    for delay in (0.0, 0.03, 0.07):  # at points across the thread's idle wait
+        time.sleep(delay)
+        scan_id = f"idle-beat-{delay}"
+        ctx = started_ctx(store, scan_id)
+        keeper = LeaseKeeper(rec, ctx, FAST)
+        t0 = time.monotonic()
+        keeper.start()
+        time.sleep(FAST.heartbeat_every_s * 2.5)
+        keeper.stop()
+        times = [t - t0 for s, t in rec.beats if s == scan_id]
+        assert times, scan_id
+        assert FAST.heartbeat_every_s * 0.95 <= times[0] <= FAST.heartbeat_every_s + 0.08, times
 
 
 def test_two_runs_registered_at_once_both_get_heartbeats(store: Store) -> None:
