@@ -57,13 +57,12 @@ from scanqueue.db.webhook_spec import (
 )
 from scanqueue.errors import ConflictError, NotFoundError
 
-NO_HOOKS_FACTOR = 10  # scans only marked per fan-out call while no webhook exists
-
 
 def _wants(hook: Mapping[Any, Any], scan: Mapping[Any, Any]) -> bool:
     if scan["status"] not in str(hook["events"]).split(","):
         return False
-    finished = scan["finished_at"]
+    # A row written finished without a finished_at finished when it was written.
+    finished = scan["finished_at"] or scan["created_at"]
     if finished is not None and hook["created_at"] is not None and finished < hook["created_at"]:
         return False  # finished before the webhook existed: no history flood
     return not hook["only_new_findings"] or (scan.get("findings_new") or 0) > 0
@@ -184,9 +183,11 @@ class WebhooksMixin(StoreBase):
 
         Returns (scans marked notified, outbox rows made).  One transaction: the
         rows and the marks commit together, and a repeat inserts nothing twice.
-        With no webhook at all, scans are only marked, :data:`NO_HOOKS_FACTOR`
-        times as many per call (after an upgrade the history is marked once, in
-        the background).
+        Only scans some webhook could want are read and marked: those that finished
+        (or, without a ``finished_at``, were written) since the oldest webhook was
+        added.  With no webhook nothing is read or written, so a finished scan costs
+        no second write while nobody listens, and the scans from before a webhook
+        (never sent: :func:`_wants`) are never read.
         """
         with self._tx() as conn:
             hooks = [
@@ -200,12 +201,28 @@ class WebhooksMixin(StoreBase):
                     )
                 ).all()
             ]
-            found = conn.execute(
-                select(*(_PAYLOAD_COLUMNS if hooks else (scans.c.id,)))
-                .where(scans.c.status.in_(FINISHED_STATUSES), scans.c.notified_at.is_(None))
-                .order_by(scans.c.finished_at)
-                .limit(limit if hooks else limit * NO_HOOKS_FACTOR)
-            ).all()
+            if not hooks:
+                return 0, 0
+            since = min(hook["created_at"] for hook in hooks)
+            unnotified = (scans.c.status.in_(FINISHED_STATUSES), scans.c.notified_at.is_(None))
+            # A range of scans_unnotified_idx, in finish order.
+            found = list(
+                conn.execute(
+                    select(*_PAYLOAD_COLUMNS)
+                    .where(*unnotified, scans.c.finished_at >= since)
+                    .order_by(scans.c.finished_at)
+                    .limit(limit)
+                ).all()
+            )
+            if len(found) < limit:
+                # Rows another program wrote finished without a finished_at: the same
+                # index's NULL end, each read once (marked here, wanted or not).
+                found += conn.execute(
+                    select(*_PAYLOAD_COLUMNS)
+                    .where(*unnotified, scans.c.finished_at.is_(None))
+                    .order_by(scans.c.created_at)
+                    .limit(limit - len(found))
+                ).all()
             if not found:
                 return 0, 0
             outbox: list[dict[str, Any]] = []

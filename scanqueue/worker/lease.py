@@ -2,8 +2,9 @@
 
 A run that won ``queued → running`` (:func:`scanqueue.worker.execute.execute_scan`)
 registers here for its duration (:class:`LeaseKeeper`), which costs a lock, not a
-thread, and does not wake the watchdog unless the run is due before it looks again.  One watchdog thread per process (:class:`LeaseThread`, started on first
-use and again in each forked pool process) keeps every registered run's lease:
+thread, and wakes no thread unless the run is due before the watchdog looks again.
+One watchdog thread per process (:class:`LeaseThread`, started on first use and
+again in each forked pool process) keeps every registered run's lease:
 
     registered ── every heartbeat_every_s ──▶ heartbeat (in a caller thread)
        │   renewed            ─▶ fence clock restarts

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, text, update
 from starlette.testclient import TestClient
 
 from scanqueue.api.app import create_app
@@ -64,6 +64,18 @@ def finish(
                 findings_fixed=findings_fixed,
                 error="boom" if status == "failed" else None,
             )
+        )
+
+
+def write_completed(store: Store, scan_id: str) -> None:
+    """A row another program writes completed, with no times but its created_at."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO scans (id, status, providers_scanned, frameworks_scanned)"
+                " VALUES (:id, 'completed', '[\"aws\"]', '[\"soc2\"]')"
+            ),
+            {"id": scan_id},
         )
 
 
@@ -162,13 +174,26 @@ def test_a_scan_that_finished_before_the_webhook_existed_is_not_sent_and_fan_out
     store.add_webhook(validate_webhook({"url": receiver.url, "secret": SECRET}))
     time.sleep(0.01)
     finish(store, db_url, "new")
-    assert store.fan_out() == (2, 1)
+    assert store.fan_out() == (1, 1)  # "old" is not even read
     assert store.fan_out() == (0, 0)
     # A fan-out that runs again over the same scans (two leaders) makes nothing twice.
     with store.engine.begin() as conn:
         conn.execute(update(scans).values(notified_at=None))
-    assert store.fan_out() == (2, 0)
+    assert store.fan_out() == (1, 0)
     assert [d["scan_id"] for d in store.deliveries_of()] == ["new"]
+
+
+def test_a_row_written_finished_without_a_finish_time_counts_from_when_it_was_written(
+    store: Store, db_url: str, receiver: Receiver
+) -> None:
+    write_completed(store, "ext-old")
+    time.sleep(0.01)
+    store.add_webhook(validate_webhook({"url": receiver.url, "secret": SECRET}))
+    time.sleep(0.01)
+    write_completed(store, "ext-new")
+    assert store.fan_out() == (2, 1)  # both read and marked once, only the new one sent
+    assert store.fan_out() == (0, 0)
+    assert [d["scan_id"] for d in store.deliveries_of()] == ["ext-new"]
 
 
 def test_a_receiver_that_always_fails_is_given_up_after_the_last_attempt(
@@ -329,16 +354,23 @@ def test_api_webhook_writes_are_guarded(db_url: str) -> None:
         assert ok.status_code == 201
 
 
-def test_without_webhooks_finished_scans_are_only_marked_and_never_sent_later(
+def test_without_webhooks_nothing_is_written_and_older_scans_are_never_sent_later(
     store: Store, db_url: str, receiver: Receiver
 ) -> None:
     for i in range(3):
         finish(store, db_url, f"m{i}")
-    assert store.fan_out(limit=1) == (3, 0)  # ten times the batch while nobody listens
     assert store.fan_out() == (0, 0)
+    with store.engine.connect() as conn:
+        marks = conn.execute(select(scans.c.notified_at).where(scans.c.id.like("m%"))).scalars()
+        assert list(marks) == [None, None, None]  # a finished scan is written once
+    time.sleep(0.01)
     store.add_webhook(validate_webhook({"url": receiver.url, "secret": SECRET}))
     assert store.fan_out() == (0, 0)
     assert store.deliveries_of() == []
+    time.sleep(0.01)
+    finish(store, db_url, "after")
+    assert store.fan_out() == (1, 1)
+    assert [d["scan_id"] for d in store.deliveries_of()] == ["after"]
 
 
 def test_a_schema_older_than_the_code_is_one_warning_not_a_traceback_every_tick(
