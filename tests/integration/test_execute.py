@@ -282,7 +282,8 @@ def test_a_run_registered_while_the_lease_thread_idles_gets_its_heartbeat_on_tim
         keeper.stop()
         times = [t - t0 for s, t in rec.beats if s == scan_id]
         assert times, scan_id
-        assert FAST.heartbeat_every_s * 0.95 <= times[0] <= FAST.heartbeat_every_s + 0.08, times
+        # One interval on; never as late as a second one.
+        assert FAST.heartbeat_every_s * 0.95 <= times[0] < FAST.heartbeat_every_s * 2, times
 
 
 def test_two_runs_registered_at_once_both_get_heartbeats(store: Store) -> None:

@@ -25,7 +25,9 @@ class _Cycle:
 
 def test_startup_objects_are_frozen_and_later_garbage_is_collected(unfrozen_after: None) -> None:
     frozen = freeze_startup_objects()
-    assert frozen > 1000 and gc.get_freeze_count() == frozen
+    # A frozen object that is freed leaves the count, and the test process's other
+    # threads (a lease watchdog, a deadline thread) may free some meanwhile.
+    assert frozen > 1000 and frozen - 1000 < gc.get_freeze_count() <= frozen
     later = weakref.ref(_Cycle())  # a cycle made after the freeze, unreachable at once
     assert later() is not None
     gc.collect()
