@@ -21,6 +21,7 @@ import collections
 import json
 import os
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.harness import CpuSplit
@@ -46,24 +47,31 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def thread_cpu(main_pid: int) -> dict[tuple[str, str], float]:
-    """CPU seconds by (role, thread name) over the worker's main process and its children."""
-    out: collections.Counter[tuple[str, str]] = collections.Counter()
+def _threads(main_pid: int) -> Iterator[tuple[str, int, Path]]:
+    """(role, pid, /proc task directory) of every thread of the worker's main process
+    (``main``) and of its children (``pool``)."""
     for pid, role in [(main_pid, "main")] + [(c, "pool") for c in _children(main_pid)]:
         try:
             tasks = list(Path(f"/proc/{pid}/task").iterdir())
         except OSError:
             continue
         for task in tasks:
-            try:
-                name = (task / "comm").read_text().strip()
-                if task.name == str(pid):
-                    name = "MainThread"
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            # utime and stime are fields 14 and 15 of stat: 12 and 13 after the ")".
-            out[(role, name)] += (int(fields[11]) + int(fields[12])) / TICKS
+            yield role, pid, task
+
+
+def thread_cpu(main_pid: int) -> dict[tuple[str, str], float]:
+    """CPU seconds by (role, thread name) over the worker's main process and its children."""
+    out: collections.Counter[tuple[str, str]] = collections.Counter()
+    for role, pid, task in _threads(main_pid):
+        try:
+            name = (task / "comm").read_text().strip()
+            if task.name == str(pid):
+                name = "MainThread"
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # utime and stime are fields 14 and 15 of stat: 12 and 13 after the ")".
+        out[(role, name)] += (int(fields[11]) + int(fields[12])) / TICKS
     return dict(out)
 
 
@@ -71,21 +79,16 @@ def wakeups(main_pid: int) -> dict[str, int]:
     """Context switches of the worker's threads so far, by role: voluntary ones (a
     thread that waited and was woken) and involuntary ones (preempted)."""
     out: collections.Counter[str] = collections.Counter()
-    for pid, role in [(main_pid, "main")] + [(c, "pool") for c in _children(main_pid)]:
+    for role, _pid, task in _threads(main_pid):
         try:
-            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            status = (task / "status").read_text()
         except OSError:
             continue
-        for task in tasks:
-            try:
-                status = (task / "status").read_text()
-            except OSError:
-                continue
-            for line in status.splitlines():
-                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                    key, value = line.split(":")
-                    kind = "woken" if key.startswith("voluntary") else "preempted"
-                    out[f"switches/{role}/{kind}"] += int(value)
+        for line in status.splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                key, value = line.split(":")
+                kind = "woken" if key.startswith("voluntary") else "preempted"
+                out[f"switches/{role}/{kind}"] += int(value)
     return dict(out)
 
 
