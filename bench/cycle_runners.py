@@ -3,8 +3,8 @@
 For ``bench.pool_cycle`` only: ``SCANQUEUE_RUNNER=bench.cycle_runners:noop`` with
 ``BENCH_CYCLE_DIR`` a directory.  Importing this module (the pool process does, when
 it builds its runtime on its warm-up) wraps the store's start and finish, the
-observers, the lease registration and the task's call of ``execute_scan`` in
-``perf_counter`` timers.  Every 200 scans each pool process writes its totals to
+observers, the lease registration, the successor's message and the task's call of
+``execute_scan`` in ``perf_counter`` timers.  Every 200 scans each pool process writes its totals to
 ``BENCH_CYCLE_DIR/<pid>.json``: seconds inside ``execute_scan`` and its parts, and
 seconds between one ``execute_scan`` and the next (Celery's hand-off, the wait for
 a message).  Never for production.
@@ -21,7 +21,7 @@ from typing import Any
 from scanqueue import Job, ScanContext
 from scanqueue.db import runs
 from scanqueue.observe import observer
-from scanqueue.worker import execute, task
+from scanqueue.worker import execute, successor, task
 
 OUT_DIR = os.environ.get("BENCH_CYCLE_DIR", "")
 WRITE_EVERY = 200
@@ -32,6 +32,8 @@ totals: dict[str, float] = {
     "finish_run": 0.0,
     "observers": 0.0,
     "lease": 0.0,
+    "successor_send": 0.0,
+    "successor_answer": 0.0,
     "between": 0.0,
 }
 _last_exit: list[float] = []
@@ -81,6 +83,9 @@ for _name in ("started", "event", "finished"):
     setattr(observer.SafeObservers, _name, _timed("observers", _method))
 execute.LeaseKeeper.start = _timed("lease", execute.LeaseKeeper.start)  # type: ignore[method-assign]
 execute.LeaseKeeper.stop = _timed("lease", execute.LeaseKeeper.stop)  # type: ignore[method-assign]
+# The message's write before the run and the read of the broker's answer after it.
+successor.Successors.send_early = _timed("successor_send", successor.Successors.send_early)  # type: ignore[method-assign]
+successor.SentSuccessor.settle = _timed("successor_answer", successor.SentSuccessor.settle)  # type: ignore[method-assign]
 task.execute_scan = _timed_execute_scan
 
 

@@ -64,9 +64,8 @@ def timers(directory: Path) -> dict[str, float]:
             total[key] = total.get(key, 0.0) + value
     scans = total.pop("scans", 0) or 1
     out = {key: round(value * 1000.0 / scans, 3) for key, value in total.items()}
-    out["rest_of_execute"] = round(
-        out["execute"] - sum(out[k] for k in ("start_run", "finish_run", "observers", "lease")), 3
-    )
+    parts = ("start_run", "finish_run", "observers", "lease", "successor_send", "successor_answer")
+    out["rest_of_execute"] = round(out["execute"] - sum(out.get(k, 0.0) for k in parts), 3)
     return out
 
 

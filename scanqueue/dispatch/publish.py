@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -40,6 +40,11 @@ from scanqueue.dispatch.bridge import PublishError
 from scanqueue.dispatch.redis_push import RedisPush
 
 log = logging.getLogger(__name__)
+
+
+def _settled() -> None:
+    """The answer of a batch that was sent and answered at once."""
+
 
 # What the protocol-2 body carries after the arguments (no workflow).
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -101,34 +106,55 @@ class TaskPublisher:
 
     def __call__(self, scan_ids: Sequence[str]) -> None:
         """Publish one message per id, in order; PublishError says how many went."""
+        self.send_early(scan_ids)()
+
+    def send_early(self, scan_ids: Sequence[str]) -> Callable[[], None]:
+        """Publish as a call does, but on the short way leave the broker's answer
+        unread: the returned call reads it (and publishes through kombu if there was
+        none), raising PublishError as a call would.  It must be made, on every path:
+        the connection waits for it.  Elsewhere the batch is sent at once and the
+        returned call does nothing."""
         plain = self.plain()
         push = self._push  # read once: the maintenance thread publishes too
         if plain and push is not None:
             try:
-                self._push_batch(push, scan_ids)
-                return
+                confirm = push.push_unconfirmed(self._envelopes(push, scan_ids))
             except Exception as exc:
-                # kombu's publish below retries as configured and re-declares the
-                # queue.  After a failed connection the short way is set up again once
-                # kombu succeeds; after anything else, not on this channel.
-                lost = isinstance(exc, redis.RedisError)
-                log.warning(
-                    "publishing through kombu: %s (%s: %s)",
-                    "the broker connection failed" if lost else "the short way failed",
-                    type(exc).__name__,
-                    exc,
-                )
-                self._drop_push(push)
-                if lost:
-                    self._push_checked_on = None
+                self._short_way_failed(push, exc)
+            else:
+
+                def settle() -> None:
+                    try:
+                        confirm()
+                    except Exception as exc:
+                        self._short_way_failed(push, exc)
+                        self._publish_with_kombu(scan_ids, plain)
+
+                return settle
         self._publish_with_kombu(scan_ids, plain)
+        return _settled
+
+    def _short_way_failed(self, push: RedisPush, exc: Exception) -> None:
+        # kombu's publish, next, retries as configured and re-declares the queue.
+        # After a failed connection the short way is set up again once kombu succeeds;
+        # after anything else, not on this channel.
+        lost = isinstance(exc, redis.RedisError)
+        log.warning(
+            "publishing through kombu: %s (%s: %s)",
+            "the broker connection failed" if lost else "the short way failed",
+            type(exc).__name__,
+            exc,
+        )
+        self._drop_push(push)
+        if lost:
+            self._push_checked_on = None
 
     def _drop_push(self, push: RedisPush) -> None:
         if self._push is push:
             self._push = None
         push.release()
 
-    def _push_batch(self, push: RedisPush, scan_ids: Sequence[str]) -> None:
+    def _envelopes(self, push: RedisPush, scan_ids: Sequence[str]) -> list[str]:
         reply_to = self.app.thread_oid
         envelopes = []
         for scan_id in scan_ids:
@@ -141,7 +167,7 @@ class TaskPublisher:
                     reply_to=reply_to,
                 )
             )
-        push.push(envelopes)
+        return envelopes
 
     def _publish_with_kombu(self, scan_ids: Sequence[str], plain: bool) -> None:
         app = self.app

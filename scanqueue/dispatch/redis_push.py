@@ -113,7 +113,19 @@ class RedisPush:
 
     def push(self, envelopes: Sequence[str]) -> None:
         """Push a batch in order, in one command: the list gets all of it or none."""
-        with self._lock:
+        self.push_unconfirmed(envelopes)()
+
+    def push_unconfirmed(self, envelopes: Sequence[str]) -> Callable[[], None]:
+        """Write the batch's ``LPUSH`` now; the returned call reads Redis's answer (and
+        raises if there was none).
+
+        Meanwhile the caller may do other work: on a busy machine the answer took
+        longer to come than the rest of a no-op run (``bench.pool_cycle``).  The
+        connection stays locked until the answer is read, so the caller must make the
+        call, on every path.
+        """
+        self._lock.acquire()
+        try:
             conn = self._held if self._held_by == os.getpid() else None
             if conn is None:
                 conn = self._pool.get_connection()
@@ -123,16 +135,38 @@ class RedisPush:
                 # LPUSH adds its values one after another at the head; workers pop the
                 # tail, so the first envelope is taken first, as with one LPUSH per message.
                 conn.send_command("LPUSH", self.key, *envelopes)
+            except BaseException:
+                self._discard(conn)
+                raise
+        except BaseException:
+            self._lock.release()
+            raise
+        answered = False
+
+        def confirm() -> None:
+            nonlocal answered
+            if answered:
+                return
+            answered = True
+            try:
                 conn.read_response()
             except BaseException:
-                # Whatever state the connection is in, it is not reused: the caller
-                # falls back to kombu's publish, which takes it from the pool anew.
-                self._held = None
-                conn.disconnect()
-                self._pool.release(conn)
+                self._discard(conn)
                 raise
-            if self._held is not conn:
-                self._pool.release(conn)
+            else:
+                if self._held is not conn:
+                    self._pool.release(conn)
+            finally:
+                self._lock.release()
+
+        return confirm
+
+    def _discard(self, conn: Any) -> None:
+        # Whatever state the connection is in, it is not reused: the caller falls back
+        # to kombu's publish, which takes one from the pool anew.
+        self._held = None
+        conn.disconnect()
+        self._pool.release(conn)
 
     def release(self) -> None:
         """Give the kept connection back to the pool (when this push is dropped)."""

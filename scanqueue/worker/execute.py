@@ -74,8 +74,8 @@ def execute_scan(
     higher priority in its place (its own then waits for a message of its own);
     nothing when its own scan is not queued and dispatched.  Everything after the
     start is about the started scan.  With ``successors`` the start may also claim
-    the next scan of the dispatch window, whose message is sent before the run
-    (:mod:`scanqueue.worker.successor`).
+    the next scan of the dispatch window, whose message is sent before the run and
+    confirmed after its end (:mod:`scanqueue.worker.successor`).
     """
     worker_id = worker_identity()
     started = store.start_run(
@@ -85,11 +85,43 @@ def execute_scan(
         log.info("scan %s is not queued and dispatched; message ignored", scan_id)
         return Outcome.SKIPPED
     sent = (
-        successors.send(started.successor_id)
+        successors.send_early(started.successor_id)
         if successors is not None and started.successor_id is not None
-        else False
+        else None
     )
-    info = RunInfo.from_started(started, successor_sent=sent)
+    try:
+        return _run_started(
+            scan_id,
+            started,
+            store=store,
+            runner=runner,
+            settings=settings,
+            observer=observer,
+            successors=successors,
+            successor_sent=sent is not None and not sent.failed_at_once,
+            worker_id=worker_id,
+        )
+    finally:
+        if sent is not None:
+            # Read once the run's end is written: the broker answered meanwhile, so the
+            # round trip cost the run nothing (a message that did not go is released).
+            sent.settle()
+
+
+def _run_started(
+    scan_id: str,
+    started: StartedRun,
+    *,
+    store: Store,
+    runner: Runner,
+    settings: ExecutionSettings,
+    observer: ScanObserver,
+    successors: Successors | None,
+    successor_sent: bool,
+    worker_id: str,
+) -> Outcome:
+    """Everything after the start: the run, its lease and its end."""
+    info = RunInfo.from_started(started, successor_sent=successor_sent)
     clock = time.monotonic()
     if started.scan_id == scan_id:
         log.info("scan %s attempt %d started", started.scan_id, started.attempt)

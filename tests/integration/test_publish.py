@@ -65,6 +65,71 @@ def test_redis_gets_the_whole_batch_in_order(redis_url: str, tmp_path: Path) -> 
     app.close()
 
 
+def test_a_message_sent_early_is_queued_before_its_answer_is_read(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """``send_early`` writes the LPUSH and leaves Redis's answer for later (a successor's
+    message: the round trip overlaps the run); the message is on the queue at once, and
+    once the answer is read the connection serves the next batch."""
+    import time
+
+    app = _app(redis_url, tmp_path)
+    client = redis.Redis.from_url(redis_url)
+    client.delete(QUEUE)
+    publish = make_publisher(app)
+    publish(["a"])
+    assert publish.pushes_directly
+    settle = publish.send_early(["early"])
+    deadline = time.monotonic() + 5
+    while client.llen(QUEUE) < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert client.llen(QUEUE) == 2  # there before the answer was read
+    settle()
+    settle()  # read once; a second call does nothing
+    publish(["after"])
+    assert publish.pushes_directly
+    assert _ids([json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]) == [
+        "a",
+        "early",
+        "after",
+    ]
+    client.delete(QUEUE)
+    app.close()
+
+
+def test_an_early_message_whose_answer_is_an_error_is_not_counted_as_sent(
+    redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The answer read late says the LPUSH failed (here: the queue's key holds a
+    string): kombu's publish is tried, as for a batch sent at once, and when it fails
+    too the read raises PublishError with nothing sent."""
+    app = _app(redis_url, tmp_path)
+    client = redis.Redis.from_url(redis_url)
+    client.delete(QUEUE)
+    publish = make_publisher(app)
+    publish(["a"])
+    assert publish.pushes_directly
+    client.delete(QUEUE)
+    client.set(QUEUE, "not a list")
+    try:
+        settle = publish.send_early(["x"])
+        with (
+            caplog.at_level("WARNING", logger="scanqueue.dispatch.publish"),
+            pytest.raises(PublishError) as caught,
+        ):
+            settle()
+        assert caught.value.published == 0
+        assert "WRONGTYPE" in caplog.text
+        client.delete(QUEUE)
+        publish(["b"])  # through kombu, then the short way again
+        publish(["c"])
+        assert publish.pushes_directly
+        assert _ids([json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]) == ["b", "c"]
+    finally:
+        client.delete(QUEUE)
+        app.close()
+
+
 def test_a_lost_redis_connection_falls_back_to_kombu_and_loses_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

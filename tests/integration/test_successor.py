@@ -174,6 +174,99 @@ def test_a_successor_whose_message_cannot_go_is_released(pg: tuple[str, Store]) 
     assert sent == ["next"] and counted == [1]
 
 
+def test_a_successor_whose_late_answer_says_it_did_not_go_is_released_and_the_bridge_woken(
+    pg: tuple[str, Store], redis_url: str, tmp_path: Any
+) -> None:
+    """On the Redis broker's short way the message is written before the run and the
+    answer read after it: when that answer is an error (and kombu's publish fails too),
+    the scan is released for the bridge, which is woken, since the start said the
+    window was as full as before."""
+    import redis
+    from celery import Celery
+
+    from scanqueue.config import Settings
+    from scanqueue.dispatch.publish import make_publisher
+    from scanqueue.worker.app import QUEUE, celery_defaults
+
+    url, store = pg
+    settings = Settings.from_env({"DATABASE_URL": url, "CELERY_BROKER_URL": redis_url})
+    app = Celery("successor-test")
+    app.conf.update(celery_defaults(settings))
+    app.conf.broker_connection_max_retries = 1
+    client = redis.Redis.from_url(redis_url)
+    publish = make_publisher(app)
+    try:
+        publish(["warm-up"])  # declares the queue; later messages take the short way
+        assert publish.pushes_directly
+        _queued(url, [("own", 0), ("next", 0)])
+        _dispatch(url, "own")
+        started = store.start_run("own", "w", successor=DEFAULT)
+        assert started is not None and started.successor_id == "next"
+        counted: list[int] = []
+        woken: list[str] = []
+        successors = Successors(
+            store, DEFAULT, publish.send_early, counted.append, lambda: woken.append("woken")
+        )
+        client.delete(QUEUE)
+        client.set(QUEUE, "not a list")
+        sent = successors.send_early("next")
+        assert not sent.failed_at_once  # written; whether it went is not known yet
+        assert _dispatched(url) == {"next"}
+        assert sent.settle() is False
+        assert sent.settle() is False  # settled once
+        assert _dispatched(url) == set() and counted == [] and woken == ["woken"]
+    finally:
+        client.delete(QUEUE)
+        app.close()
+
+
+def test_a_successors_answer_is_read_after_the_runs_end_is_written(
+    pg: tuple[str, Store],
+) -> None:
+    from scanqueue.runners.api import RunnerFunc
+    from scanqueue.worker.execute import ExecutionSettings, Outcome, execute_scan
+
+    url, store = pg
+    _queued(url, [("own", 0), ("next", 0)])
+    _dispatch(url, "own")
+    order: list[str] = []
+
+    def send_early(ids: Sequence[str]) -> Any:
+        order.extend(f"sent {i}" for i in ids)
+
+        def answer() -> None:
+            status = sql(url, "SELECT status FROM scans WHERE id = 'own'")[0][0]
+            order.append(f"answer read, own {status}")
+
+        return answer
+
+    outcome = execute_scan(
+        "own",
+        store=store,
+        runner=RunnerFunc(lambda job, ctx: order.append(f"run {job.scan_id}")),
+        settings=ExecutionSettings(heartbeat_every_s=0.5, lease_s=5, cancel_grace_s=0.5),
+        successors=Successors(store, DEFAULT, send_early),
+    )
+    assert outcome is Outcome.COMPLETED
+    assert order == ["sent next", "run own", "answer read, own completed"]
+    # Also when the run raises through execute_scan (a shutdown): the answer is read.
+    _queued(url, [("after", 0)])
+    order.clear()
+
+    def shut_down(job: Any, ctx: Any) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        execute_scan(
+            "next",
+            store=store,
+            runner=RunnerFunc(shut_down),
+            settings=ExecutionSettings(heartbeat_every_s=0.5, lease_s=5, cancel_grace_s=0.5),
+            successors=Successors(store, DEFAULT, send_early),
+        )
+    assert order[0] == "sent after" and order[-1].startswith("answer read")
+
+
 def test_a_run_sends_its_successor_before_the_runner_and_skips_the_start_signal(
     pg: tuple[str, Store],
 ) -> None:
