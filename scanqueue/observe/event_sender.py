@@ -50,11 +50,11 @@ MAX_BATCH = 500
 # them in one round trip.  Per event, a write of its own cost about 0.4 ms of a
 # pool process's CPU at no-op speed; subscribers see events this much later.
 BATCH_LINGER_S = 0.005
-# While events keep coming (the last write ended less than BUSY_WITHIN_S before a
-# batch's first event: a busy pool process's runs), the sender waits this long
-# instead.  A write costs about 0.1 ms of CPU, nearly all of it the round trip,
-# and 10-20 µs more per event in it; at no-op speed, batches of 4 events cost a scan
-# 0.18 ms of the sender thread's CPU and batches of 10-15 about 0.10 ms.  After a
+# While events keep coming (the last write ended less than BUSY_WITHIN_S ago: a busy
+# pool process's runs), the sender looks for events this often instead, without
+# being woken by them.  A write costs about 0.1 ms of CPU, nearly all of it the round
+# trip, and 10-20 µs more per event in it; at no-op speed, batches of 4 events cost a
+# scan 0.18 ms of the sender thread's CPU and batches of 10-15 about 0.10 ms.  After a
 # quiet spell the first events go out after BATCH_LINGER_S, so a scan's events at
 # idle (and the order of a bridge's scan.queued before the run's scan.started)
 # are as before.
@@ -140,11 +140,12 @@ class BackgroundEmitter:
     :meth:`emit` never waits on the sink: it encodes the event as stored (``at``
     is the moment of the call; :func:`~scanqueue.observe.events.encode_event`) and
     puts the text on a bounded queue.  The thread, started on the first event,
-    waits ``linger_s`` after the first event of a batch (``busy_linger_s`` while
-    events keep coming: :data:`BUSY_LINGER_S`), takes what is queued by then (up
-    to ``max_batch``) and writes it with one :meth:`EventSink.write_encoded`; a
-    single thread and a FIFO queue keep each caller's events in the order they
-    happened.
+    waits ``linger_s`` after the first event of a batch, takes what is queued by
+    then (up to ``max_batch``) and writes it with one
+    :meth:`EventSink.write_encoded`.  While events keep coming it instead looks
+    every ``busy_linger_s`` (:data:`BUSY_LINGER_S`), so that no emit has to wake
+    it.  A single thread and a FIFO queue keep each caller's events in the order
+    they happened.
 
     Failures follow :class:`SafeEmitter`: a batch that cannot be written is
     dropped, counted event by event and logged once, and for
@@ -239,11 +240,19 @@ class BackgroundEmitter:
     def _send_forever(self, pending: queue.Queue[str]) -> None:
         last_write = -math.inf  # nothing written yet: the first batch is not busy
         while True:
-            batch = [pending.get()]
-            busy = time.monotonic() - last_write < BUSY_WITHIN_S
-            linger = self.busy_linger_s if busy else self.linger_s
-            if linger > 0:
-                time.sleep(linger)
+            if self.busy_linger_s > 0 and time.monotonic() - last_write < BUSY_WITHIN_S:
+                # Busy: look again after the linger rather than wait on the queue, so
+                # that an emit, on a run's critical path, never has to wake this
+                # thread (a system call, and on a busy machine often the CPU).  After
+                # BUSY_WITHIN_S without a write the thread waits on the queue again.
+                time.sleep(self.busy_linger_s)
+                if pending.empty():
+                    continue
+                batch = [pending.get_nowait()]
+            else:
+                batch = [pending.get()]
+                if self.linger_s > 0:
+                    time.sleep(self.linger_s)
             # This thread is the only consumer: not empty means get_nowait succeeds.
             while len(batch) < self.max_batch and not pending.empty():
                 batch.append(pending.get_nowait())

@@ -478,6 +478,25 @@ def test_a_sender_that_keeps_writing_waits_longer_and_writes_more_at_once(
     ]
 
 
+def test_a_busy_sender_is_never_woken_by_an_emit(
+    sink: EventSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While events keep coming the sender looks for them on its own clock: an emit (on
+    a run's critical path) finds no thread waiting on the queue, so it wakes none."""
+    monkeypatch.setattr(event_sender, "BUSY_WITHIN_S", 5.0)
+    emitter = BackgroundEmitter(sink, linger_s=0, busy_linger_s=0.05)
+    emitter.emit("scan.started", "poll-0", {"attempt": 1})
+    assert emitter.flush(10)  # written: the sender is busy from now on
+    waiting_at_emit = []
+    for i in range(1, 31):
+        time.sleep(0.007)
+        waiting_at_emit.append(len(getattr(emitter._queue.not_empty, "_waiters")))
+        emitter.emit("scan.started", f"poll-{i}", {"attempt": 1})
+    assert emitter.flush(10)
+    assert waiting_at_emit == [0] * 30
+    assert [e.scan_id for e in sink.read_after(None, 100)] == [f"poll-{i}" for i in range(31)]
+
+
 def test_the_time_is_when_the_event_happened_not_when_it_was_written(sink: EventSink) -> None:
     gated, emitter = _gated(sink)
     before = datetime.now(UTC)
