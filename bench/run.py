@@ -1354,6 +1354,9 @@ def _exactly_once_checks(node: Any, path: str = "") -> Iterator[tuple[str, bool]
                 yield path, bool(v["ok"])
             else:
                 yield from _exactly_once_checks(v, f"{path}/{k}")
+    elif isinstance(node, list):  # the rounds of a repeated phase
+        for i, v in enumerate(node):
+            yield from _exactly_once_checks(v, f"{path}/{i}")
 
 
 # -- output --------------------------------------------------------------------------------------
