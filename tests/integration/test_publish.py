@@ -65,6 +65,18 @@ def test_redis_gets_the_whole_batch_in_order(redis_url: str, tmp_path: Path) -> 
     app.close()
 
 
+def _on_the_short_way(redis_url: str, tmp_path: Path) -> tuple[Celery, redis.Redis, Any]:
+    """An app, a client of its broker and a publisher past its first batch ("a", sent
+    through kombu), so that the next ones take the short way."""
+    app = _app(redis_url, tmp_path)
+    client = redis.Redis.from_url(redis_url)
+    client.delete(QUEUE)
+    publish = make_publisher(app)
+    publish(["a"])
+    assert publish.pushes_directly
+    return app, client, publish
+
+
 def test_a_message_sent_early_is_queued_before_its_answer_is_read(
     redis_url: str, tmp_path: Path
 ) -> None:
@@ -73,12 +85,7 @@ def test_a_message_sent_early_is_queued_before_its_answer_is_read(
     once the answer is read the connection serves the next batch."""
     import time
 
-    app = _app(redis_url, tmp_path)
-    client = redis.Redis.from_url(redis_url)
-    client.delete(QUEUE)
-    publish = make_publisher(app)
-    publish(["a"])
-    assert publish.pushes_directly
+    app, client, publish = _on_the_short_way(redis_url, tmp_path)
     settle = publish.send_early(["early"])
     deadline = time.monotonic() + 5
     while client.llen(QUEUE) < 2 and time.monotonic() < deadline:
@@ -103,12 +110,7 @@ def test_an_early_message_whose_answer_is_an_error_is_not_counted_as_sent(
     """The answer read late says the LPUSH failed (here: the queue's key holds a
     string): kombu's publish is tried, as for a batch sent at once, and when it fails
     too the read raises PublishError with nothing sent."""
-    app = _app(redis_url, tmp_path)
-    client = redis.Redis.from_url(redis_url)
-    client.delete(QUEUE)
-    publish = make_publisher(app)
-    publish(["a"])
-    assert publish.pushes_directly
+    app, client, publish = _on_the_short_way(redis_url, tmp_path)
     client.delete(QUEUE)
     client.set(QUEUE, "not a list")
     try:
@@ -230,12 +232,7 @@ def test_a_short_way_that_breaks_otherwise_hands_over_to_kombu_for_good(
 ) -> None:
     """Not a lost connection (here an envelope that cannot be written): that batch and
     the later ones go through kombu, so nothing is held back by a broken short way."""
-    app = _app(redis_url, tmp_path)
-    client = redis.Redis.from_url(redis_url)
-    client.delete(QUEUE)
-    publish = make_publisher(app)
-    publish(["a"])
-    assert publish.pushes_directly
+    app, client, publish = _on_the_short_way(redis_url, tmp_path)
 
     def broken(*_: Any, **__: Any) -> str:
         raise TypeError("cannot write this envelope")

@@ -17,6 +17,7 @@ from scanqueue.worker.successor import Successors
 from tests.conftest import sql, upgrade
 
 DEFAULT = SuccessorWindow(fixed=0, minimum=4, per_slot=2, stale_after_s=20.0)
+QUICK = {"heartbeat_every_s": 0.5, "lease_s": 5, "cancel_grace_s": 0.5}
 
 
 @pytest.fixture
@@ -24,6 +25,16 @@ def pg(pg_url: str) -> tuple[str, Store]:
     upgrade(pg_url)
     url = normalize_database_url(pg_url)
     return url, store_for(url)
+
+
+@pytest.fixture
+def own_dispatched(pg: tuple[str, Store]) -> tuple[str, Store]:
+    """Two queued rows taken in: "own", dispatched (its message is the one run), and
+    "next", the successor its start claims."""
+    url, _ = pg
+    _queued(url, [("own", 0), ("next", 0)])
+    _dispatch(url, "own")
+    return pg
 
 
 def _queued(url: str, rows: Sequence[tuple[str, int]], *, seen: bool = True) -> None:
@@ -156,10 +167,8 @@ def test_concurrent_starts_claim_different_successors(pg: tuple[str, Store]) -> 
     assert sql(url, "SELECT max(dispatch_count) FROM scans") == [(1,)]
 
 
-def test_a_successor_whose_message_cannot_go_is_released(pg: tuple[str, Store]) -> None:
-    url, store = pg
-    _queued(url, [("own", 0), ("next", 0)])
-    _dispatch(url, "own")
+def test_a_successor_whose_message_cannot_go_is_released(own_dispatched: tuple[str, Store]) -> None:
+    url, store = own_dispatched
     started = store.start_run("own", "w", successor=DEFAULT)
     assert started is not None and started.successor_id == "next"
     counted: list[int] = []
@@ -221,14 +230,12 @@ def test_a_successor_whose_late_answer_says_it_did_not_go_is_released_and_the_br
 
 
 def test_a_successors_answer_is_read_after_the_runs_end_is_written(
-    pg: tuple[str, Store],
+    own_dispatched: tuple[str, Store],
 ) -> None:
     from scanqueue.runners.api import RunnerFunc
     from scanqueue.worker.execute import ExecutionSettings, Outcome, execute_scan
 
-    url, store = pg
-    _queued(url, [("own", 0), ("next", 0)])
-    _dispatch(url, "own")
+    url, store = own_dispatched
     order: list[str] = []
 
     def send_early(ids: Sequence[str]) -> Any:
@@ -240,14 +247,16 @@ def test_a_successors_answer_is_read_after_the_runs_end_is_written(
 
         return answer
 
-    outcome = execute_scan(
-        "own",
-        store=store,
-        runner=RunnerFunc(lambda job, ctx: order.append(f"run {job.scan_id}")),
-        settings=ExecutionSettings(heartbeat_every_s=0.5, lease_s=5, cancel_grace_s=0.5),
-        successors=Successors(store, DEFAULT, send_early),
-    )
-    assert outcome is Outcome.COMPLETED
+    def run(scan_id: str, runner: Any) -> Outcome:
+        return execute_scan(
+            scan_id,
+            store=store,
+            runner=RunnerFunc(runner),
+            settings=ExecutionSettings(**QUICK),
+            successors=Successors(store, DEFAULT, send_early),
+        )
+
+    assert run("own", lambda job, ctx: order.append(f"run {job.scan_id}")) is Outcome.COMPLETED
     assert order == ["sent next", "run own", "answer read, own completed"]
     # Also when the run raises through execute_scan (a shutdown): the answer is read.
     _queued(url, [("after", 0)])
@@ -257,27 +266,19 @@ def test_a_successors_answer_is_read_after_the_runs_end_is_written(
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        execute_scan(
-            "next",
-            store=store,
-            runner=RunnerFunc(shut_down),
-            settings=ExecutionSettings(heartbeat_every_s=0.5, lease_s=5, cancel_grace_s=0.5),
-            successors=Successors(store, DEFAULT, send_early),
-        )
+        run("next", shut_down)
     assert order[0] == "sent after" and order[-1].startswith("answer read")
 
 
 def test_a_run_sends_its_successor_before_the_runner_and_skips_the_start_signal(
-    pg: tuple[str, Store],
+    own_dispatched: tuple[str, Store],
 ) -> None:
     from scanqueue.dispatch.wake import StartSignalObserver
     from scanqueue.observe.observer import NullObserver, RunInfo, SafeObservers
     from scanqueue.runners.api import RunnerFunc
     from scanqueue.worker.execute import ExecutionSettings, Outcome, execute_scan
 
-    url, store = pg
-    _queued(url, [("own", 0), ("next", 0)])
-    _dispatch(url, "own")
+    _, store = own_dispatched
     order: list[str] = []
     heard: list[RunInfo] = []
 
