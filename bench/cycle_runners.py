@@ -4,10 +4,10 @@ For ``bench.pool_cycle`` only: ``SCANQUEUE_RUNNER=bench.cycle_runners:noop`` wit
 ``BENCH_CYCLE_DIR`` a directory.  Importing this module (the pool process does, when
 it builds its runtime on its warm-up) wraps the store's start and finish, the
 observers, the lease registration, the successor's message and the task's call of
-``execute_scan`` in ``perf_counter`` timers.  Every 200 scans each pool process writes its totals to
-``BENCH_CYCLE_DIR/<pid>.json``: seconds inside ``execute_scan`` and its parts, and
-seconds between one ``execute_scan`` and the next (Celery's hand-off, the wait for
-a message).  Never for production.
+``execute_scan`` in ``perf_counter`` timers.  Every 200 scans each pool process
+writes its totals to ``BENCH_CYCLE_DIR/<pid>.json``: seconds inside ``execute_scan``
+and its parts, and seconds between one ``execute_scan`` and the next (Celery's
+hand-off, the wait for a message).  Never for production.
 """
 
 from __future__ import annotations

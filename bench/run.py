@@ -700,6 +700,9 @@ def phase_throughput(b: Bench, backend: str) -> dict[str, Any]:
         out["ratios"]["c2_vs_procrastinate"] = ratio(
             out["scanqueue_c2"]["per_s"], out["procrastinate_c2"]["per_s"]
         )
+        out["ratios"]["procrastinate_c2_vs_raw_celery"] = ratio(
+            out["procrastinate_c2"]["per_s"], out["raw_celery_c2"]["per_s"]
+        )
     if backend == "postgresql" and b.throughput_rounds > 1:
         first = {
             "scanqueue": out["scanqueue_c2"]["per_s"],
@@ -710,9 +713,6 @@ def phase_throughput(b: Bench, backend: str) -> dict[str, Any]:
         # The figures are the medians of the interleaved rounds.
         for key, value in out["c2_rounds"]["median"].items():
             out["ratios"][key] = value
-        out["ratios"]["procrastinate_c2_vs_raw_celery"] = ratio(
-            out["procrastinate_c2"]["per_s"], out["raw_celery_c2"]["per_s"]
-        )
     if "scanqueue_c2_events_flower" in out:
         out["ratios"]["c2_events_flower_vs_raw_celery_E"] = ratio(
             out["scanqueue_c2_events_flower"]["per_s"], out["raw_celery_c2_E_flower"]["per_s"]
