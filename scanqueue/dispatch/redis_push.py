@@ -111,13 +111,10 @@ class RedisPush:
             }
         )
 
-    def push(self, envelopes: Sequence[str]) -> None:
-        """Push a batch in order, in one command: the list gets all of it or none."""
-        self.push_unconfirmed(envelopes)()
-
     def push_unconfirmed(self, envelopes: Sequence[str]) -> Callable[[], None]:
-        """Write the batch's ``LPUSH`` now; the returned call reads Redis's answer (and
-        raises if there was none).
+        """Push a batch in order, in one command (the list gets all of it or none): write
+        the ``LPUSH`` now; the returned call reads Redis's answer (and raises if there
+        was none).
 
         Meanwhile the caller may do other work: on a busy machine the answer took
         longer to come than the rest of a no-op run (``bench.pool_cycle``).  The

@@ -83,12 +83,6 @@ class Successors:
         """How long this process's last run took (from its start to its end)."""
         self._last_run_s = duration_s
 
-    def send(self, scan_id: str) -> bool:
-        """Publish ``scan_id``'s message; False when it was released instead (for the
-        bridge's next claim, which the start signal then wakes)."""
-        sent = self.send_early(scan_id)
-        return sent.settle(wake=False)
-
     def send_early(self, scan_id: str) -> SentSuccessor:
         """Write ``scan_id``'s message; :meth:`SentSuccessor.settle` (which must follow,
         on every path) reads whether it went, and if not releases the scan and wakes
@@ -136,12 +130,13 @@ class SentSuccessor:
 
     @property
     def failed_at_once(self) -> bool:
-        """It could not even be written (the scan is released already)."""
+        """It could not even be written: the scan is released already, and the start
+        signal (the run's ``successor_sent`` is false) wakes the bridge."""
         return self._failed
 
-    def settle(self, *, wake: bool = True) -> bool:
+    def settle(self) -> bool:
         """Read the broker's answer (once); False when the message did not go, and the
-        scan was released for the bridge (woken unless ``wake`` is False)."""
+        scan was released for the bridge (woken here when the failure shows only now)."""
         if self._outcome is not None:
             return self._outcome
         owner = self._successors
@@ -152,7 +147,7 @@ class SentSuccessor:
             except Exception as exc:
                 owner._release(self.scan_id, exc)
                 ok = False
-                if wake and owner.wake is not None:
+                if owner.wake is not None:
                     owner.wake()
         if ok and owner.report is not None:
             owner.report(1)

@@ -42,6 +42,12 @@ def _ids(messages: list[dict[str, Any]]) -> list[str]:
     return ids
 
 
+def _queued_ids(client: redis.Redis) -> list[str]:
+    """The scan ids on the queue, in the order workers take them (LPUSH puts the newest
+    first; consumers pop from the other end)."""
+    return _ids([json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))])
+
+
 def test_redis_gets_the_whole_batch_in_order(redis_url: str, tmp_path: Path) -> None:
     app = _app(redis_url, tmp_path)
     client = redis.Redis.from_url(redis_url)
@@ -58,9 +64,7 @@ def test_redis_gets_the_whole_batch_in_order(redis_url: str, tmp_path: Path) -> 
     before = _command_calls(client)
     publish(ids)
     assert _command_calls(client).get("lpush", 0) - before.get("lpush", 0) == 1
-    raw = client.lrange(QUEUE, 0, -1)
-    # LPUSH puts the newest first; consumers pop from the other end.
-    assert _ids([json.loads(m) for m in reversed(raw)]) == first + ids
+    assert _queued_ids(client) == first + ids
     client.delete(QUEUE)
     app.close()
 
@@ -95,7 +99,7 @@ def test_a_message_sent_early_is_queued_before_its_answer_is_read(
     settle()  # read once; a second call does nothing
     publish(["after"])
     assert publish.pushes_directly
-    assert _ids([json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]) == [
+    assert _queued_ids(client) == [
         "a",
         "early",
         "after",
@@ -126,7 +130,7 @@ def test_an_early_message_whose_answer_is_an_error_is_not_counted_as_sent(
         publish(["b"])  # through kombu, then the short way again
         publish(["c"])
         assert publish.pushes_directly
-        assert _ids([json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]) == ["b", "c"]
+        assert _queued_ids(client) == ["b", "c"]
     finally:
         client.delete(QUEUE)
         app.close()
@@ -167,7 +171,7 @@ def test_a_lost_redis_connection_falls_back_to_kombu_and_loses_nothing(
         publish(["e"])
         publish(["f"])
         client = redis.Redis.from_url(server.url)
-        assert _ids([json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]) == [
+        assert _queued_ids(client) == [
             "c",
             "d",
             "e",
@@ -216,7 +220,7 @@ def test_a_forked_process_pushes_on_a_connection_of_its_own(redis_url: str, tmp_
     assert os.waitstatus_to_exitcode(status) == 0
     publish(["parent-3"])
     assert publish.pushes_directly
-    assert _ids([json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]) == [
+    assert _queued_ids(client) == [
         "parent-1",
         "parent-2",
         "child-1",
@@ -241,7 +245,7 @@ def test_a_short_way_that_breaks_otherwise_hands_over_to_kombu_for_good(
     publish(["b", "c"])
     publish(["d"])
     assert not publish.pushes_directly
-    assert _ids([json.loads(m) for m in reversed(client.lrange(QUEUE, 0, -1))]) == [
+    assert _queued_ids(client) == [
         "a",
         "b",
         "c",

@@ -176,10 +176,12 @@ def test_a_successor_whose_message_cannot_go_is_released(own_dispatched: tuple[s
     def broker_down(ids: Sequence[str]) -> None:
         raise UnavailableError("cannot reach broker redis://127.0.0.1:1/0")
 
-    assert not Successors(store, DEFAULT, broker_down, counted.append).send("next")
+    failed = Successors(store, DEFAULT, broker_down, counted.append).send_early("next")
+    assert failed.failed_at_once and failed.settle() is False
     assert _dispatched(url) == set() and counted == []  # queued again, for the bridge
     sent: list[str] = []
-    assert Successors(store, DEFAULT, sent.extend, counted.append).send("next")
+    went = Successors(store, DEFAULT, sent.extend, counted.append).send_early("next")
+    assert not went.failed_at_once and went.settle() is True
     assert sent == ["next"] and counted == [1]
 
 
