@@ -25,7 +25,12 @@ again at a window of 4 (limit 2: the policies arm's), and with every key full
 with 2,000 rows of one full key of priority 100 ahead of them.  Writes
 ``bench/results/claim_cost.json``.
 
+``--tree LABEL=DIR`` (repeatable) runs every arm from each source tree (e.g. a ``git
+archive`` of an older commit), interleaved, as ``ARM@LABEL``: a before/after in
+one run; each tree's arms are also given over its own ``plain``.
+
     .venv/bin/python -m bench.policies_cost                      # 3 rounds, 3,000 scans
+    .venv/bin/python -m bench.policies_cost --arms plain,policies --tree new=. --tree old=/tmp/old
     .venv/bin/python -m bench.policies_cost --rounds 4 --n 3000 --pickup 40
     .venv/bin/python -m bench.policies_cost --claim-cost [--sizes 100000,1000000]
 """
@@ -140,7 +145,8 @@ def throughput(db: Db, proc: Proc, n: int, policies: bool) -> dict[str, Any]:
     }
 
 
-def one_run(b: Bench, arm: str, n: int, n_pickup: int) -> dict[str, Any]:
+def one_run(b: Bench, label: str, n: int, n_pickup: int, source: str = "") -> dict[str, Any]:
+    arm = label.split("@", 1)[0]
     policies = arm != "plain"  # the rows carry priorities and keys
     limited = arm == "policies"
     db = b.new_db("postgresql")
@@ -154,8 +160,9 @@ def one_run(b: Bench, arm: str, n: int, n_pickup: int) -> dict[str, Any]:
                 capture_output=True,
                 timeout=60,
             )
+        extra = {"PYTHONPATH": source} if source else {}
         worker = start_scanqueue(
-            b, db, "2,2", runner=NOOP_RUNNER, **(POLICY_ENV if limited else PLAIN_ENV)
+            b, db, "2,2", runner=NOOP_RUNNER, **(POLICY_ENV if limited else PLAIN_ENV), **extra
         )
         load = loadavg()
         pk = pickup(db, worker, n_pickup, policies)
@@ -163,7 +170,7 @@ def one_run(b: Bench, arm: str, n: int, n_pickup: int) -> dict[str, Any]:
         b.stop(worker)
     finally:
         b.drop_db(db)
-    return {"arm": arm, "pickup": pk, "throughput": tp, "load_before": load}
+    return {"arm": label, "pickup": pk, "throughput": tp, "load_before": load}
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -304,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated from plain, policies, no_limit (priorities and keys, no limit)",
     )
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tree", action="append", default=[], help="LABEL=DIR (repeatable)")
     p.add_argument("--claim-cost", action="store_true", help="time the claim alone instead")
     p.add_argument("--sizes", default="100000,1000000", help="--claim-cost: queued rows")
     p.add_argument("--backends", default="postgresql,sqlite", help="--claim-cost: databases")
@@ -313,8 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         return claim_cost(
             args.backends.split(","), [int(n) for n in args.sizes.split(",")], args.reps
         )
-    arms = [a for a in args.arms.split(",") if a]
-    assert set(arms) <= {"plain", "policies", "no_limit"}, args.arms
+    kinds = [a for a in args.arms.split(",") if a]
+    assert set(kinds) <= {"plain", "policies", "no_limit"}, args.arms
+    trees = [t.split("=", 1) for t in args.tree] or [["", ""]]
+    sources = {f"{kind}@{label}" if label else kind: src for label, src in trees for kind in kinds}
+    arms = list(sources)
     tmp = Path(tempfile.mkdtemp(prefix="scanqueue-bench-"))
     b = Bench(Sizes.for_mode(True), tmp)
     runs: list[dict[str, Any]] = []
@@ -324,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.rounds):
             order = arms if i % 2 == 0 else list(reversed(arms))
             for arm in order:
-                r = one_run(b, arm, args.n, args.pickup)
+                r = one_run(b, arm, args.n, args.pickup, sources[arm])
                 runs.append(r)
                 print(
                     f"round {i + 1} {arm}: {r['throughput']['per_s']}/s,"
@@ -349,9 +360,11 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
     for arm in arms:
-        if arm != "plain" and "plain" in summary:
+        kind, _, label = arm.partition("@")
+        plain = f"plain@{label}" if label else "plain"
+        if kind != "plain" and plain in summary:
             summary[f"{arm}_over_plain"] = {
-                k: round(summary[arm][k]["median"] / summary["plain"][k]["median"], 3)
+                k: round(summary[arm][k]["median"] / summary[plain][k]["median"], 3)
                 for k in ("per_s", "cpu_ms_per_scan", "pickup_p50_ms", "pickup_p99_ms")
             }
     ok = all(r["throughput"]["exactly_once"] and r["pickup"]["exactly_once"] for r in runs)
