@@ -387,17 +387,3 @@ def sql(url: str, statement: str, params: Any = None) -> list[Any]:
 def report(what: str, value: float, unit: str = "s") -> None:
     """A measured figure, printed for ``-s`` runs and the issue notes."""
     print(f"\nMEASURED {what}: {value:.2f}{unit}")
-
-
-def scans_rows_read(plan: Any) -> int:
-    """Rows of ``scans`` a PostgreSQL plan read (returned or filtered out), from
-    ``EXPLAIN (ANALYZE, FORMAT JSON)``'s result."""
-
-    def rows(node: dict[str, Any]) -> int:
-        own = 0
-        if node.get("Relation Name") == "scans":
-            loops = node.get("Actual Loops", 0)
-            own = (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)) * loops
-        return own + sum(rows(child) for child in node.get("Plans", []))
-
-    return rows(plan[0]["Plan"])

@@ -55,9 +55,6 @@ from scanqueue.db.schema import SQLITE_NOW_SQL
 PG_STATEMENT_NAME = "scanqueue_claim_v3"
 PG_PLAIN_STATEMENT_NAME = "scanqueue_claim_plain_v1"
 PARAMS = ("key_limit", "limit", "window", "cap", "m")
-# The transaction-scoped advisory lock that serializes claims (the bridges' and the
-# successors' of starts under pauses or limits).
-DISPATCH_LOCK_KEY = 0x5CA9_D15B
 # Steps 2 and 3 of the module docstring: the most keys read one by one before the
 # claim order is walked instead, and the most rows that walk reads.
 FEW_KEYS = 100

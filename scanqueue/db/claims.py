@@ -48,7 +48,6 @@ from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement, TextClause
 
 from scanqueue.db.claim_sql import (
-    DISPATCH_LOCK_KEY,
     PG_PLAIN_STATEMENT_NAME,
     PG_STATEMENT_NAME,
     fast_rows,
@@ -81,6 +80,7 @@ _SQLITE_CLAIMABLE = (
 # pg_advisory_xact_lock key that serializes dispatch claims across bridges (any
 # constant; apart from scanqueue.db.migrate's).  Held for the claim's transaction
 # only, and released with the connection when a bridge dies: no TTL to wait out.
+DISPATCH_LOCK_KEY = 0x5CA9_D15B
 # The lock's statement also sets the planner up for the prepared claim
 # (scanqueue.db.claim_sql.PG_PLANNER_SETTINGS), for this transaction only.
 _PG_CLAIM_LOCK_SQL = f"SELECT pg_advisory_xact_lock(:k), {pg_settings_sql()}"

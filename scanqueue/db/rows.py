@@ -198,8 +198,6 @@ class StartedRun:
     # The scan this start claimed to take its place in the dispatch window, if any
     # (RunsMixin.start_run with a SuccessorWindow): its message is the caller's to send.
     successor_id: str | None = None
-    # Whether that start found a pause or a limit (None: it judged no successor).
-    successor_policed: bool | None = None
 
     def __repr__(self) -> str:  # the token must never reach a log line
         return f"StartedRun(scan_id={self.scan_id!r}, attempt={self.attempt})"
@@ -211,16 +209,12 @@ class SuccessorWindow:
 
     ``fixed`` is ``SCANQUEUE_DISPATCH_WINDOW`` (0: ``per_slot`` times the slots of the
     workers whose heartbeat is under ``stale_after_s`` old, at least ``minimum``).
-    ``key_limit`` is ``SCANQUEUE_MAX_RUNNING_PER_KEY``; with it, or ``policed`` (a
-    pause or limit was seen), the start judges them under the claims' lock.
     """
 
     fixed: int
     minimum: int
     per_slot: int
     stale_after_s: float
-    key_limit: int = 0
-    policed: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ machine they implement is drawn in :mod:`scanqueue.db.store`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -39,7 +38,6 @@ from sqlalchemy import (
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
-from scanqueue.db.claim_sql import DISPATCH_LOCK_KEY, fast_rows
 from scanqueue.db.direct_sql import DirectStatement, PreparedForm
 from scanqueue.db.engine import StoreBase
 from scanqueue.db.rows import (
@@ -154,9 +152,6 @@ class RunsMixin(StoreBase):
                 self._start_swap_stmt, self._autocommit_engine
             )
             self._direct_start_successor = _start_with_successor(self._direct_start)
-            self._direct_start_policed_successor = _start_with_policed_successor(
-                self._direct_start, self._start_columns
-            )
             self._direct_heartbeat = DirectStatement(self._heartbeat_stmt, self._autocommit_engine)
             self._direct_finish = DirectStatement(self._finish_stmt, self._autocommit_engine)
             # A run's other statements too, so that each has the client-side deadline
@@ -215,7 +210,6 @@ class RunsMixin(StoreBase):
             scans.c.timeout_seconds,
             scans.c.retries,
         )
-        self._start_columns = [column.name for column in returned]
         other = scans.alias("other")
         if self.dialect == "postgresql":
             higher_dispatched: ColumnElement[bool] = exists(
@@ -315,10 +309,7 @@ class RunsMixin(StoreBase):
         With ``successor`` (PostgreSQL; ignored on SQLite) the start of the own scan
         also claims, in the same statement, the scan a bridge's claim would take next
         (``StartedRun.successor_id``), so that the window stays full without a bridge
-        round: see ``_SUCCESSOR_SQL`` for when it does, and ``_POLICED_SUCCESSOR_SQL``
-        for the statement a ``successor.policed`` window (or a default per-key limit)
-        asks for.  ``StartedRun.successor_policed`` says whether a pause or limit
-        exists, so the caller knows which to ask for next.
+        round: see :func:`_start_with_successor` for when it does.
         """
         values: dict[str, Any] = {"scan_id": scan_id, "start_worker": worker_id}
         if successor is not None and self._direct is not None:
@@ -328,12 +319,7 @@ class RunsMixin(StoreBase):
                 per_slot=successor.per_slot,
                 stale_s=successor.stale_after_s,
             )
-            if successor.policed or successor.key_limit > 0:
-                values["key_limit"] = successor.key_limit
-                direct = "_direct_start_policed_successor"
-            else:
-                direct = "_direct_start_successor"
-            row = self._returning_row(self._start_stmt, direct, values)
+            row = self._returning_row(self._start_stmt, "_direct_start_successor", values)
         else:
             row = self._returning_row(self._start_stmt, "_direct_start", values)
         if row is None:
@@ -355,7 +341,6 @@ class RunsMixin(StoreBase):
             timeout_seconds=row["timeout_seconds"],
             retries=row["retries"] or 0,
             successor_id=row.get("successor_id"),
-            successor_policed=row.get("successor_policed"),
         )
 
     def _returning_row(self, statement: Executable, direct: str, values: dict[str, Any]) -> Any:
@@ -535,34 +520,18 @@ class RunsMixin(StoreBase):
         return reaped
 
 
-# The dispatch window's count (dispatched, not started) and its size, as a start
-# judges them.  A start takes one scan out of the window and its successor puts one
-# in, so the count never moves: read before the start (the started scan counted), it
-# must be within the size; read after it, under.
-_IN_FLIGHT = (
-    "(SELECT count(*) FROM scans f WHERE f.status = 'queued' AND f.dispatched_at IS NOT NULL)"
-)
-_WINDOW_SIZE = """CASE WHEN %(window)s::integer > 0 THEN %(window)s::integer
-            ELSE greatest(%(min_window)s::integer,
-            %(per_slot)s::integer * (SELECT coalesce(sum(w.slots), 0) FROM scanqueue_workers w
-              WHERE w.heartbeat_at >= clock_timestamp()
-                                      - make_interval(secs => %(stale_s)s::float8))) END"""
-# Whether any pause or limit exists: the start that claims with the plain statement
-# reports it, so the next one claims with the policed statement.
-_POLICED = "(EXISTS (SELECT 1 FROM scanqueue_pauses) OR EXISTS (SELECT 1 FROM scanqueue_limits))"
-
 # The start of the own scan (the plain start statement, as compiled for the driver)
 # and, in the same statement, the claim of its successor: the first row of the claim
 # order (priority, age, id) that may run now, as a bridge's claim would take it.
-# This one while no pause or limit exists (the caller passes none for a default
-# limit; should one exist, it claims nothing and says so), with the row already
-# taken in (seen_at: keyed, its scan.queued sent) and the window's count within its
-# size: that needs no lock, since the bridges' claims, serialized,
-# see the same count before and after.  The row is taken with SKIP LOCKED, so two
-# starts never pick the same one; whichever rows a start passes over, the bridge
-# claims as before.
-_SUCCESSOR_SQL = (
-    """
+# Only when that claim needs none of the claim statement's judgement (claim_sql.py):
+# no pause, no per-key limit (the caller passes none for a default limit), the row
+# already taken in (seen_at: keyed, its scan.queued sent), and the window's in-flight
+# count, read before this start, within the window.  A start takes one scan out of
+# the window and the successor puts one in, so the count never moves and needs no
+# lock: the bridges' claims, serialized, see the same count before and after.  The
+# row is taken with SKIP LOCKED, so two starts never pick the same one; whichever
+# rows a start passes over, the bridge claims as before.
+_SUCCESSOR_SQL = """
 WITH started AS ({start}),
 top AS MATERIALIZED (
     SELECT s.id, s.seen_at FROM scans s
@@ -571,9 +540,13 @@ top AS MATERIALIZED (
       AND EXISTS (SELECT 1 FROM started)
       AND NOT EXISTS (SELECT 1 FROM scanqueue_pauses)
       AND NOT EXISTS (SELECT 1 FROM scanqueue_limits)
-      AND """
-    + f"{_IN_FLIGHT} <= {_WINDOW_SIZE}"
-    + """
+      AND (SELECT count(*) FROM scans f WHERE f.status = 'queued'
+                                          AND f.dispatched_at IS NOT NULL)
+          <= CASE WHEN %(window)s::integer > 0 THEN %(window)s::integer
+                ELSE greatest(%(min_window)s::integer,
+                %(per_slot)s::integer * (SELECT coalesce(sum(w.slots), 0) FROM scanqueue_workers w
+                  WHERE w.heartbeat_at >= clock_timestamp()
+                                          - make_interval(secs => %(stale_s)s::float8))) END
     ORDER BY s.priority DESC, s.created_at, s.id
     LIMIT 1
     FOR UPDATE OF s SKIP LOCKED),
@@ -581,124 +554,12 @@ successor AS (
     UPDATE scans s SET dispatched_at = clock_timestamp(), dispatch_count = s.dispatch_count + 1
     FROM top WHERE s.id = top.id AND top.seen_at IS NOT NULL
     RETURNING s.id)
-SELECT started.*, (SELECT id FROM successor) AS successor_id, """
-    + _POLICED
-    + """ AS successor_policed
-FROM started
+SELECT started.*, (SELECT id FROM successor) AS successor_id FROM started
 """
-)
-
-# The same under pauses and per-key limits, which need the bridges' claim lock: a
-# successor counts against its key's limit, and two starts claiming for the same key
-# at once must not both see it free.  Still one round trip, but two transactions, so
-# that the lock is not held while the start's commit waits for its flush:
-#
-# 1. the start (_POLICED_START_SQL), committed as any start is, which notes the id it
-#    started in a session setting;
-# 2. (_POLICED_LOCK_SQL) the lock, tried, and whether it was got noted in a setting,
-#    then the claim (_POLICED_SUCCESSOR_SQL), whose snapshot, taken after the lock,
-#    sees every claim that committed before the lock was free.  It returns the
-#    started row (read again by that id) with the successor.  Like a bridge's claim,
-#    it commits without waiting for its flush (scanqueue.db.claim_sql.pg_one_trip_sql
-#    says why that loses nothing).
-#
-# Without the lock (a bridge is claiming, or another start) the start claims no
-# successor and the start signal wakes the bridge, as before there were successors.
-# A failure between the two (the connection lost) leaves a started scan without its
-# answer, as a start whose answer is lost does; the reaper re-queues it.
-#
-# It judges as the claim's first step judges (scanqueue/db/claim_sql.py): of the
-# first rows of the claim order, the first whose key is not paused and holds fewer
-# slots (running plus dispatched) than its limit (scanqueue_limits, else the default
-# ``key_limit``; none at 0).  Should an unseen row come first, or none of those rows
-# qualify, it claims nothing: the bridge's claim keys unseen rows and searches
-# deeper.  No swaps: it only fills the room the start left (the started scan is no
-# longer in flight, so the count must be under the window).
-_POLICED_START_SQL = """
-WITH started AS ({start})
-SELECT set_config('scanqueue.started', coalesce((SELECT id FROM started), ''), false)
-"""
-_POLICED_LOCK_SQL = (
-    "COMMIT; SELECT set_config('synchronous_commit', 'off', true),"
-    " set_config('scanqueue.successor_lock', pg_try_advisory_xact_lock({key})::text, true)"
-)
-_POLICED_SUCCESSOR_SQL = (
-    """
-WITH started AS MATERIALIZED (
-    SELECT {columns} FROM scans
-    WHERE id = nullif(current_setting('scanqueue.started', true), '')),
-gate AS MATERIALIZED (
-    SELECT EXISTS (SELECT 1 FROM started)
-        AND coalesce(current_setting('scanqueue.successor_lock', true), '') = 'true'
-        AND NOT EXISTS (SELECT 1 FROM scanqueue_pauses WHERE key = '*')
-        AND """
-    + f"{_IN_FLIGHT} < {_WINDOW_SIZE}"
-    + """ AS open),
-act AS MATERIALIZED (
-    SELECT k AS key, count(*) AS n FROM (
-        SELECT effective_key AS k FROM scans WHERE status = 'running'
-        UNION ALL SELECT effective_key FROM scans
-        WHERE status = 'queued' AND dispatched_at IS NOT NULL) a
-    WHERE k IS NOT NULL AND (SELECT open FROM gate) GROUP BY k),
-head AS MATERIALIZED (
-    SELECT s.id, s.seen_at, s.effective_key, s.priority, s.created_at FROM scans s
-    WHERE s.status = 'queued' AND s.dispatched_at IS NULL
-      AND (s.run_after IS NULL OR s.run_after <= clock_timestamp())
-      AND (SELECT open FROM gate)
-    ORDER BY s.priority DESC, s.created_at, s.id
-    LIMIT {rows}),
-top AS MATERIALIZED (
-    SELECT h.id, h.seen_at FROM head h
-    LEFT JOIN scanqueue_limits l ON l.key = h.effective_key
-    LEFT JOIN act a ON a.key = h.effective_key
-    WHERE h.seen_at IS NULL
-       OR (NOT EXISTS (SELECT 1 FROM scanqueue_pauses p WHERE p.key = h.effective_key)
-           AND (coalesce(l.max_running, %(key_limit)s::integer) <= 0
-                OR coalesce(a.n, 0) < coalesce(l.max_running, %(key_limit)s::integer)))
-    ORDER BY h.priority DESC, h.created_at, h.id
-    LIMIT 1),
-mine AS MATERIALIZED (
-    SELECT s.id FROM scans s
-    WHERE s.id = (SELECT id FROM top WHERE seen_at IS NOT NULL)
-      AND s.status = 'queued' AND s.dispatched_at IS NULL
-    FOR UPDATE OF s SKIP LOCKED),
-successor AS (
-    UPDATE scans s SET dispatched_at = clock_timestamp(), dispatch_count = s.dispatch_count + 1
-    FROM mine WHERE s.id = mine.id
-    RETURNING s.id)
-SELECT started.*, (SELECT id FROM successor) AS successor_id,
-    (%(key_limit)s::integer > 0 OR """
-    + _POLICED
-    + """) AS successor_policed
-FROM started
-"""
-)
 
 
 def _start_with_successor(start: DirectStatement) -> DirectStatement:
     sql = _SUCCESSOR_SQL.format(start=start.sql)
     made = DirectStatement.from_sql(sql, PreparedForm.of(sql, start.defaults))
-    made.defaults = dict(start.defaults)
-    return made
-
-
-def _start_with_policed_successor(
-    start: DirectStatement, columns: Sequence[str]
-) -> DirectStatement:
-    """The policed start: its two transactions as one query string (prepared: both
-    statements, ``EXECUTE a (…); COMMIT; <lock>; EXECUTE b (…)``).  ``columns``: what
-    the start returns, read again by the claim."""
-    first = _POLICED_START_SQL.format(start=start.sql)
-    second = _POLICED_SUCCESSOR_SQL.format(columns=", ".join(columns), rows=fast_rows(1))
-    lock = _POLICED_LOCK_SQL.format(key=DISPATCH_LOCK_KEY)
-    a = PreparedForm.of(first, start.defaults)
-    b = PreparedForm.of(second, {})
-    prepared = PreparedForm(
-        f"{a.name}+{b.name}",
-        f"{a.prepare_sql}; {b.prepare_sql}",
-        f"{a.execute_sql}; {lock}; {b.execute_sql}",
-        a.inlined,
-    )
-    made = DirectStatement.from_sql(f"{first}; {lock}; {second}", prepared)
     made.defaults = dict(start.defaults)
     return made

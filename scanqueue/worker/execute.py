@@ -84,8 +84,6 @@ def execute_scan(
     if started is None:
         log.info("scan %s is not queued and dispatched; message ignored", scan_id)
         return Outcome.SKIPPED
-    if successors is not None:
-        successors.judged(started.successor_policed)
     sent = (
         successors.send_early(started.successor_id)
         if successors is not None and started.successor_id is not None

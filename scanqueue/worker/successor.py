@@ -6,20 +6,16 @@ once half the window is free, and a pool process that finishes meanwhile waits f
 its next message.  So on PostgreSQL a pool process starts its scan with a statement
 that also claims the scan the bridge would claim next, and sends that scan's
 message itself, right after the start commits: one scan leaves the window and one
-enters it, in one statement (one round trip under policies), with no bridge round
-in between (River and Oban fold their bookkeeping into the state change the same
-way).  The statement
+enters it, in one statement, with no bridge round in between (River and Oban fold
+their bookkeeping into the state change the same way).  The statement
 (:meth:`scanqueue.db.runs.RunsMixin.start_run` with a
-:class:`~scanqueue.db.rows.SuccessorWindow`) claims the first row of the claim
-order that may run — the next row already taken in, the window not over its size,
-and under pauses and per-key limits its key neither paused nor full, judged under
-the bridges' claim lock (taken only if free) — and leaves everything else, swaps
-and deeper searches included, to the bridges.
+:class:`~scanqueue.db.rows.SuccessorWindow`) claims only what needs none of the
+claim's judgement — no pause, no per-key limit, the next row already taken in, the
+window not over its size — and leaves everything else to the bridges.
 
 This module owns the pool process's side: whether this worker asks for successors
-(:func:`successors_for`: PostgreSQL and an embedded bridge, whose settings the pool
-processes share), which statement it asks with (:meth:`Successors.judged`: the
-policed one once a start saw a pause or limit) and sending the message
+(:func:`successors_for`: PostgreSQL, an embedded bridge, whose settings the pool
+processes share, and no default per-key limit) and sending the message
 (:meth:`Successors.send_early`: written before the run, the broker's answer read
 after its end), while its runs are short enough for a bridge's refill to lag behind
 them (:data:`SHORT_RUN_S`).  A message that cannot be sent is released for the
@@ -33,7 +29,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 from scanqueue.config import Settings
 from scanqueue.db.engine import describe_db_error
@@ -79,20 +74,10 @@ class Successors:
         # message sent early turns out not to have gone (the start said it had).
         self.wake = wake
         self._last_run_s = 0.0  # a process's first start asks for one
-        self._policed_window = replace(window, policed=True)
-        self._policed = False
 
     def wanted(self) -> SuccessorWindow | None:
         """The window to judge a successor by, when this start should claim one."""
-        if self._last_run_s >= SHORT_RUN_S:
-            return None
-        return self._policed_window if self._policed else self.window
-
-    def judged(self, policed: bool | None) -> None:
-        """What the last start found: a pause or limit (the next start judges them,
-        under the claim lock), none, or (None) it judged no successor."""
-        if policed is not None:
-            self._policed = policed
+        return self.window if self._last_run_s < SHORT_RUN_S else None
 
     def ran(self, duration_s: float) -> None:
         """How long this process's last run took (from its start to its end)."""
@@ -176,6 +161,8 @@ def successors_for(settings: Settings, store: Store) -> Successors | None:
 
     if not settings.is_postgres or installed_start_signal() is None:
         return None
+    if settings.max_running_per_key > 0:
+        return None  # every claim judges the default limit: the bridge's
     from scanqueue.dispatch.bridge import MIN_WINDOW, WINDOW_PER_SLOT, WORKER_STALE_AFTER_S
     from scanqueue.dispatch.publish import make_publisher
     from scanqueue.observe.metrics import report_dispatched
@@ -186,7 +173,6 @@ def successors_for(settings: Settings, store: Store) -> Successors | None:
         minimum=MIN_WINDOW,
         per_slot=WINDOW_PER_SLOT,
         stale_after_s=WORKER_STALE_AFTER_S,
-        key_limit=settings.max_running_per_key,
     )
     return Successors(
         store, window, make_publisher(app).send_early, report_dispatched, notify_started

@@ -30,7 +30,7 @@ from scanqueue.db.policies import Intake
 from scanqueue.db.scan_request import InvalidScanRequest, validate_scan_request
 from scanqueue.db.store import Store, store_for
 from scanqueue.dispatch.intake import derive_key
-from tests.conftest import insert_rows, scans_rows_read, upgrade
+from tests.conftest import insert_rows, upgrade
 
 
 def add(store: Store, **body: Any) -> str:
@@ -703,7 +703,15 @@ def _pg_rows_examined(store: Store, values: dict[str, int], name: str = PG_STATE
     finally:
         cur.execute("ROLLBACK")
         cur.close()
-    return scans_rows_read(plan)
+
+    def rows(node: dict[str, Any]) -> int:
+        own = 0
+        if node.get("Relation Name") == "scans":
+            loops = node.get("Actual Loops", 0)
+            own = (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)) * loops
+        return own + sum(rows(child) for child in node.get("Plans", []))
+
+    return rows(plan[0]["Plan"])
 
 
 def _sqlite_vm_steps(store: Store, values: dict[str, int]) -> int:
