@@ -10,6 +10,7 @@ from scanqueue.db.redisconn import redis_client
 from scanqueue.db.store import Store
 from scanqueue.dispatch.leader import LeaseLeadership, RedisLeadership
 from tests.conftest import RedisServer
+from tests.support import wait_for
 
 
 def test_redis_lock_has_one_leader_and_hands_over_on_release(redis_url: str) -> None:
@@ -36,7 +37,9 @@ def test_redis_renewal_checks_the_token(redis_url: str) -> None:
 def test_redis_standby_takes_over_within_one_ttl_after_the_leader_vanishes(redis_url: str) -> None:
     a = RedisLeadership(redis_client(redis_url), "a", ttl_s=1.5, name="t:lock")
     b = RedisLeadership(redis_client(redis_url), "b", ttl_s=1.5, name="t:lock")
-    assert a.tick()
+    # A tick whose round trip outlasts the trust window (1.125 s: a stalled machine)
+    # rightly reports no leadership; the next one renews.  Leading is the premise here.
+    wait_for(a.tick, 5, interval=0.1, what="a leads")
     t0 = time.monotonic()  # a dies: no more ticks
     while not b.tick():
         assert time.monotonic() - t0 < 3, "standby did not take over"
