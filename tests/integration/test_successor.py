@@ -298,7 +298,7 @@ def test_a_run_sends_its_successor_before_the_runner_and_skips_the_start_signal(
         "own",
         store=store,
         runner=RunnerFunc(lambda job, ctx: order.append(f"run {job.scan_id}")),
-        settings=ExecutionSettings(heartbeat_every_s=0.5, lease_s=5, cancel_grace_s=0.5),
+        settings=ExecutionSettings(**QUICK),
         observer=SafeObservers([Signal(), Heard()]),
         successors=Successors(store, DEFAULT, lambda ids: order.extend(f"sent {i}" for i in ids)),
     )
@@ -312,7 +312,7 @@ def test_a_run_sends_its_successor_before_the_runner_and_skips_the_start_signal(
             "next",
             store=store,
             runner=RunnerFunc(lambda job, ctx: order.append(f"run {job.scan_id}")),
-            settings=ExecutionSettings(heartbeat_every_s=0.5, lease_s=5, cancel_grace_s=0.5),
+            settings=ExecutionSettings(**QUICK),
             observer=SafeObservers([Signal()]),
             successors=Successors(store, DEFAULT, order.extend),
         )
@@ -334,7 +334,7 @@ def test_a_process_whose_runs_are_long_asks_for_no_successor(pg: tuple[str, Stor
     _queued(url, [("long", 0), ("short", 0), ("then", 0), ("last", 0)])
     _dispatch(url, "long")
     successors = Successors(store, DEFAULT, lambda ids: None)
-    settings = ExecutionSettings(heartbeat_every_s=0.5, lease_s=5, cancel_grace_s=0.5)
+    settings = ExecutionSettings(**QUICK)
 
     def run(scan_id: str, seconds: float) -> None:
         execute_scan(
